@@ -1,0 +1,234 @@
+"""The Llama model in flax.nnx: module tree and names mirror transformers' LlamaForCausalLM.
+
+Decoder layers are one `DecoderLayer` module whose variables carry a leading [L] axis; `LlamaModel` scans it with
+`jax.lax.scan`, so compile time does not grow with depth. Axis letters: B batch, T query tokens, S key tokens,
+D hidden, N query heads, K key/value heads, H head_dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from fastlora_jax import remat
+from fastlora_jax.config import LlamaConfig
+from fastlora_jax.linear import Linear
+from fastlora_jax.rope import apply_rope, inverse_frequencies, rope_angles
+from fastlora_jax.variables import Frozen, read
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for generation: k, v [L, B, S, K, H]; `end` [B] tokens written so far."""
+
+    k: jax.Array
+    v: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+class AttentionInputs(NamedTuple):
+    """What every layer's attention needs besides its hidden states (computed once per forward)."""
+
+    cos: jax.Array  # [B, T, H] float32
+    sin: jax.Array  # [B, T, H] float32
+    mask: jax.Array | None  # [B, 1, T, S] bool, or None for plain causal attention
+    write_index: jax.Array | None  # [] int32 cache slot of the first query token (generation), else None
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype, stack: tuple[int, ...] = ()):
+        self.eps = eps
+        self.weight = Frozen(jnp.ones((*stack, dim), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D]
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return read(self.weight) * normed.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs | None = None):
+        shape = (vocab, dim)
+        value = (jnp.zeros(shape, dtype) if rngs is None
+                 else (jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02).astype(dtype))
+        self.weight = Frozen(value)  # [V, D]
+
+    def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return jnp.take(read(self.weight), ids, axis=0)
+
+    def attend(self, h: jax.Array) -> jax.Array:  # tied output head: [..., D] -> [..., V]
+        return jnp.einsum("...d,vd->...v", h, read(self.weight, h.dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, stack, rngs, implementation: str):
+        kw = dict(use_bias=config.attention_bias, dtype=dtype, stack=stack, rngs=rngs, implementation=implementation)
+        d = config.hidden_size
+        self.q_proj = Linear(d, config.q_size, **kw)
+        self.k_proj = Linear(d, config.kv_size, **kw)
+        self.v_proj = Linear(d, config.kv_size, **kw)
+        self.o_proj = Linear(config.q_size, d, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+
+    def __call__(self, x, inputs: AttentionInputs, cache_kv=None, rngs=(None,) * 4):
+        B, T, _ = x.shape
+        q = checkpoint_name(_call(self.q_proj, x, rngs[0]), "q_proj").reshape(B, T, self.num_heads, self.head_dim)
+        k = checkpoint_name(_call(self.k_proj, x, rngs[1]), "k_proj").reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(_call(self.v_proj, x, rngs[2]), "v_proj").reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)  # [B, T, N|K, H]
+        if cache_kv is not None:  # generation: write this step's keys/values, attend over the whole cache
+            k_cache, v_cache = cache_kv  # [B, S, K, H]
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), inputs.write_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), inputs.write_index, axis=1)
+            cache_kv = (k, v)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), inputs.mask)  # [B, T, N, H]
+        out = checkpoint_name(out, "attention")
+        y = _call(self.o_proj, out.reshape(B, T, self.num_heads * self.head_dim), rngs[3])
+        return checkpoint_name(y, "o_proj"), cache_kv
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] or None (causal)."""
+    on_gpu = jax.default_backend() == "gpu"
+    if mask is None:
+        impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, stack, rngs, implementation: str):
+        kw = dict(use_bias=config.mlp_bias, dtype=dtype, stack=stack, rngs=rngs, implementation=implementation)
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(d, f, **kw)
+        self.up_proj = Linear(d, f, **kw)
+        self.down_proj = Linear(f, d, **kw)
+
+    def __call__(self, x, rngs=(None,) * 3):  # [B, T, D] -> [B, T, D]
+        gate = checkpoint_name(_call(self.gate_proj, x, rngs[0]), "gate_proj")
+        up = checkpoint_name(_call(self.up_proj, x, rngs[1]), "up_proj")
+        return checkpoint_name(_call(self.down_proj, jax.nn.silu(gate) * up, rngs[2]), "down_proj")
+
+
+def _call(layer, x, rng):
+    """Calls a linear layer; LoRA layers take a dropout rng, frozen ones do not."""
+    return layer(x) if rng is None else layer(x, rng)
+
+
+class DecoderLayer(nnx.Module):
+    """All decoder layers at once: every variable has a leading [L] axis; `__call__` sees one layer's slice."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs | None, implementation: str = "auto"):
+        stack = (config.num_hidden_layers,)
+        norm = dict(eps=config.rms_norm_eps, dtype=dtype, stack=stack)
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, dtype=dtype, stack=stack, rngs=rngs, implementation=implementation)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, dtype=dtype, stack=stack, rngs=rngs, implementation=implementation)
+
+    def __call__(self, x, inputs: AttentionInputs, cache_kv=None, rng=None):  # x [B, T, D]
+        rngs = (None,) * 7 if rng is None else tuple(jax.random.split(rng, 7))
+        x = checkpoint_name(x, "layer_input")
+        attn_out, cache_kv = self.self_attn(self.input_layernorm(x), inputs, cache_kv, rngs[:4])
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x), rngs[4:])
+        return x, cache_kv
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs | None, implementation: str = "auto"):
+        self.config = config
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = DecoderLayer(config, dtype=dtype, rngs=rngs, implementation=implementation)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.gradient_checkpointing: bool | str = False
+
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
+                 cache: KVCache | None = None, dropout_rng=None):
+        """input_ids [B, T] -> (hidden states [B, T, D] after the final norm, updated cache or None)."""
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        inputs, positions = _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache)
+        inputs = inputs._replace(**dict(zip(("cos", "sin"), rope_angles(positions, inverse_frequencies(self.config)))))
+        graphdef, state = nnx.split(self.layers)
+        L = self.config.num_hidden_layers
+        layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, L)
+
+        def body(x, per_layer):
+            layer_state, cache_kv, rng = per_layer
+            y, cache_kv = nnx.merge(graphdef, layer_state)(x, inputs, cache_kv, rng)
+            return y, cache_kv
+
+        body = remat.checkpoint_layer(body, self.gradient_checkpointing)
+        cache_kv = None if cache is None else (cache.k, cache.v)
+        x, new_kv = jax.lax.scan(body, x, (state, cache_kv, layer_rngs))
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_kv[0], new_kv[1], cache.end + input_ids.shape[1])
+        return self.norm(x), new_cache
+
+
+def _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache):
+    """Positions [B, T] and the attention mask [B, 1, T, S] (None when plain causal attention suffices)."""
+    B, T = input_ids.shape
+    if cache is None:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if attention_mask is None and segment_ids is None:
+            return AttentionInputs(None, None, None, None), positions
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))  # [B, T, S=T] causal
+        if attention_mask is not None:
+            mask &= attention_mask.astype(bool)[:, None, :]
+        if segment_ids is not None:
+            mask &= segment_ids[:, None, :] == segment_ids[:, :, None]
+        return AttentionInputs(None, None, mask[:, None], None), positions
+    # Generation: keys are the cache slots [0, S); the new tokens go to slots [end, end + T).
+    S = cache.k.shape[2]
+    start = cache.end[0]
+    slots = start + jnp.arange(T)  # [T]
+    if positions is None:
+        positions = jnp.broadcast_to(slots, (B, T)).astype(jnp.int32)
+    key_slot = jnp.arange(S)
+    mask = key_slot[None, None, :] <= slots[None, :, None]  # [1, T, S]
+    if attention_mask is not None:  # [B, S]: which cache slots hold real tokens
+        mask = mask & attention_mask.astype(bool)[:, None, :]
+    mask = jnp.broadcast_to(mask, (B, T, S))
+    return AttentionInputs(None, None, mask[:, None], start), positions
+
+
+class Llama(nnx.Module):
+    """LlamaForCausalLM: `model(input_ids, attention_mask=None) -> logits [B, T, V]`."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 implementation: str = "auto"):
+        self.config = config
+        self.model = LlamaModel(config, dtype=dtype, rngs=rngs, implementation=implementation)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs,
+                               implementation=implementation))
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight[...].dtype
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, dropout_rng=None):
+        hidden, _ = self.model(input_ids, attention_mask=attention_mask, positions=positions,
+                               segment_ids=segment_ids, dropout_rng=dropout_rng)
+        return self.logits(hidden)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Output head: hidden [..., D] -> logits [..., V] in the model dtype."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
