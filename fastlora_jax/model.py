@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from fastlora_jax import remat
+from fastlora_jax.attention import attention
 from fastlora_jax.config import LlamaConfig
 from fastlora_jax.linear import Linear
 from fastlora_jax.rope import apply_rope, inverse_frequencies, rope_angles
@@ -97,15 +98,6 @@ class Attention(nnx.Module):
         out = checkpoint_name(out, "attention")
         y = _call(self.o_proj, out.reshape(B, T, self.num_heads * self.head_dim), rngs[3])
         return checkpoint_name(y, "o_proj"), cache_kv
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] or None (causal)."""
-    on_gpu = jax.default_backend() == "gpu"
-    if mask is None:
-        impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else None
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
 class MLP(nnx.Module):
@@ -215,6 +207,7 @@ class Llama(nnx.Module):
         self.config = config
         self.name_or_path = ""  # where the base model was loaded from (for adapter configs)
         self.max_seq_length = 2048
+        self.peft_config = None  # a fastlora_jax.lora.LoraConfig once get_peft_model has run
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs, implementation=implementation)
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs,
@@ -234,3 +227,62 @@ class Llama(nnx.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
+
+    # ------------------------------------------------------------------ PEFT-style methods (implemented elsewhere)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counted as PEFT counts them."""
+        from fastlora_jax import lora
+
+        return lora.get_nb_trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Prints PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
+        from fastlora_jax import lora
+
+        lora.print_trainable_parameters(self)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Writes a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+        from fastlora_jax import export
+
+        export.save_pretrained(self, save_directory, **kwargs)
+
+    def load_adapter(self, adapter_directory: str, **kwargs):
+        """Loads a PEFT adapter directory into this model."""
+        from fastlora_jax import export
+
+        return export.load_adapter(self, adapter_directory, **kwargs)
+
+    def save_pretrained_merged(self, save_directory: str, tokenizer=None, save_method: str = "merged_16bit",
+                               **kwargs) -> None:
+        """Writes a merged checkpoint ("merged_16bit", "merged_4bit") or the adapter alone ("lora")."""
+        from fastlora_jax import export
+
+        export.save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
+
+    def save_pretrained_gguf(self, save_directory: str, tokenizer=None, quantization_method: str = "f16",
+                             **kwargs) -> None:
+        """Writes a GGUF file of the merged model ("f16", "bf16", "q8_0")."""
+        from fastlora_jax import export
+
+        export.save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,
+                                    **kwargs)
+
+    def merge_and_unload(self) -> "Llama":
+        """A plain model with the adapters folded into the base weights."""
+        from fastlora_jax import export
+
+        return export.merge_and_unload(self)
+
+    def unmerge(self) -> "Llama":
+        """Undoes a merge where the adapters are still known."""
+        from fastlora_jax import export
+
+        return export.unmerge(self)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
+        """Autoregressive generation with a KV cache (see fastlora_jax.generate.generate)."""
+        from fastlora_jax import generate
+
+        return generate.generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
