@@ -171,11 +171,22 @@ class LlamaModel(nnx.Module):
         return self.norm(x), new_cache
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [B, T] that restart at 0 where the segment id changes (packed rows)."""
+    B, T = segment_ids.shape
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [B, T] index of each segment's first token
+    return index - first
+
+
 def _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache):
     """Positions [B, T] and the attention mask [B, 1, T, S] (None when plain causal attention suffices)."""
     B, T = input_ids.shape
     if cache is None:
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if attention_mask is None and segment_ids is None:
             return AttentionInputs(None, None, None, None), positions
