@@ -1,0 +1,358 @@
+"""GGUF (llama.cpp) <-> Hugging Face Llama: read a file's config, dequantized tensors and tokenizer; write one.
+
+Reading follows transformers' GGUF loader (`modeling_gguf_pytorch_utils.load_gguf_checkpoint`): the same config
+fields, the same tensors (dequantized with `gguf.quants.dequantize`, llama.cpp's Q/K row permutation undone), so
+what we load equals what transformers loads from the same file. Tensors stream one at a time from the memory-mapped
+file. Writing is the inverse, with the `gguf` package's `GGUFWriter`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+QUANTIZATION_METHODS = ("f16", "bf16", "q8_0")
+
+# GGUF tensor names (llama.cpp's `blk.N.*`) <-> Hugging Face Llama names; the data both directions read.
+GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_HF_LAYER_NAMES = {hf: gg for gg, hf in LAYER_NAMES.items()}
+_HF_GLOBAL_NAMES = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
+# Tensors that describe no weight of the HF model: RoPE frequency factors (read into the config) and the
+# precomputed rotary tables some old conversions carry.
+_NON_WEIGHT = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight")
+# Metadata arrays only the tokenizer needs; parsed on demand.
+_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                     "tokenizer.ggml.merges")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for a non-weight tensor."""
+    if _NON_WEIGHT.fullmatch(name):
+        return None
+    base, _, suffix = name.rpartition(".")
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)", base):
+        if m[2] in LAYER_NAMES:
+            return f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}.{suffix}"
+    elif base in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[base]}.{suffix}"
+    raise ValueError(
+        f"GGUF tensor {name!r} has no Hugging Face Llama counterpart; known tensors: "
+        f"{', '.join(GLOBAL_NAMES)}, blk.N.{{{', '.join(LAYER_NAMES)}}}"
+    )
+
+
+def hf_to_gguf_name(key: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`."""
+    base, _, suffix = key.rpartition(".")
+    if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", base):
+        if m[2] in _HF_LAYER_NAMES:
+            return f"blk.{m[1]}.{_HF_LAYER_NAMES[m[2]]}.{suffix}"
+    elif base in _HF_GLOBAL_NAMES:
+        return f"{_HF_GLOBAL_NAMES[base]}.{suffix}"
+    raise ValueError(
+        f"Hugging Face key {key!r} has no GGUF counterpart; known modules: {', '.join(_HF_GLOBAL_NAMES)}, "
+        f"model.layers.N.{{{', '.join(_HF_LAYER_NAMES)}}}"
+    )
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp interleaved rows (as convert_hf_to_gguf.py); w is [n_heads*hd, ...]."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of `permute_qk`: llama.cpp rows -> HF rows."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field_value(field: Any) -> Any:
+    """A GGUFReader field as a Python value: str, int, float, bool or a list of those."""
+    import gguf
+
+    types = field.types
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i][0].item() for i in field.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return field.parts[field.data[0]][0].item()
+
+
+def llama3_rope_factors(*, head_dim: int, rope_theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """[head_dim // 2] float32 frequency divisors of llama3 RoPE scaling: llama.cpp's `rope_freqs.weight`."""
+    inv = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)  # float32, as llama.cpp
+    wavelen = 2 * math.pi / inv.astype(np.float64)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    medium = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < original_max_position_embeddings / high_freq_factor, 1.0,
+                   np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, medium))
+    return out.astype(np.float32)
+
+
+def _llama3_from_factors(factors: np.ndarray, head_dim: int, rope_theta: float) -> dict[str, Any]:
+    """Recovers transformers' llama3 `rope_scaling` from llama.cpp's `rope_freqs.weight`.
+
+    The factors depend on (original_max, low, high) only through original_max / (high - low) and
+    low / (high - low), so we fix low_freq_factor = 1 and solve for the other two from the smooth region.
+    """
+    f = factors.astype(np.float64)
+    factor = float(f.max())
+    inv = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    x = inv.astype(np.float64) / (2 * math.pi)  # 1 / wavelength
+    medium = (f > 1 + 1e-6) & (f < factor - 1e-6 * factor)
+    if factor <= 1 or medium.sum() < 2:
+        raise ValueError(
+            f"rope_freqs.weight {np.round(f, 4).tolist()} is not a llama3 RoPE scaling this reader can recover "
+            f"(it needs at least two frequencies in the smoothed band)"
+        )
+    smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)  # = slope * x + offset
+    slope, offset = np.polyfit(x[medium], smooth, 1)
+    span = -1.0 / offset  # high - low, with low = 1
+    rope = dict(rope_type="llama3", factor=round(factor, 6), low_freq_factor=1.0,
+                high_freq_factor=round(1.0 + span, 6), original_max_position_embeddings=int(round(slope * span)))
+    again = llama3_rope_factors(head_dim=head_dim, rope_theta=rope_theta,
+                                **{k: v for k, v in rope.items() if k != "rope_type"})
+    if not np.allclose(again, factors, rtol=1e-4, atol=0):
+        raise ValueError(f"rope_freqs.weight is not a llama3 RoPE scaling; closest fit {rope} differs from it")
+    return rope
+
+
+class GGUFCheckpoint:
+    """A llama GGUF file opened for reading (memory-mapped; tensors are dequantized only when asked for).
+
+    `hf_config` is the transformers config.json dict; `tensors()` streams `(hf_key, float32 [out, in] array)`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        self._reader = gguf.GGUFReader(self.path, "r")
+        self.metadata: dict[str, Any] = {
+            key: _field_value(field) for key, field in self._reader.fields.items()
+            if key not in _TOKENIZER_ARRAYS
+        }
+        self.architecture = self.metadata.get("general.architecture")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{self.path}: GGUF architecture {self.architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self._by_hf_key = {}
+        for t in self._reader.tensors:
+            if (key := gguf_to_hf_name(t.name)) is not None:
+                self._by_hf_key[key] = t
+        self.hf_config = self._build_hf_config()
+
+    def _build_hf_config(self) -> dict[str, Any]:
+        md, arch = self.metadata, self.architecture
+        get = lambda name, default=None: md.get(f"{arch}.{name}", default)  # noqa: E731
+        hidden, heads = get("embedding_length"), get("attention.head_count")
+        vocab_size = get("vocab_size")
+        if vocab_size is None and "tokenizer.ggml.tokens" in self._reader.fields:
+            vocab_size = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        if vocab_size is None:
+            vocab_size = self.shapes()["model.embed_tokens.weight"][0]
+        head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
+        rope_theta = float(get("rope.freq_base", 10000.0))
+        config: dict[str, Any] = dict(
+            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab_size,
+            hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+            num_hidden_layers=get("block_count"), num_attention_heads=heads,
+            num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=rope_theta,
+            max_position_embeddings=get("context_length", 2048),
+            tie_word_embeddings="lm_head.weight" not in self._by_hf_key,
+            attention_bias="model.layers.0.self_attn.q_proj.bias" in self._by_hf_key,
+            mlp_bias="model.layers.0.mlp.up_proj.bias" in self._by_hf_key,
+            hidden_act="silu",
+        )
+        for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                          ("pad_token_id", "padding_token_id"), ("unk_token_id", "unknown_token_id")):
+            if f"tokenizer.ggml.{key}" in md:
+                config[name] = md[f"tokenizer.ggml.{key}"]
+        if (rope_scaling := self._rope_scaling(head_dim, rope_theta)) is not None:
+            config["rope_scaling"] = rope_scaling
+        return config
+
+    def _rope_scaling(self, head_dim: int, rope_theta: float) -> dict[str, Any] | None:
+        get = lambda name, default=None: self.metadata.get(f"{self.architecture}.{name}", default)  # noqa: E731
+        kind = get("rope.scaling.type") or ("linear" if get("rope.scale_linear") else None)
+        freqs = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
+        if freqs is not None:
+            import gguf
+
+            factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
+            return _llama3_from_factors(factors, head_dim, rope_theta)
+        if kind in (None, "none"):
+            return None
+        factor = float(get("rope.scaling.factor") or get("rope.scale_linear") or 1.0)
+        rope: dict[str, Any] = dict(rope_type=kind, factor=factor)
+        if (original := get("rope.scaling.original_context_length")) is not None:
+            rope["original_max_position_embeddings"] = original
+        return rope
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF key -> HF shape ([out, in] for linear weights), without reading any tensor data."""
+        return {key: tuple(int(d) for d in reversed(t.shape)) for key, t in self._by_hf_key.items()}
+
+    def tensor(self, key: str) -> np.ndarray:
+        """One tensor by HF key: dequantized float32, in HF layout, Q/K permutation undone."""
+        import gguf
+
+        if key not in self._by_hf_key:
+            raise KeyError(f"{self.path} has no tensor {key!r}; it has {len(self._by_hf_key)} tensors, e.g. "
+                           f"{', '.join(list(self._by_hf_key)[:4])}")
+        t = self._by_hf_key[key]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+        w = np.array(w, dtype=np.float32, order="C", copy=True)  # detach from the memory map
+        if ".self_attn.q_proj." in key:
+            w = unpermute_qk(w, self.hf_config["num_attention_heads"])
+        elif ".self_attn.k_proj." in key:
+            w = unpermute_qk(w, self.hf_config["num_key_value_heads"])
+        return w
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Streams `(hf_key, float32 array in HF layout)` one tensor at a time, in file order."""
+        for key in self._by_hf_key:
+            yield key, self.tensor(key)
+
+    def tokenizer(self):
+        """The transformers tokenizer this file describes (see `load_gguf_tokenizer`)."""
+        return _tokenizer_from_reader(self._reader, self.path)
+
+    def __repr__(self) -> str:
+        return f"GGUFCheckpoint({str(self.path)!r}, {len(self._by_hf_key)} tensors)"
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Opens a llama GGUF file; raises ValueError for other architectures, FileNotFoundError if absent."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    return GGUFCheckpoint(path)
+
+
+# --- tokenizer --------------------------------------------------------------------------------------------------
+
+# llama.cpp's `tokenizer.ggml.pre` names whose pre-tokenizer splits text with Llama 3's regex (as transformers maps
+# them); other byte-level names use GPT-2's split, except the ones transformers maps to other regexes, which we
+# leave to transformers itself.
+LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+              "jina-v5-nano", "dbrx", "smaug-bpe")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_OTHER_SPLIT_PRE = ("tekken", "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "qwen35", "gpt-4o",
+                    "llama4", "kanana2", "talkie", "minimax-m2")
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE spells every token in it)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _tokenizer_metadata(reader: Any) -> dict[str, Any]:
+    return {key[len("tokenizer."):]: _field_value(field) for key, field in reader.fields.items()
+            if key.startswith("tokenizer.")}
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The transformers tokenizer a GGUF file describes, with its chat template; None when it holds none.
+
+    Byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`, Llama 3, SmolLM) are rebuilt here with the
+    `tokenizers` library exactly as transformers' GGUF loader builds them, with no torch needed; other vocabularies
+    (SentencePiece "llama", ...) are left to `AutoTokenizer.from_pretrained(dir, gguf_file=name)`.
+    """
+    import gguf
+
+    return _tokenizer_from_reader(gguf.GGUFReader(path, "r"), Path(path))
+
+
+def _tokenizer_from_reader(reader: Any, path: Path):
+    md = _tokenizer_metadata(reader)
+    if "ggml.tokens" not in md:
+        return None
+    if md.get("ggml.model") != "gpt2" or md.get("ggml.pre") in _OTHER_SPLIT_PRE:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _byte_level_tokenizer(md)
+
+
+def _byte_level_tokenizer(md: dict[str, Any]):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens: list[str] = md["ggml.tokens"]
+    types: list[int] = md.get("ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab = {tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+             for i, tok in enumerate(tokens)}
+    merges = [tuple(m.split(" ")) for m in md.get("ggml.merges", [])]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                   end_of_word_suffix="", fuse_unk=False))
+    if md.get("ggml.pre") in LLAMA3_PRE:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens whole and special; user-defined ones whole but not special (llama.cpp matches both whole).
+    # A "control" token spelled outside the byte alphabet is a llama.cpp mislabel and is left out.
+    backend.add_special_tokens([AddedToken(tok, normalized=False, special=True)
+                                for tok, kind in zip(tokens, types)
+                                if kind == TOKEN_CONTROL and set(tok) <= alphabet])
+    backend.add_tokens([AddedToken(tok, normalized=False, special=False)
+                        for tok, kind in zip(tokens, types) if kind == TOKEN_USER_DEFINED and tok in vocab])
+
+    def special(key: str) -> str | None:
+        token_id = md.get(f"ggml.{key}")
+        return tokens[token_id] if token_id is not None else None
+
+    bos, eos = special("bos_token_id"), special("eos_token_id")
+    add_bos, add_eos = bool(md.get("ggml.add_bos_token", False)), bool(md.get("ggml.add_eos_token", False))
+    single = " ".join([*([f"{bos}:0"] if add_bos and bos else []), "$A:0", *([f"{eos}:0"] if add_eos and eos else [])])
+    pair = single + " " + " ".join([*([f"{bos}:1"] if add_bos and bos else []), "$B:1",
+                                    *([f"{eos}:1"] if add_eos and eos else [])])
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair,
+        special_tokens=[(t, backend.token_to_id(t)) for t in {bos, eos} if t and (add_bos or add_eos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=special("unknown_token_id"),
+        pad_token=special("padding_token_id"), add_bos_token=add_bos, add_eos_token=add_eos,
+        chat_template=md.get("chat_template"), clean_up_tokenization_spaces=False,
+    )
