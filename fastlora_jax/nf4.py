@@ -1,0 +1,290 @@
+"""NF4 4-bit storage, bit-exact with bitsandbytes: `NF4Array`, quantize / dequantize, and the `NF4Linear` layer.
+
+One weight [out, in] is flattened row-major and cut into blocks of 64; each element becomes the index of the
+nearest of the 16 NF4 code values after dividing by its block's absmax, two codes per byte (first in the high
+nibble). The float32 absmax of every block is double-quantized: its mean (`offset`) is subtracted, and the result
+is quantized with bitsandbytes' signed 8-bit dynamic map in blocks of 256, each with a float32 `nested_absmax`.
+This is `bitsandbytes.functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], np.float32)
+NF4_CODE.setflags(write=False)
+"""The 16 NF4 values (bitsandbytes' `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to [-1, 1]."""
+
+_F32 = np.float32
+
+
+def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace(start, end, steps, dtype=float32) on CPU: float32 step, one fused multiply-add per value."""
+    start32, end32 = _F32(start), _F32(end)
+    step = _F32((end32 - start32) / _F32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    low = (np.float64(start32) + np.float64(step) * i).astype(_F32)  # exact in float64, rounded once (fma)
+    high = (np.float64(end32) - np.float64(step) * (steps - 1 - i)).astype(_F32)
+    return np.where(i < steps // 2, low, high)
+
+
+@functools.cache
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`): 256 sorted float32 values in [-1, 1]."""
+    parts = []
+    for i in range(7):  # max_exponent_bits = 7, total_bits = 8, signed: 2**i + 1 linspace boundaries per exponent
+        bounds = _linspace_f32(0.1, 1.0, 2 ** i + 1)
+        means = (bounds[:-1] + bounds[1:]) / _F32(2.0)
+        scale = _F32(10.0 ** (i - 6))
+        parts += [scale * means, -scale * means]
+    parts.append(np.array([0.0, 1.0], _F32))
+    table = np.sort(np.concatenate(parts))
+    assert table.shape == (256,), table.shape
+    table.setflags(write=False)
+    return table
+
+
+@functools.cache
+def _dynamic_lut() -> np.ndarray:
+    """bitsandbytes' CPU 8-bit quantizer: [-1, 1] cut into 65536 bins, each mapped to its nearest-code index."""
+    code = dynamic_map()
+    midpoints = _F32(0.5) * (code[:-1] + code[1:])
+    i = np.arange(65536, dtype=_F32)
+    values = _F32(-1.0) + (_F32(2.0) * i) / _F32(65535.0)
+    lut = np.searchsorted(midpoints, values, side="left").astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "absmax_q", "nested_absmax", "offset"],
+                   meta_fields=["shape", "dtype"])
+@dataclasses.dataclass(frozen=True)
+class NF4Array:
+    """One bitsandbytes-NF4 weight [out, in], or a stack of them with the same leading axes `[*stack]`.
+
+    packed uint8 [*stack, ceil(n / 2)] (n = out * in, row-major, first code in the high nibble),
+    absmax_q uint8 [*stack, nblocks] (nblocks = ceil(n / 64)), nested_absmax float32 [*stack, ceil(nblocks / 256)],
+    offset float32 [*stack]. Static: `shape` = (out, in) of one weight (HF layout), `dtype` it dequantizes to.
+    """
+
+    packed: jax.Array
+    absmax_q: jax.Array
+    nested_absmax: jax.Array
+    offset: jax.Array
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(jnp.dtype(self.dtype)))
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // BLOCKSIZE)
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """The leading stack shape (() for one weight)."""
+        return tuple(self.offset.shape)
+
+    def __getitem__(self, index) -> NF4Array:
+        """Index the stack axes (e.g. `t[3]` is layer 3's weight)."""
+        return NF4Array(self.packed[index], self.absmax_q[index], self.nested_absmax[index], self.offset[index],
+                        self.shape, self.dtype)
+
+
+def nf4_sizes(shape: tuple[int, int]) -> tuple[int, int, int]:
+    """(packed bytes, nblocks, nested blocks) of one NF4 weight of `shape`."""
+    n = int(np.prod(shape))
+    nblocks = -(-n // BLOCKSIZE)
+    return -(-n // 2), nblocks, -(-nblocks // NESTED_BLOCKSIZE)
+
+
+def nf4_nbytes(t: NF4Array) -> int:
+    """Bytes held by an NF4Array (all stacked weights): packed codes plus the quantization state."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in (t.packed, t.absmax_q, t.nested_absmax, t.offset))
+
+
+def stack_nf4(arrays: list[NF4Array]) -> NF4Array:
+    """Stack per-layer NF4Arrays (same shape and dtype) along a new leading axis, as numpy arrays on the host."""
+    if not arrays:
+        raise ValueError("stack_nf4: got an empty list")
+    first = arrays[0]
+    for i, t in enumerate(arrays):
+        if (t.shape, t.dtype, t.stack) != (first.shape, first.dtype, first.stack):
+            raise ValueError(f"stack_nf4: arrays[{i}] has shape={t.shape} dtype={t.dtype} stack={t.stack}; "
+                             f"arrays[0] has shape={first.shape} dtype={first.dtype} stack={first.stack}")
+    fields = ("packed", "absmax_q", "nested_absmax", "offset")
+    stacked = {f: np.stack([np.asarray(getattr(t, f)) for t in arrays]) for f in fields}
+    return NF4Array(**stacked, shape=first.shape, dtype=first.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- quantize
+
+def _blockwise_absmax(x: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [n] float32 -> (x padded with zeros to [nblocks, blocksize], absmax [nblocks] float32)."""
+    nblocks = -(-x.size // blocksize)
+    padded = np.zeros(nblocks * blocksize, _F32)
+    padded[:x.size] = x
+    padded = padded.reshape(nblocks, blocksize)
+    return padded, np.abs(padded).max(axis=1)
+
+
+# torch.mean of a float32 vector on CPU (bnb's offset) is ATen's cascade sum divided by n. Its order of additions
+# decides the last bit, so it is reproduced: 8 lanes x 4 interleaved accumulators, each summing in 4 levels of
+# chunks, and above 32768 elements one such sum per thread over contiguous slices (`at::parallel_for`).
+
+_GRAIN = 32768
+_LANES = 8
+
+
+def _sequential(v: np.ndarray) -> np.ndarray:
+    """v [G, m, R] -> [G, R]: float32 running sums from 0 along axis 1, in order."""
+    acc = np.zeros((v.shape[0], v.shape[2]), _F32)
+    for j in range(v.shape[1]):
+        acc = acc + v[:, j]
+    return acc
+
+
+def _multi_row_sum(x: np.ndarray) -> np.ndarray:
+    """x [size, R] -> [R]: ATen's multi_row_sum (4 accumulator levels flushed every `level_step` rows)."""
+    size, r = x.shape
+    level_step = 1 << max(4, (1 if size <= 2 else (size - 1).bit_length()) // 4)
+    groups = [x]
+    for _ in range(3):  # level j+1 holds the finished running sums of level_step groups of level j
+        full = groups[-1].shape[0] // level_step * level_step
+        groups.append(_sequential(groups[-1][:full].reshape(-1, level_step, r)))
+    acc0 = _sequential(x[groups[1].shape[0] * level_step:][None])[0]
+    acc1 = _sequential(groups[1][groups[2].shape[0] * level_step:][None])[0]
+    acc2 = _sequential(groups[2][groups[3].shape[0] * level_step:][None])[0]
+    acc3 = _sequential(groups[3][None])[0]
+    return ((acc0 + acc1) + acc2) + acc3
+
+
+def _row_sum(x: np.ndarray) -> np.ndarray:
+    """x [m, lanes] -> [lanes]: ATen's row_sum, 4 interleaved rows at a time, then the leftovers and partials."""
+    m, lanes = x.shape
+    k = m // 4
+    partial = _multi_row_sum(x[:4 * k].reshape(k, 4 * lanes)).reshape(4, lanes)
+    total = partial[0]
+    for i in range(4 * k, m):
+        total = total + x[i]
+    for j in range(1, 4):
+        total = total + partial[j]
+    return total
+
+
+def _serial_sum(x: np.ndarray) -> np.float32:
+    if x.size < _LANES:
+        return _row_sum(x.reshape(-1, 1))[0]
+    nvec = x.size // _LANES
+    lanes = _row_sum(x[:nvec * _LANES].reshape(nvec, _LANES))
+    total = _F32(0.0)
+    for value in (*x[nvec * _LANES:], *lanes):
+        total = _F32(total + value)
+    return total
+
+
+def _torch_mean_f32(x: np.ndarray, threads: int = 1) -> np.float32:
+    """`torch.mean` of a float32 vector on CPU run with `threads` torch threads, to the last bit."""
+    x = np.ascontiguousarray(x, _F32).reshape(-1)
+    n = x.size
+    if n < _GRAIN or threads == 1:
+        total = _serial_sum(x)
+    else:
+        used = min(threads, -(-n // _GRAIN))
+        chunk = -(-n // used)
+        partial = np.zeros(threads, _F32)
+        for i in range(used):
+            partial[i] = _serial_sum(x[i * chunk:(i + 1) * chunk])
+        total = _serial_sum(partial)
+    return _F32(_F32(total) / _F32(n))
+
+
+def _quantize_dynamic_blockwise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bitsandbytes' CPU `quantize_blockwise(x, blocksize=256)` with the dynamic map: (codes uint8, absmax float32)."""
+    blocks, absmax = _blockwise_absmax(x, NESTED_BLOCKSIZE)
+    inv = _F32(1.0) / np.where(absmax == 0, _F32(1.0), absmax)  # [nb]; all-zero blocks get code 0
+    scaled = np.clip(blocks * inv[:, None], _F32(-1.0), _F32(1.0))  # [nb, 256]
+    # index = (uint16)((v + 1) * 0.5 * 65535 + 0.5), the last multiply-add fused (one rounding).
+    half = ((scaled + _F32(1.0)) * _F32(0.5)).astype(np.float64)
+    index = (half * 65535.0 + 0.5).astype(_F32).astype(np.uint16)
+    codes = _dynamic_lut()[index]
+    codes[absmax == 0] = 0
+    return codes.reshape(-1)[:x.size], absmax
+
+
+def quantize_nf4(w, *, mean_threads: int = 1) -> NF4Array:
+    """Quantize one weight [out, in] (numpy or jax; float32, bfloat16 or float16) to NF4 exactly as bitsandbytes does
+    on CPU: `quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)`. Returns numpy arrays.
+
+    `mean_threads`: the torch CPU thread count whose reduction order the float32 `offset` (the mean of the block
+    absmax) reproduces; it only matters above 32768 blocks (2M elements) and then only in the last bit.
+    """
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_nf4: expected one weight [out, in], got shape {w.shape}")
+    if w.dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
+        raise ValueError(f"quantize_nf4: dtype {w.dtype} not supported; accepted: float32, bfloat16, float16")
+    x = w.reshape(-1).astype(_F32)
+    n = x.size
+    full = n - n % BLOCKSIZE
+    blocks, absmax = _blockwise_absmax(x, BLOCKSIZE)  # [nblocks, 64], [nblocks]
+    safe = np.maximum(absmax, _F32(1e-38))
+    scaled = np.empty_like(blocks)
+    nfull = full // BLOCKSIZE
+    scaled[:nfull] = blocks[:nfull] * (_F32(1.0) / safe[:nfull])[:, None]  # full blocks: multiply by the reciprocal
+    scaled[nfull:] = blocks[nfull:] / safe[nfull:, None]  # the partial last block: a true division
+    scaled = np.clip(scaled, _F32(-1.0), _F32(1.0)).reshape(-1)[:n + n % 2]
+    if n % 2:
+        scaled[n] = 0.0  # bnb pads an odd count with one zero (code 7)
+    bounds = (NF4_CODE[:-1] + NF4_CODE[1:]) / _F32(2.0)
+    q = np.searchsorted(bounds, scaled, side="left").astype(np.uint8)  # torch.bucketize(right=False)
+    packed = (q[0::2] << 4) | q[1::2]
+
+    offset = _torch_mean_f32(absmax, mean_threads)
+    absmax_q, nested_absmax = _quantize_dynamic_blockwise(absmax - offset)
+    return NF4Array(packed, absmax_q, nested_absmax, np.asarray(offset, _F32), shape=w.shape, dtype=w.dtype)
+
+
+# -------------------------------------------------------------------------------------------------------- dequantize
+
+def dequantize_absmax(t: NF4Array) -> jax.Array:
+    """The float32 block absmax [*stack, nblocks]: dynamic_map[absmax_q] * nested_absmax + offset."""
+    code = jnp.asarray(dynamic_map())[t.absmax_q.astype(jnp.int32)]  # [*stack, nblocks]
+    nested = jnp.repeat(t.nested_absmax, NESTED_BLOCKSIZE, axis=-1, total_repeat_length=None)
+    nested = nested[..., :t.absmax_q.shape[-1]]
+    return code * nested + t.offset[..., None]
+
+
+def dequantize_nf4(t: NF4Array, dtype=None) -> jax.Array:
+    """The weight [*stack, out, in] in `dtype` (default t.dtype), equal to bitsandbytes' `dequantize_4bit`:
+    NF4_CODE[code] * absmax in float32, then rounded to dtype."""
+    dtype = t.dtype if dtype is None else dtype
+    packed = t.packed
+    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], -1)  # [*stack, 2 * bytes]
+    values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
+    n, nblocks = t.numel, t.nblocks
+    values = jnp.pad(values[..., :n], [(0, 0)] * (values.ndim - 1) + [(0, nblocks * BLOCKSIZE - n)])
+    values = values.reshape(*values.shape[:-1], nblocks, BLOCKSIZE)  # [*stack, nblocks, 64]
+    out = values * dequantize_absmax(t)[..., None]
+    out = out.reshape(*out.shape[:-2], -1)[..., :n]
+    return out.reshape(*out.shape[:-1], *t.shape).astype(dtype)
