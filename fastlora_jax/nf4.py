@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fastlora_jax import kernels
+from fastlora_jax.variables import Frozen, read
+
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
 
@@ -232,6 +235,18 @@ def _quantize_dynamic_blockwise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.reshape(-1)[:x.size], absmax
 
 
+_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / _F32(2.0)  # the 15 midpoints bnb bucketizes with
+_CHUNK_BLOCKS = 4096  # blocks quantized per step (keeps temporaries in cache)
+
+
+def _nf4_codes(scaled: np.ndarray) -> np.ndarray:
+    """Index of the NF4 value nearest to each scaled element: `torch.bucketize(x, midpoints)` (ties go down)."""
+    codes = np.zeros(scaled.shape, np.uint8)
+    for bound in _NF4_BOUNDS:
+        codes += scaled > bound
+    return codes
+
+
 def quantize_nf4(w, *, mean_threads: int = 1) -> NF4Array:
     """Quantize one weight [out, in] (numpy or jax; float32, bfloat16 or float16) to NF4 exactly as bitsandbytes does
     on CPU: `quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)`. Returns numpy arrays.
@@ -244,21 +259,26 @@ def quantize_nf4(w, *, mean_threads: int = 1) -> NF4Array:
         raise ValueError(f"quantize_nf4: expected one weight [out, in], got shape {w.shape}")
     if w.dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
         raise ValueError(f"quantize_nf4: dtype {w.dtype} not supported; accepted: float32, bfloat16, float16")
-    x = w.reshape(-1).astype(_F32)
+    x = w.reshape(-1)
     n = x.size
-    full = n - n % BLOCKSIZE
-    blocks, absmax = _blockwise_absmax(x, BLOCKSIZE)  # [nblocks, 64], [nblocks]
-    safe = np.maximum(absmax, _F32(1e-38))
-    scaled = np.empty_like(blocks)
-    nfull = full // BLOCKSIZE
-    scaled[:nfull] = blocks[:nfull] * (_F32(1.0) / safe[:nfull])[:, None]  # full blocks: multiply by the reciprocal
-    scaled[nfull:] = blocks[nfull:] / safe[nfull:, None]  # the partial last block: a true division
-    scaled = np.clip(scaled, _F32(-1.0), _F32(1.0)).reshape(-1)[:n + n % 2]
-    if n % 2:
-        scaled[n] = 0.0  # bnb pads an odd count with one zero (code 7)
-    bounds = (NF4_CODE[:-1] + NF4_CODE[1:]) / _F32(2.0)
-    q = np.searchsorted(bounds, scaled, side="left").astype(np.uint8)  # torch.bucketize(right=False)
-    packed = (q[0::2] << 4) | q[1::2]
+    nfull, rem = divmod(n, BLOCKSIZE)
+    nblocks = nfull + (rem > 0)
+    codes = np.empty(nblocks * BLOCKSIZE, np.uint8)
+    absmax = np.empty(nblocks, _F32)
+    for start in range(0, nfull, _CHUNK_BLOCKS):  # full blocks: x * (1 / absmax)
+        stop = min(nfull, start + _CHUNK_BLOCKS)
+        blocks = x[start * BLOCKSIZE:stop * BLOCKSIZE].astype(_F32).reshape(-1, BLOCKSIZE)  # [k, 64]
+        block_max = np.maximum(blocks.max(axis=1), -blocks.min(axis=1))
+        absmax[start:stop] = block_max
+        blocks *= (_F32(1.0) / np.maximum(block_max, _F32(1e-38)))[:, None]
+        codes[start * BLOCKSIZE:stop * BLOCKSIZE] = _nf4_codes(blocks).reshape(-1)
+    if rem:  # the partial last block: a true division x / absmax, zero padding gets code 7 (0.0)
+        tail = np.zeros(BLOCKSIZE, _F32)
+        tail[:rem] = x[nfull * BLOCKSIZE:]
+        absmax[nfull] = np.abs(tail).max()
+        codes[nfull * BLOCKSIZE:] = _nf4_codes(tail / np.maximum(absmax[nfull], _F32(1e-38)))
+    codes = codes[:n + n % 2]  # bnb pads an odd count with one zero
+    packed = (codes[0::2] << 4) | codes[1::2]
 
     offset = _torch_mean_f32(absmax, mean_threads)
     absmax_q, nested_absmax = _quantize_dynamic_blockwise(absmax - offset)
@@ -288,3 +308,56 @@ def dequantize_nf4(t: NF4Array, dtype=None) -> jax.Array:
     out = values * dequantize_absmax(t)[..., None]
     out = out.reshape(*out.shape[:-2], -1)[..., :n]
     return out.reshape(*out.shape[:-1], *t.shape).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- NNX layer
+
+class NF4State(nnx.Variable):
+    """Part of a frozen NF4 weight (packed codes, absmax codes, nested absmax, offset): never differentiated."""
+
+
+class NF4Linear(nnx.Module):
+    """A frozen NF4 linear layer, y = x @ dequantize(W).T + bias, with `fastlora_jax.linear.Linear`'s protocol.
+
+    Holds one bnb-NF4 weight per stacked layer: NF4State variables [*stack, ...] (see `NF4Array`) and an optional
+    `Frozen` bias [*stack, out]. Inside the layer scan each call sees one layer's slice; matmuls go through
+    `fastlora_jax.kernels.nf4_linear`.
+    """
+
+    def __init__(self, weight: NF4Array, *, bias: jax.Array | None = None, implementation: str = "auto"):
+        self.out_features, self.in_features = weight.shape
+        self.weight_dtype = np.dtype(weight.dtype).name
+        self.implementation = implementation
+        self.packed = NF4State(jnp.asarray(weight.packed))
+        self.absmax_q = NF4State(jnp.asarray(weight.absmax_q))
+        self.nested_absmax = NF4State(jnp.asarray(weight.nested_absmax))
+        self.offset = NF4State(jnp.asarray(weight.offset))
+        if bias is not None and tuple(bias.shape) != (*weight.stack, self.out_features):
+            raise ValueError(f"NF4Linear: bias shape {tuple(bias.shape)}; expected {(*weight.stack, self.out_features)}")
+        self.bias = None if bias is None else Frozen(jnp.asarray(bias))
+
+    @classmethod
+    def from_nf4(cls, weight: NF4Array, bias: jax.Array | None = None, *, implementation: str = "auto") -> NF4Linear:
+        """The layer of a (stacked) NF4Array, e.g. `stack_nf4([quantize_nf4(w) for w in per_layer_weights])`."""
+        return cls(weight, bias=bias, implementation=implementation)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The 16-bit (or float32) dtype the weight dequantizes to."""
+        return jnp.dtype(self.weight_dtype)
+
+    def nf4(self) -> NF4Array:
+        """The weight as an NF4Array (one layer's inside the scan, the whole stack outside)."""
+        return NF4Array(self.packed[...], self.absmax_q[...], self.nested_absmax[...], self.offset[...],
+                        shape=(self.out_features, self.in_features), dtype=self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x [..., in] -> [..., out]
+        return kernels.nf4_linear(x, self.nf4(), read(self.bias), implementation=self.implementation)
+
+    def with_lora(self, x: jax.Array, a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
+        """x @ W.T + bias + scaling * (x @ a) @ b; a [in, r], b [r, out]; no gradient reaches the NF4 weight."""
+        return kernels.nf4_linear(x, self.nf4(), read(self.bias), a, b, scaling, implementation=self.implementation)
+
+    def dense_weight(self) -> jax.Array:
+        """The dequantized weight [*stack, in, out] (for merging and export)."""
+        return jnp.swapaxes(dequantize_nf4(self.nf4()), -1, -2)
