@@ -1,15 +1,65 @@
-"""Attention: grouped-query dot-product attention through jax.nn.dot_product_attention (cuDNN on GPU)."""
+"""Attention: grouped-query dot-product attention through jax.nn.dot_product_attention.
+
+On an NVIDIA GPU, bf16/fp16 causal attention runs cuDNN flash attention (no [T, S] score matrix in memory; the
+causal blocks above the diagonal are skipped). Padding masks and packed sequences (segment ids) reach cuDNN as a
+[B, 1, T, S] mask (jax turns it into an additive bias, O(T * S) memory, flash still). Everything else (CPU, float32,
+head dims cuDNN rejects, generation against a cache) runs XLA's implementation, which accepts the same arguments.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+IMPLEMENTATIONS = ("auto", "cudnn", "xla")
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] or None (causal)."""
-    on_gpu = jax.default_backend() == "gpu"
-    if mask is None:
-        impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else None
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *, causal: bool = True,
+              implementation: str = "auto") -> jax.Array:
+    """Grouped-query attention -> [B, T, N, H].
+
+    q [B, T, N, H]; k, v [B, S, K, H] with N a multiple of K; mask [B, 1, T, S] bool (True: may attend) or None;
+    causal: query t attends keys <= t (T == S). implementation: "auto" (cuDNN where it applies), "cudnn", "xla".
+    """
+    impl = resolve(implementation, q, k, mask, causal)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
+
+
+def resolve(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | None, causal: bool) -> str:
+    """The implementation that runs: "auto" becomes "cudnn" when `cudnn_applies`, else "xla"."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation={implementation!r}; accepted: {', '.join(IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    return "cudnn" if cudnn_applies(q, k, mask, causal) else "xla"
+
+
+def cudnn_applies(q: jax.Array, k: jax.Array, mask: jax.Array | None, causal: bool) -> bool:
+    """Whether cuDNN flash attention takes these inputs (GPU, 16-bit, head dim <= 256 and a multiple of 8,
+    even lengths when a mask becomes a bias; self-attention only, so generation against a cache runs XLA)."""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    T, S, H = q.shape[1], k.shape[1], q.shape[-1]
+    if H > 256 or H % 8 or not causal or T != S:
+        return False
+    return mask is None or (T % 2 == 0 and S % 2 == 0)
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                        causal: bool = True) -> jax.Array:
+    """Plain float32 softmax attention with explicit GQA head repetition (the statement of the maths, for tests)."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    k = jnp.repeat(k, N // K, axis=2).astype(jnp.float32)  # [B, S, N, H]
+    v = jnp.repeat(v, N // K, axis=2).astype(jnp.float32)
+    scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k) / jnp.sqrt(jnp.float32(H))
+    allowed = jnp.ones((B, 1, T, k.shape[1]), bool)
+    if causal:
+        allowed &= jnp.tril(jnp.ones((T, k.shape[1]), bool))
+    if mask is not None:
+        allowed &= mask
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    out = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
+    return out.astype(q.dtype)

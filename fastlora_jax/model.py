@@ -43,8 +43,9 @@ class AttentionInputs(NamedTuple):
 
     cos: jax.Array  # [B, T, H] float32
     sin: jax.Array  # [B, T, H] float32
-    mask: jax.Array | None  # [B, 1, T, S] bool, or None for plain causal attention
+    mask: jax.Array | None  # [B, 1, T, S] bool (padding / packed segments / cache slots), or None
     write_index: jax.Array | None  # [] int32 cache slot of the first query token (generation), else None
+    causal: bool = True  # query t attends keys <= t on top of `mask` (False against a cache: the mask says it all)
 
 
 class RMSNorm(nnx.Module):
@@ -94,7 +95,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), inputs.write_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), inputs.write_index, axis=1)
             cache_kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), inputs.mask)  # [B, T, N, H]
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), inputs.mask, causal=inputs.causal)  # [B, T, N, H]
         out = checkpoint_name(out, "attention")
         y = _call(self.o_proj, out.reshape(B, T, self.num_heads * self.head_dim), rngs[3])
         return checkpoint_name(y, "o_proj"), cache_kv
@@ -190,7 +191,7 @@ def _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if attention_mask is None and segment_ids is None:
             return AttentionInputs(None, None, None, None), positions
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))  # [B, T, S=T] causal
+        mask = jnp.ones((B, T, T), bool)  # [B, T, S=T]; causality is added by the attention itself
         if attention_mask is not None:
             mask &= attention_mask.astype(bool)[:, None, :]
         if segment_ids is not None:
@@ -207,7 +208,7 @@ def _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache):
     if attention_mask is not None:  # [B, S]: which cache slots hold real tokens
         mask = mask & attention_mask.astype(bool)[:, None, :]
     mask = jnp.broadcast_to(mask, (B, T, S))
-    return AttentionInputs(None, None, mask[:, None], start), positions
+    return AttentionInputs(None, None, mask[:, None], start, causal=False), positions
 
 
 class Llama(nnx.Module):
