@@ -1,0 +1,248 @@
+"""get_peft_model on our side: config, init methods, errors, repeated calls, trainable state and one optimizer step."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import fastlora_jax
+from fastlora_jax import Llama, LlamaConfig, preset
+from fastlora_jax.linear import LoraLinear
+from fastlora_jax.lora import LoraConfig, get_peft_model, targeted_module_names
+from fastlora_jax.modules_to_save import SavedEmbed, SavedLinear
+from fastlora_jax.variables import Frozen, TrainableBias, TrainableCopy
+
+TINY = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8)
+
+
+def tiny(seed=0, dtype=jnp.float32, **overrides) -> Llama:
+    cfg = dataclasses.replace(TINY, **overrides)
+    return Llama(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+@nnx.jit
+def forward(model, x, rng=None):
+    return model(x, dropout_rng=rng)
+
+
+def ids(seed=1, shape=(2, 7)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, TINY.vocab_size, shape))
+
+
+def test_1b_default_line(capsys):
+    model = nnx.eval_shape(lambda: get_peft_model(Llama(preset("llama-3.2-1b"), dtype=jnp.bfloat16)))
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out == (
+        "trainable params: 11,272,192 || all params: 1,247,086,592 || trainable%: 0.9039\n")
+    assert model.get_nb_trainable_parameters() == (11_272_192, 1_247_086_592)
+    assert model.model.gradient_checkpointing == "unsloth"
+    assert hash(model.peft_config) == hash(LoraConfig())
+
+
+def test_default_init_keeps_output_and_has_float32_lora_params():
+    model = tiny(dtype=jnp.bfloat16)
+    before = forward(model, ids())
+    get_peft_model(model)
+    q = model.model.layers.self_attn.q_proj
+    assert isinstance(q, LoraLinear) and isinstance(q.lora_a, nnx.LoRAParam)
+    assert q.lora_a[...].dtype == jnp.float32 and q.lora_a[...].shape == (3, 32, 16)
+    assert q.lora_b[...].shape == (3, 16, 32) and not np.any(np.asarray(q.lora_b[...]))
+    assert isinstance(q.base.weight, Frozen) and q.base.weight[...].dtype == jnp.bfloat16
+    # A ~ kaiming_uniform(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in)), so the std is 1/sqrt(3 in)
+    a = np.asarray(model.model.layers.mlp.down_proj.lora_a[...])  # in = 64
+    assert np.abs(a).max() <= 1 / 8 and abs(a.std() - 1 / math.sqrt(3 * 64)) < 0.01
+    np.testing.assert_array_equal(np.asarray(forward(model, ids()), np.float32), np.asarray(before, np.float32))
+
+
+def test_deterministic_in_random_state():
+    a1 = get_peft_model(tiny(), init_lora_weights=False).model.layers.mlp.up_proj
+    a2 = get_peft_model(tiny(), init_lora_weights=False).model.layers.mlp.up_proj
+    a3 = get_peft_model(tiny(), init_lora_weights=False, random_state=1).model.layers.mlp.up_proj
+    np.testing.assert_array_equal(a1.lora_b[...], a2.lora_b[...])
+    assert not np.allclose(a1.lora_a[...], a3.lora_a[...])
+    # init False: B ~ nn.Linear(r, out) default init, U(-1/sqrt(r), 1/sqrt(r))
+    b = np.asarray(a1.lora_b[...])
+    assert np.abs(b).max() <= 0.25 and abs(b.std() - 1 / math.sqrt(3 * 16)) < 0.02
+
+
+def test_gaussian_init():
+    q = get_peft_model(tiny(), r=8, init_lora_weights="gaussian").model.layers.self_attn.q_proj
+    a = np.asarray(q.lora_a[...])
+    assert abs(a.std() - 1 / 8) < 0.01 and not np.any(np.asarray(q.lora_b[...]))
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_weight_inits_keep_the_function(init):
+    model = tiny()
+    w = np.asarray(model.model.layers.self_attn.v_proj.weight[...])
+    before = forward(model, ids())
+    get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=init, layers_to_transform=[0, 2])
+    v = model.model.layers.self_attn.v_proj
+    merged = np.asarray(v.base.weight[...] + v.delta_weight())
+    np.testing.assert_allclose(merged, w, atol=1e-5)
+    assert not np.allclose(np.asarray(v.base.weight[...])[0], w[0])  # residual in transformed layers
+    np.testing.assert_array_equal(np.asarray(v.base.weight[...])[1], w[1])  # untouched elsewhere
+    np.testing.assert_allclose(np.asarray(forward(model, ids())), np.asarray(before), atol=1e-4)
+
+
+def test_layer_scale_and_counts_follow_layers_to_transform():
+    model = get_peft_model(tiny(), r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=1)
+    q = model.model.layers.self_attn.q_proj
+    np.testing.assert_array_equal(q.layer_scale[...], [0.0, 1.0 * 16 / 4, 0.0])
+    assert not np.any(np.asarray(q.lora_a[...])[[0, 2]])
+    assert isinstance(model.model.layers.self_attn.k_proj, fastlora_jax.linear.Linear)
+    assert targeted_module_names(model) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == 4 * (32 + 32) + 4 * (32 + 16)
+
+
+def test_regex_all_linear_and_rslora():
+    model = get_peft_model(tiny(), target_modules=r".*\.layers\.[02]\.mlp\.(up|down)_proj", use_rslora=True, r=4)
+    assert targeted_module_names(model) == [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 2) for p in ("up", "down")]
+    assert model.model.layers.mlp.up_proj.scaling == 16 / 2
+    model = get_peft_model(tiny(tie_word_embeddings=False), target_modules="all-linear")
+    names = targeted_module_names(model)
+    assert len(names) == 21 and "lm_head" not in names
+
+
+def test_lm_head_lora_and_modules_to_save_untied():
+    model = tiny(tie_word_embeddings=False, dtype=jnp.bfloat16)
+    before = forward(model, ids())
+    get_peft_model(model, target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"])
+    assert isinstance(model.lm_head, LoraLinear) and model.lm_head.lora_a[...].shape == (32, 16)
+    emb = model.model.embed_tokens
+    assert isinstance(emb, SavedEmbed) and isinstance(emb.trainable_weight, TrainableCopy)
+    assert emb.trainable_weight[...].dtype == jnp.float32 and model.dtype == jnp.bfloat16
+    out = forward(model, ids())
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(before, np.float32))
+    # modules_to_save wins over target_modules (PEFT never puts LoRA on a saved module)
+    model = get_peft_model(tiny(tie_word_embeddings=False), modules_to_save=["lm_head"], target_modules="all-linear")
+    assert isinstance(model.lm_head, SavedLinear)
+
+
+def test_tied_modules_to_save_is_one_copy_serving_both():
+    model = get_peft_model(tiny(tie_word_embeddings=True), modules_to_save=["embed_tokens", "lm_head"])
+    assert model.lm_head is None and isinstance(model.model.embed_tokens, SavedEmbed)
+    assert model.peft_config.ensure_weight_tying
+    copies = nnx.state(model, TrainableCopy)
+    assert len(jax.tree.leaves(copies)) == 1
+    copy = model.model.embed_tokens.trainable_weight
+    copy.value = copy[...] + 0.5
+    hidden = jnp.ones((1, 1, TINY.hidden_size))
+    np.testing.assert_allclose(model.logits(hidden)[0, 0], np.asarray(copy[...]).sum(-1), rtol=1e-5)
+
+
+def test_biases():
+    cfg = dict(attention_bias=True, mlp_bias=True)
+    model = get_peft_model(tiny(**cfg), bias="all", target_modules=["q_proj"])
+    assert isinstance(model.model.layers.self_attn.q_proj.base.bias, TrainableBias)
+    assert isinstance(model.model.layers.mlp.down_proj.bias, TrainableBias)
+    assert model.model.layers.mlp.down_proj.bias[...].dtype == jnp.float32
+    model = get_peft_model(tiny(**cfg), bias="lora_only", target_modules=["q_proj"])
+    assert isinstance(model.model.layers.self_attn.q_proj.base.bias, TrainableBias)
+    assert isinstance(model.model.layers.self_attn.k_proj.bias, Frozen)
+    lora = 3 * 16 * (32 + 32)
+    assert model.get_nb_trainable_parameters()[0] == lora + 3 * 32
+
+
+def test_second_call():
+    model = get_peft_model(tiny(), r=8)
+    with pytest.warns(UserWarning, match="already has these LoRA adapters"):
+        assert get_peft_model(model, r=8, max_seq_length=4096) is model
+    with pytest.raises(ValueError, match="r differ"):
+        get_peft_model(model, r=4)
+    with pytest.raises(ValueError, match="use_gradient_checkpointing"):
+        get_peft_model(model, r=8, use_gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(r=0), ValueError, r"r=0; accepted: an int > 0"),
+    (dict(r=4.0), ValueError, r"r=4.0"),
+    (dict(target_modules=["qproj"]), ValueError, r"no module matches 'qproj'; linear layers are q_proj, k_proj"),
+    (dict(target_modules="model\\.nothing"), ValueError, "no module matches"),
+    (dict(target_modules=["self_attn"]), ValueError, "not a linear layer"),
+    (dict(target_modules=["embed_tokens"]), NotImplementedError, "modules_to_save"),
+    (dict(target_modules=["lm_head"]), NotImplementedError, "tied"),
+    (dict(bias="some"), ValueError, r"bias='some'; accepted: 'none', 'all', 'lora_only'"),
+    (dict(layers_to_transform=[0, 3]), ValueError, r"layer 3 is out of range; the model has 3 layers \(0..2\)"),
+    (dict(layers_to_transform=[1], layers_pattern="blocks"), ValueError, "selects no module"),
+    (dict(target_modules="all-linear", layers_to_transform=[1]), ValueError, "cannot be used"),
+    (dict(layers_pattern="layers"), ValueError, "needs layers_to_transform"),
+    (dict(lora_dropout=1.0), ValueError, r"lora_dropout=1.0; accepted: a number in \[0, 1\)"),
+    (dict(lora_dropout=-0.1), ValueError, "lora_dropout"),
+    (dict(init_lora_weights="kaiming"), ValueError, r"init_lora_weights='kaiming' is not supported; accepted"),
+    (dict(init_lora_weights="loftq"), NotImplementedError, "issue 5"),
+    (dict(use_gradient_checkpointing="yes"), ValueError, r"use_gradient_checkpointing='yes'; accepted"),
+    (dict(modules_to_save=["embeddings"]), ValueError, r"'embeddings' is not a module of the model; modules are"),
+    (dict(modules_to_save=["norm"]), NotImplementedError, "only 'embed_tokens' and 'lm_head'"),
+    (dict(use_dora=True), TypeError, r"unexpected keyword arguments \['use_dora'\]"),
+])
+def test_errors(kwargs, error, match):
+    model = tiny(tie_word_embeddings=True)
+    with pytest.raises(error, match=match):
+        get_peft_model(model, **kwargs)
+    assert model.peft_config is None and isinstance(model.model.layers.self_attn.q_proj, fastlora_jax.linear.Linear)
+
+
+def test_dropout_only_with_rng_and_only_on_the_lora_branch():
+    model = get_peft_model(tiny(), lora_dropout=0.5, init_lora_weights=False)
+    x = ids()
+    eval_out = forward(model, x)
+    np.testing.assert_array_equal(forward(model, x), eval_out)
+    a = forward(model, x, jax.random.key(0))
+    b = forward(model, x, jax.random.key(1))
+    assert not np.allclose(a, eval_out) and not np.allclose(a, b)
+    np.testing.assert_array_equal(a, forward(model, x, jax.random.key(0)))
+    # With B = 0 the LoRA branch is zero, so dropout changes nothing: it never touches the base path.
+    model = get_peft_model(tiny(), lora_dropout=0.5)
+    np.testing.assert_array_equal(forward(model, x, jax.random.key(0)), forward(model, x))
+
+
+def test_one_optimizer_step_updates_exactly_the_trainable_state():
+    model = get_peft_model(tiny(tie_word_embeddings=False, attention_bias=True), r=4, init_lora_weights=False,
+                           bias="all", modules_to_save=["lm_head"], use_gradient_checkpointing=True)
+    trainable = nnx.state(model, fastlora_jax.TRAINABLE)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=fastlora_jax.TRAINABLE)
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    x = ids(shape=(2, 9))
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        def loss_fn(model):
+            logits = model(x[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+        grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, fastlora_jax.TRAINABLE))(model)
+        optimizer.update(model, grads)
+        return grads
+
+    grads = step(model, optimizer, x)
+    assert sum(g.size for g in jax.tree.leaves(grads)) == n_trainable
+    opt_leaves = jax.tree.leaves(nnx.state(optimizer, nnx.OptState))
+    # Adam's mu and nu for exactly the trainable leaves, plus scalar step counts
+    assert sum(s.size for s in opt_leaves if s.ndim) == 2 * n_trainable
+    assert sum(s.size for s in opt_leaves if not s.ndim) <= 2
+    mask = fastlora_jax.trainable_mask(model)
+    after = nnx.to_flat_state(nnx.state(model))
+    flat_before = dict(nnx.to_flat_state(before))
+    flat_mask = dict(nnx.to_flat_state(mask))
+    n_checked = 0
+    for path, var in after:
+        old, new = flat_before[path][...], np.asarray(var[...])
+        is_trainable = flat_mask[path]
+        if getattr(is_trainable, "value", is_trainable):
+            assert not np.array_equal(old, new), path
+        else:
+            np.testing.assert_array_equal(old, new, err_msg=str(path))
+        n_checked += 1
+    assert n_checked == len(flat_before)
