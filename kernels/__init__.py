@@ -1,8 +1,10 @@
 """Linear-layer kernels for fastlora_jax: one dispatch point (`api`), pure-jnp references, Pallas kernels.
 
-Import as `fastlora_jax.kernels`; this package never imports the model.
+Import as `fastlora_jax.kernels`; this package never imports the model. Modules: `api` (dispatch, "auto" table),
+`lora` (LoRA linear: Pallas fused kernel + XLA, one custom_vjp), `nf4` (NF4 linear: fused dequant-matmul + XLA),
+`reference` (the pure-jnp statements of the maths), `_compat` (the Pallas-version corner).
 """
 
-from fastlora_jax.kernels.api import IMPLEMENTATIONS, linear, lora_linear
+from fastlora_jax.kernels.api import IMPLEMENTATIONS, PALLAS_FASTER_ON_GPU, linear, lora_linear, nf4_linear
 
-__all__ = ["IMPLEMENTATIONS", "linear", "lora_linear"]
+__all__ = ["IMPLEMENTATIONS", "PALLAS_FASTER_ON_GPU", "linear", "lora_linear", "nf4_linear"]

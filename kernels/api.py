@@ -1,12 +1,30 @@
-"""The one dispatch point the model calls for every linear layer: implementation "auto" | "xla" | "pallas"."""
+"""The one dispatch point the model calls for every linear layer: implementation "auto" | "xla" | "pallas".
+
+"xla" is the plain-XLA formulation (with its own custom_vjp), "pallas" the Pallas kernels (compiled on a GPU,
+interpreted elsewhere), and "auto" picks Pallas only on a GPU and only for the (op, in, out, tokens) where the
+benchmark (benchmarks/kernels.py, recorded in benchmarks/RESULTS.md) measured it faster than XLA; XLA everywhere else.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import jax
 
-from fastlora_jax.kernels import reference
+from fastlora_jax.kernels import _compat, lora, nf4, reference
+
+if TYPE_CHECKING:
+    from fastlora_jax.nf4 import NF4Array
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+# Where Pallas measured faster than XLA on an NVIDIA H200 (JAX 0.11.2), per op: (in, out, min_tokens, max_tokens).
+# Filled from benchmarks/RESULTS.md ("## Kernels"); a shape that is not listed runs XLA.
+PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    "lora": (),
+    "nf4": (),
+}
 
 
 def _check_implementation(implementation: str) -> str:
@@ -15,14 +33,44 @@ def _check_implementation(implementation: str) -> str:
     return implementation
 
 
+def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int) -> str:
+    """The implementation that runs: "auto" becomes "pallas" only where PALLAS_FASTER_ON_GPU lists the shape."""
+    if _check_implementation(implementation) != "auto":
+        return implementation
+    if not _compat.on_gpu():
+        return "xla"
+    for k, n, lo, hi in PALLAS_FASTER_ON_GPU[op]:
+        if (k, n) == (in_features, out_features) and lo <= tokens <= hi:
+            return "pallas"
+    return "xla"
+
+
 def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, implementation: str = "auto") -> jax.Array:
-    """Frozen linear layer: x [..., in] @ w [in, out] (+ bias) -> [..., out]."""
+    """Frozen linear layer: x [..., in] @ w [in, out] (+ bias) -> [..., out]. One XLA matmul on every backend."""
     _check_implementation(implementation)
     return reference.linear_reference(x, w, bias)
 
 
 def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling: float | jax.Array,
                 bias: jax.Array | None = None, *, implementation: str = "auto") -> jax.Array:
-    """x @ w + bias + scaling * (x @ a) @ b with w frozen: x [..., in], w [in, out], a [in, r], b [r, out]."""
-    _check_implementation(implementation)
-    return reference.lora_linear_reference(x, w, a, b, scaling, bias)
+    """x @ w + bias + scaling * (x @ a) @ b with w frozen: x [..., in], w [in, out], a [in, r], b [r, out].
+
+    Gradients flow to x, a, b, scaling and bias; w's cotangent is a symbolic zero (no weight gradient is computed).
+    """
+    lora.check_lora_shapes(x, w, a, b, scaling, bias)
+    impl = resolve("lora", implementation, w.shape[0], w.shape[1], math.prod(x.shape[:-1]))
+    return lora.lora_linear(x, w, a, b, scaling, bias, implementation=impl)
+
+
+def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
+               b: jax.Array | None = None, scaling: float | jax.Array = 0.0, *,
+               implementation: str = "auto") -> jax.Array:
+    """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) with w ONE NF4 weight [out, in] (HF layout).
+
+    The 16-bit weight exists only inside the call (the backward pass dequantizes again); gradients flow to x, bias
+    and the LoRA factors a [in, r], b [r, out]; none to w.
+    """
+    nf4.check_nf4_shapes(x, w, bias, a, b)
+    out_features, in_features = w.shape
+    impl = resolve("nf4", implementation, in_features, out_features, math.prod(x.shape[:-1]))
+    return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation=impl)

@@ -25,3 +25,15 @@ def lora_linear_reference(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array
     xa = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     delta = jnp.einsum("...r,ro->...o", xa, b.astype(x.dtype), preferred_element_type=jnp.float32)
     return (base.astype(jnp.float32) + scaling * delta).astype(x.dtype)
+
+
+def nf4_linear_reference(x: jax.Array, w, bias: jax.Array | None = None, a: jax.Array | None = None,
+                         b: jax.Array | None = None, scaling: float | jax.Array = 0.0) -> jax.Array:
+    """QLoRA's linear: the NF4 weight w [out, in] dequantized (bitsandbytes' dequantize_4bit) to x.dtype, then
+    `linear_reference`, or `lora_linear_reference` when the LoRA factors a [in, r], b [r, out] are given."""
+    from fastlora_jax.nf4 import dequantize_nf4
+
+    weight = dequantize_nf4(w, x.dtype).T  # [in, out]
+    if a is None:
+        return linear_reference(x, weight, bias)
+    return lora_linear_reference(x, weight, a, b, scaling, bias)
