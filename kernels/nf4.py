@@ -1,0 +1,328 @@
+"""NF4 linear, y = x @ dequantize(w).T + bias (+ s * (x @ a) @ b): a fused dequant-matmul Pallas kernel and XLA.
+
+w is one bitsandbytes NF4 weight [out, in] (`fastlora_jax.nf4.NF4Array`): row-major codes, two per byte (first in
+the high nibble), one double-quantized absmax per 64 consecutive elements. With in % 64 == 0 every 64-block lies
+in one row, so the codes view as [out, in / 2] bytes and the absmax as [out, in / 64].
+
+The Pallas kernels read only the 4-bit codes and the 8-bit absmax codes: each program dequantizes its tile in
+registers (NF4 table and absmax double-dequantization by gathers from small tables) and multiplies at once.
+The high/low nibbles hold even/odd input columns, so x is read with stride 2 (forward) and dx is written with
+stride 2 (backward). Few programs per output tile would leave the GPU idle at few tokens, so the contraction is
+split over `split_k` programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
+calls one matmul. Both share a custom_vjp whose only residuals are the NF4 arrays: the backward dequantizes again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from fastlora_jax.kernels import _compat
+
+if TYPE_CHECKING:
+    from fastlora_jax.nf4 import NF4Array
+
+_F32 = jnp.float32
+_BLOCK = 64  # bitsandbytes' NF4 blocksize
+_NESTED = 256  # its absmax double-quantization blocksize
+_TARGET_PROGRAMS = 264  # two per H200 multiprocessor
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tiles of the fused NF4 kernels and their Triton launch settings (block sizes powers of two, >= 16)."""
+
+    block_m: int = 16  # token rows per program
+    block_n: int = 64  # forward: output features per program
+    block_k: int = 64  # backward: output features (contraction rows) per loop step
+    blocks_per_step: int = 2  # 64-element NF4 blocks of input features per step (fwd) / per program (bwd)
+    split_k: int | None = None  # programs sharing one contraction; None: enough for ~2 programs per SM
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def for_shape(cls, m: int, out_features: int, in_features: int) -> BlockSizes:
+        bm = 16 if m <= 16 else min(64, _pow2_at_least(m))
+        return cls(block_m=bm, block_n=min(64, _pow2_at_least(out_features)),
+                   block_k=min(64, _pow2_at_least(out_features)), blocks_per_step=2)
+
+
+def _pow2_at_least(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _split(steps: int, programs: int, requested: int | None) -> int:
+    """A divisor of `steps`: the requested one, or the smallest giving >= _TARGET_PROGRAMS programs (at most 16)."""
+    if requested is not None:
+        if steps % requested:
+            raise ValueError(f"split_k={requested} must divide the {steps} contraction steps")
+        return requested
+    divisors = [d for d in range(1, min(16, steps) + 1) if steps % d == 0]
+    return next((d for d in divisors if programs * d >= _TARGET_PROGRAMS), divisors[-1])
+
+
+def _tables():
+    from fastlora_jax.nf4 import NF4_CODE, dynamic_map
+
+    return jnp.asarray(NF4_CODE, _F32), jnp.asarray(dynamic_map(), _F32)
+
+
+def _absmax(absq, rows, kb, nested_ref, dmap_ref, offset_ref, *, nkb: int, n_nested: int):
+    """Block absmax [R, 1] float32 of rows `rows` [R, 1] in block column kb: dmap[q] * nested[flat // 256] + offset."""
+    q = absq.astype(jnp.int32)  # [R, 1]
+    nested_index = jnp.minimum((rows * nkb + kb) // _NESTED, n_nested - 1)  # padded rows stay in bounds
+    return dmap_ref[q] * nested_ref[nested_index] + offset_ref[jnp.zeros_like(q)]
+
+
+def _dequant(codes, am, code_ref, dtype):
+    """codes [R, C] uint8, am [R, 1] -> (high-nibble values, low-nibble values) [R, C] in dtype."""
+    c = codes.astype(jnp.int32)
+    return (code_ref[c >> 4] * am).astype(dtype), (code_ref[c & 15] * am).astype(dtype)
+
+
+def _xwt_kernel(x_ref, codes_ref, absq_ref, nested_ref, dmap_ref, code_ref, offset_ref, o_ref, *, bps: int,
+                steps: int, nkb: int, n_nested: int):
+    # x_ref [bm, in], codes_ref [bn, in / 2] uint8, absq_ref [bn, in / 64] uint8, nested_ref [n_nested],
+    # dmap_ref [256], code_ref [16], offset_ref [1]; o_ref [bm, bn] (or [1, bm, bn] float32 partial sums)
+    bn = codes_ref.shape[0]
+    j, s = pl.program_id(1), pl.program_id(2)
+    rows = j * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)  # [bn, 1] output features
+    absmax = functools.partial(_absmax, nested_ref=nested_ref, dmap_ref=dmap_ref, offset_ref=offset_ref, nkb=nkb,
+                               n_nested=n_nested)
+
+    def body(t, acc):  # acc [bm, bn] float32
+        for u in range(bps):
+            kb = (s * steps + t) * bps + u  # the 64-block column
+            x_even = x_ref[:, pl.ds(kb * _BLOCK, _BLOCK // 2, stride=2)]  # [bm, 32]
+            x_odd = x_ref[:, pl.ds(kb * _BLOCK + 1, _BLOCK // 2, stride=2)]  # [bm, 32]
+            am = absmax(absq_ref[:, pl.ds(kb, 1)], rows, kb)  # [bn, 1]
+            w_hi, w_lo = _dequant(codes_ref[:, pl.ds(kb * (_BLOCK // 2), _BLOCK // 2)], am, code_ref, x_ref.dtype)
+            acc = acc + _dot_t(x_even, w_hi) + _dot_t(x_odd, w_lo)  # [bm, bn]
+        return acc
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], _F32))
+    o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
+
+
+def _xw_kernel(g_ref, codes_ref, absq_ref, nested_ref, dmap_ref, code_ref, offset_ref, o_ref, *, bps: int,
+               steps: int, block_k: int, nkb: int, n_nested: int):
+    # g_ref [bm, out], codes_ref [out, 32 * bps] uint8, absq_ref [out, bps] uint8, nested/dmap/code/offset as above;
+    # o_ref [bm, 64 * bps] (or [1, bm, 64 * bps] float32 partial sums)
+    j, s = pl.program_id(1), pl.program_id(2)
+    bm = g_ref.shape[0]
+    absmax = functools.partial(_absmax, nested_ref=nested_ref, dmap_ref=dmap_ref, offset_ref=offset_ref, nkb=nkb,
+                               n_nested=n_nested)
+
+    def body(t, accs):  # accs: 2 * bps arrays [bm, 32] float32 (even, odd input columns of each 64-block)
+        r0 = pl.multiple_of((s * steps + t) * block_k, block_k)
+        rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)  # [bk, 1] output features
+        g = g_ref[:, pl.ds(r0, block_k)]  # [bm, bk]
+        new = []
+        for u in range(bps):
+            am = absmax(absq_ref[pl.ds(r0, block_k), pl.ds(u, 1)], rows, j * bps + u)  # [bk, 1]
+            codes = codes_ref[pl.ds(r0, block_k), pl.ds(u * (_BLOCK // 2), _BLOCK // 2)]  # [bk, 32]
+            w_hi, w_lo = _dequant(codes, am, code_ref, g_ref.dtype)
+            new += [accs[2 * u] + _dot(g, w_hi), accs[2 * u + 1] + _dot(g, w_lo)]
+        return tuple(new)
+
+    zeros = tuple(jnp.zeros((bm, _BLOCK // 2), _F32) for _ in range(2 * bps))
+    accs = jax.lax.fori_loop(0, steps, body, zeros)
+    lead = (slice(None),) * (len(o_ref.shape) - 2)
+    for u in range(bps):
+        for parity in range(2):
+            value = accs[2 * u + parity].reshape(o_ref.shape[:-1] + (_BLOCK // 2,))
+            o_ref[(*lead, slice(None), pl.ds(u * _BLOCK + parity, _BLOCK // 2, stride=2))] = value.astype(o_ref.dtype)
+
+
+def _dot(a, b):  # a [m, k] @ b [k, n] -> [m, n] float32
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def _dot_t(a, b):  # a [m, k] @ b [n, k].T -> [m, n] float32
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+
+
+def _operands(w: NF4Array, rows: int):
+    """The NF4 arrays viewed per row: codes [rows, in / 2], absq [rows, in / 64] (zero rows past out), tables."""
+    out_features, in_features = w.shape
+    codes = w.packed.reshape(out_features, in_features // 2)
+    absq = w.absmax_q.reshape(out_features, in_features // _BLOCK)
+    if rows != out_features:
+        codes = jnp.pad(codes, ((0, rows - out_features), (0, 0)))
+        absq = jnp.pad(absq, ((0, rows - out_features), (0, 0)))
+    code, dmap = _tables()
+    return codes, absq, w.nested_absmax.astype(_F32), dmap, code, w.offset.reshape(1).astype(_F32)
+
+
+def _compiled(kernel, grid, in_specs, out_spec, out_shape, bs: BlockSizes, interpret: bool | None, name: str):
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
+                          interpret=_compat.default_interpret() if interpret is None else interpret,
+                          compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
+                          name=name)
+
+
+def _full(shape):
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = None,
+                 interpret: bool | None = None) -> jax.Array:
+    """x [M, in] @ dequantize(w).T -> [M, out] in x.dtype, reading only the NF4 codes (needs in % 64 == 0)."""
+    (m, k), (n, _) = x.shape, w.shape
+    bs = block_sizes or BlockSizes.for_shape(m, n, k)
+    nkb = k // _BLOCK
+    bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
+    mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
+    grid_m, grid_n = mp // bs.block_m, np_ // bs.block_n
+    split = _split(nkb // bps, grid_m * grid_n, bs.split_k)
+    codes, absq, nested, dmap, code, offset = _operands(w, np_)
+    x_p = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split, nkb=nkb, n_nested=nested.shape[0])
+    in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j, s: (i, 0)),
+                pl.BlockSpec((bs.block_n, k // 2), lambda i, j, s: (j, 0)),
+                pl.BlockSpec((bs.block_n, nkb), lambda i, j, s: (j, 0)),
+                _full(nested.shape), _full(dmap.shape), _full(code.shape), _full(offset.shape)]
+    if split == 1:
+        out_spec = pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j, s: (i, j))
+        out_shape = jax.ShapeDtypeStruct((mp, np_), x.dtype)
+    else:
+        out_spec = pl.BlockSpec((None, bs.block_m, bs.block_n), lambda i, j, s: (s, i, j))
+        out_shape = jax.ShapeDtypeStruct((split, mp, np_), _F32)
+    y = _compiled(kernel, (grid_m, grid_n, split), in_specs, out_spec, out_shape, bs, interpret, "nf4_matmul_t")(
+        x_p, codes, absq, nested, dmap, code, offset)
+    if split > 1:
+        y = y.sum(axis=0).astype(x.dtype)
+    return y[:m, :n]
+
+
+def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = None,
+               interpret: bool | None = None) -> jax.Array:
+    """g [M, out] @ dequantize(w) -> [M, in] in g.dtype (the input gradient), reading only the NF4 codes."""
+    (m, n), (_, k) = g.shape, w.shape
+    bs = block_sizes or BlockSizes.for_shape(m, n, k)
+    nkb = k // _BLOCK
+    bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
+    mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_k)
+    grid_m, grid_n = mp // bs.block_m, nkb // bps
+    split = _split(np_ // bs.block_k, grid_m * grid_n, bs.split_k)
+    codes, absq, nested, dmap, code, offset = _operands(w, np_)
+    g_p = jnp.pad(g, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else g
+    kernel = functools.partial(_xw_kernel, bps=bps, steps=np_ // bs.block_k // split, block_k=bs.block_k, nkb=nkb,
+                               n_nested=nested.shape[0])
+    width = _BLOCK * bps
+    in_specs = [pl.BlockSpec((bs.block_m, np_), lambda i, j, s: (i, 0)),
+                pl.BlockSpec((np_, width // 2), lambda i, j, s: (0, j)),
+                pl.BlockSpec((np_, bps), lambda i, j, s: (0, j)),
+                _full(nested.shape), _full(dmap.shape), _full(code.shape), _full(offset.shape)]
+    if split == 1:
+        out_spec = pl.BlockSpec((bs.block_m, width), lambda i, j, s: (i, j))
+        out_shape = jax.ShapeDtypeStruct((mp, k), g.dtype)
+    else:
+        out_spec = pl.BlockSpec((None, bs.block_m, width), lambda i, j, s: (s, i, j))
+        out_shape = jax.ShapeDtypeStruct((split, mp, k), _F32)
+    dx = _compiled(kernel, (grid_m, grid_n, split), in_specs, out_spec, out_shape, bs, interpret, "nf4_matmul")(
+        g_p, codes, absq, nested, dmap, code, offset)
+    if split > 1:
+        dx = dx.sum(axis=0).astype(g.dtype)
+    return dx[:m]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Config:
+    implementation: str  # "xla" | "pallas"
+    block_sizes: BlockSizes | None
+    interpret: bool | None
+
+
+def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
+    if cfg.implementation == "pallas":
+        return nf4_matmul_t(x, w, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+    from fastlora_jax.nf4 import dequantize_nf4
+
+    weight = dequantize_nf4(w, x.dtype)  # [out, in], alive only inside this call
+    return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ()))).astype(x.dtype)
+
+
+def _matmul(g, w, cfg: _Config):  # g [M, out] @ W -> [M, in]
+    if cfg.implementation == "pallas":
+        return nf4_matmul(g, w, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+    from fastlora_jax.nf4 import dequantize_nf4
+
+    return jnp.dot(g, dequantize_nf4(w, g.dtype)).astype(g.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _nf4_base(x, w, bias, cfg: _Config):
+    return _nf4_fwd(x, w, bias, cfg)[0]
+
+
+def _nf4_fwd(x, w, bias, cfg: _Config):
+    y = _matmul_t(x, w, cfg)  # [M, out]
+    if bias is not None:
+        y = (y.astype(_F32) + bias.astype(_F32)).astype(x.dtype)
+    return y, (w, bias)  # no 16-bit weight and no activation kept: the backward dequantizes again
+
+
+def _nf4_bwd(cfg: _Config, residuals, g):
+    w, bias = residuals
+    dx = _matmul(g, w, cfg)
+    dbias = None if bias is None else jnp.sum(g.astype(_F32), axis=0).astype(bias.dtype)
+    return dx, None, dbias
+
+
+_nf4_base.defvjp(_nf4_fwd, _nf4_bwd)
+
+
+def check_nf4_shapes(x, w, bias, a, b) -> None:
+    """Raises ValueError naming the shapes unless x [..., in], w one NF4 [out, in], bias [out], a [in, r], b [r, out]."""
+    out_features, in_features = w.shape
+    described = (f"{x.shape=} w.shape={w.shape} w.stack={w.stack} bias.shape={None if bias is None else bias.shape} "
+                 f"a.shape={None if a is None else a.shape} b.shape={None if b is None else b.shape}")
+    for name, arr in (("x", x), ("bias", bias), ("a", a), ("b", b)):
+        if arr is not None and not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(f"nf4_linear: {name} must be floating point; got {name}.dtype={arr.dtype} ({described})")
+    ok = (w.stack == () and x.ndim >= 1 and x.shape[-1] == in_features
+          and (bias is None or bias.shape == (out_features,)) and (a is None) == (b is None)
+          and (a is None or (a.ndim == 2 and b.ndim == 2 and a.shape[0] == in_features and b.shape[1] == out_features
+                             and a.shape[1] == b.shape[0])))
+    if not ok:
+        raise ValueError(f"nf4_linear: expected x [..., in], one NF4 weight [out, in] (no stack axes), bias [out], "
+                         f"a [in, r] and b [r, out] (both or neither); got {described}")
+
+
+def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
+               b: jax.Array | None = None, scaling: float | jax.Array = 0.0, *, implementation: str = "xla",
+               block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+    """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
+
+    "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). The LoRA branch, when given, is the
+    reference formulation (plain XLA, differentiated by JAX), added to the NF4 product in float32 as PEFT does.
+    """
+    check_nf4_shapes(x, w, bias, a, b)
+    if implementation not in ("xla", "pallas"):
+        raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas'")
+    out_features, in_features = w.shape
+    if implementation == "pallas" and in_features % _BLOCK:
+        raise ValueError(f"nf4_linear(implementation='pallas') needs in_features % 64 == 0; got w.shape={w.shape}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)  # [M, in]
+    if x2.shape[0] == 0:
+        implementation = "xla"
+    cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret)
+    y = _nf4_base(x2, w, bias, cfg)  # [M, out]
+    if a is not None:
+        dt = x.dtype
+        xa = jnp.dot(x2, a.astype(dt), preferred_element_type=_F32).astype(dt)  # [M, r]
+        delta = jnp.dot(xa, b.astype(dt), preferred_element_type=_F32)  # [M, out]
+        y = (y.astype(_F32) + jnp.asarray(scaling, _F32) * delta).astype(dt)
+    return y.reshape(*lead, out_features)
+
