@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from fastlora_jax import generate as _generate
+from fastlora_jax import lora as _lora
 from fastlora_jax.config import LlamaConfig
 from fastlora_jax.loading import build_model, resolve_dtype
 
@@ -43,8 +45,6 @@ class FastLanguageModel:
             raise NotImplementedError("full_finetuning=True is not supported; fastlora-jax trains LoRA adapters")
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ValueError(f"max_seq_length={max_seq_length!r}; accepted: a positive int")
-        if load_in_4bit:
-            raise NotImplementedError("load_in_4bit=True (NF4 QLoRA) arrives with issue 5 (QLoRA); load in 16-bit")
         dtype = resolve_dtype(dtype)
 
         from fastlora_jax.converters import hf_llama, resolve
@@ -60,14 +60,21 @@ class FastLanguageModel:
             hf_config = hf_llama.read_config(resolved.directory)
             tensors = hf_llama.iter_safetensors(resolved.directory)
             tokenizer = _load_tokenizer(resolved.directory)
-        else:
-            raise ValueError(f"model_name={model_name!r} is a {resolved.kind} directory; "
-                             "loading it arrives with issue 4 (PEFT adapters)")
+        else:  # a PEFT adapter directory: its base model (named in adapter_config.json), then the adapter
+            from fastlora_jax.export import load_adapter_model
+
+            return load_adapter_model(str(resolved.directory), max_seq_length=max_seq_length, dtype=dtype,
+                                      load_in_4bit=load_in_4bit, implementation=implementation, mesh=mesh)
         config = LlamaConfig.from_hf_config(hf_config)
-        model = build_model(config, tensors, dtype=dtype, implementation=implementation, mesh=mesh)
+        model = build_model(config, tensors, dtype=dtype, implementation=implementation, mesh=mesh,
+                            load_in_4bit=load_in_4bit, hf_config=hf_config)
         model.name_or_path = str(model_name)
         model.max_seq_length = max_seq_length
         return model, tokenizer
+
+    get_peft_model = staticmethod(_lora.get_peft_model)
+    for_inference = staticmethod(_generate.for_inference)
+    for_training = staticmethod(_generate.for_training)
 
 
 def _load_tokenizer(directory: str):

@@ -31,22 +31,57 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 def build_model(config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], *, dtype,
-                implementation: str = "auto", mesh=None) -> Llama:
+                implementation: str = "auto", mesh=None, load_in_4bit: bool = False,
+                hf_config: dict | None = None) -> Llama:
     """A Llama whose frozen weights come from `tensors` ((HF key, HF-layout array) pairs, streamed).
 
-    With a `mesh` (fastlora_jax.sharding.make_mesh), each tensor is placed sharded by the rules as soon as it is
-    complete, so no device ever holds a full copy of a sharded weight.
+    load_in_4bit: every decoder linear weight is quantized to NF4 as it arrives (bitsandbytes-exact); a
+      pre-quantized bitsandbytes checkpoint (`hf_config["quantization_config"]`) loads as NF4 either way.
+    mesh: a `fastlora_jax.sharding.make_mesh` mesh: each tensor is placed sharded by the rules as soon as it is
+      complete, so no device ever holds a full copy of a sharded weight.
     """
+    from fastlora_jax.converters import bnb
+
+    prequantized = hf_config is not None and bnb.is_bnb_checkpoint(hf_config)
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, implementation=implementation))
+    collector = None
+    if load_in_4bit or prequantized:
+        from fastlora_jax.quantized_loading import NF4Collector
+
+        collector = NF4Collector(config.num_hidden_layers, np.dtype(dtype), hf_config)
+        tensors = collector.filter(tensors)
+        for name in hf_llama.LINEAR_NAMES:  # the 16-bit layers leave the model; NF4 layers replace them below
+            setattr(_parent(abstract.model.layers, name), name.split(".")[-1], None)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     expected = {path: (tuple(var.shape), np.dtype(var.dtype)) for path, var in flat}
+    place = _placer(mesh)
     arrays = hf_llama.load_into(expected, tensors, config.num_hidden_layers,
-                                tie_word_embeddings=config.tie_word_embeddings,
-                                put=_placer(mesh))
+                                tie_word_embeddings=config.tie_word_embeddings, put=place)
     for path, var in flat:
         var.value = arrays[path]
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if collector is not None:
+        from fastlora_jax.nf4 import NF4Array, NF4Linear
+
+        for name in hf_llama.LINEAR_NAMES:
+            path = ("model", "layers", *name.split("."))
+            w = collector.stacked(name)
+            w = NF4Array(*(place(path + (f,), getattr(w, f)) for f in ("packed", "absmax_q", "nested_absmax",
+                                                                        "offset")), shape=w.shape, dtype=w.dtype)
+            bias = collector.biases(name)
+            bias = None if bias is None else place(path + ("bias",), bias)
+            setattr(_parent(model.model.layers, name), name.split(".")[-1],
+                    NF4Linear.from_nf4(w, bias, implementation=implementation))
+    return model
+
+
+def _parent(layers, dotted: str):
+    """The module holding a decoder sub-layer: "self_attn.q_proj" -> layers.self_attn."""
+    module = layers
+    for part in dotted.split(".")[:-1]:
+        module = getattr(module, part)
+    return module
 
 
 def _placer(mesh):

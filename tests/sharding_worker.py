@@ -1,0 +1,69 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 virtual CPU devices (XLA_FLAGS must precede jax's start).
+
+Prints one JSON line: loss and LoRA-gradient relative errors of a (data=2, fsdp=4) mesh against one device, and the
+fraction of each sharded weight that one device holds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fastlora_jax import TRAINABLE, FastLanguageModel, sharding
+from fastlora_jax.loss import causal_lm_loss
+
+
+def loss_and_grads(model, ids):
+    graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
+
+    @jax.jit
+    def run(trainable, rest, ids):
+        def loss_fn(trainable):
+            m = nnx.merge(graphdef, trainable, rest)
+            total, count = causal_lm_loss(m, ids, ids)
+            return total / count
+
+        return jax.value_and_grad(loss_fn)(trainable)
+
+    return run(trainable, rest, ids)
+
+
+def make(directory, load_in_4bit, mesh):
+    model, _ = FastLanguageModel.from_pretrained(directory, dtype="float32", load_in_4bit=load_in_4bit, mesh=mesh)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=1)
+    state = nnx.state(model, nnx.LoRAParam)
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):  # non-zero B so every gradient is non-trivial
+        var.value = jax.random.normal(jax.random.key(i), var.value.shape, jnp.float32) * 0.05
+    nnx.update(model, state)
+    if mesh is not None:
+        sharding.shard_model(model, mesh)
+    return model
+
+
+def main(directory, load_in_4bit):
+    ids = np.random.default_rng(0).integers(0, 256, (8, 16))
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    loss1, g1 = loss_and_grads(make(directory, load_in_4bit, None), jnp.asarray(ids))
+    sharded = make(directory, load_in_4bit, mesh)
+    loss8, g8 = loss_and_grads(sharded, sharding.shard_batch(jnp.asarray(ids), mesh))
+    errors = {}
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g8)):
+        a, b = np.asarray(a[...], np.float64), np.asarray(b[...], np.float64)
+        errors[".".join(map(str, path))] = float(np.linalg.norm(a - b) / np.linalg.norm(a))
+    fractions = {}
+    for path, var in nnx.to_flat_state(nnx.state(sharded)):
+        value = var[...]
+        if value.ndim and not value.sharding.is_fully_replicated:
+            shard = value.addressable_shards[0].data
+            fractions[".".join(map(str, path))] = shard.size / value.size
+    print(json.dumps(dict(loss_rel_err=abs(float(loss1) - float(loss8)) / abs(float(loss1)),
+                          grad_rel_err=errors, shard_fraction=fractions, devices=jax.device_count())))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "4bit")
