@@ -113,31 +113,39 @@ def llama3_rope_factors(*, head_dim: int, rope_theta: float, factor: float, low_
     return out.astype(np.float32)
 
 
-def _llama3_from_factors(factors: np.ndarray, head_dim: int, rope_theta: float) -> dict[str, Any]:
-    """Recovers transformers' llama3 `rope_scaling` from llama.cpp's `rope_freqs.weight`.
+def _llama3_from_factors(factors: np.ndarray, head_dim: int, rope_theta: float) -> dict[str, Any] | None:
+    """Recovers transformers' llama3 `rope_scaling` from llama.cpp's `rope_freqs.weight` (None if all ones).
 
     The factors depend on (original_max, low, high) only through original_max / (high - low) and
-    low / (high - low), so we fix low_freq_factor = 1 and solve for the other two from the smooth region.
+    low / (high - low), so low_freq_factor is fixed at 1 and the rest solved from the smoothed band
+    (with high_freq_factor = 4, Llama 3's value, when that band has fewer than two frequencies).
     """
     f = factors.astype(np.float64)
     factor = float(f.max())
+    if np.allclose(f, 1.0):
+        return None
     inv = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
-    x = inv.astype(np.float64) / (2 * math.pi)  # 1 / wavelength
-    medium = (f > 1 + 1e-6) & (f < factor - 1e-6 * factor)
-    if factor <= 1 or medium.sum() < 2:
-        raise ValueError(
-            f"rope_freqs.weight {np.round(f, 4).tolist()} is not a llama3 RoPE scaling this reader can recover "
-            f"(it needs at least two frequencies in the smoothed band)"
-        )
-    smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)  # = slope * x + offset
-    slope, offset = np.polyfit(x[medium], smooth, 1)
-    span = -1.0 / offset  # high - low, with low = 1
+    wavelen = 2 * math.pi / inv.astype(np.float64)
+    medium = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    smooth = (1 / f - 1 / factor) / (1 - 1 / factor)  # = original_max / wavelen / span - 1 / span in the band
+    if medium.sum() >= 2:
+        slope, offset = np.polyfit(1 / wavelen[medium], smooth[medium], 1)
+        span = -1.0 / offset
+        original = slope * span
+    elif medium.sum() == 1:
+        span = 3.0
+        original = (smooth[medium][0] * span + 1) * wavelen[medium][0]
+    else:  # a step from 1 to `factor` between two frequencies: any band between them reproduces it
+        first = int(np.argmax(f > 1))
+        original = math.ceil(wavelen[first]) - 1
+        span = math.sqrt(original / wavelen[first - 1]) - 1 if first > 0 else 3.0  # band clear of both
     rope = dict(rope_type="llama3", factor=round(factor, 6), low_freq_factor=1.0,
-                high_freq_factor=round(1.0 + span, 6), original_max_position_embeddings=int(round(slope * span)))
+                high_freq_factor=round(1.0 + float(span), 6), original_max_position_embeddings=int(round(original)))
     again = llama3_rope_factors(head_dim=head_dim, rope_theta=rope_theta,
                                 **{k: v for k, v in rope.items() if k != "rope_type"})
     if not np.allclose(again, factors, rtol=1e-4, atol=0):
-        raise ValueError(f"rope_freqs.weight is not a llama3 RoPE scaling; closest fit {rope} differs from it")
+        raise ValueError(f"rope_freqs.weight {np.round(f, 4).tolist()} is not a llama3 RoPE scaling; "
+                         f"the closest, {rope}, gives {np.round(again, 4).tolist()}")
     return rope
 
 
@@ -356,3 +364,191 @@ def _byte_level_tokenizer(md: dict[str, Any]):
         pad_token=special("padding_token_id"), add_bos_token=add_bos, add_eos_token=add_eos,
         chat_template=md.get("chat_template"), clean_up_tokenization_spaces=False,
     )
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+
+def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape of every tensor a llama config implies (lm_head only when untied)."""
+    d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // heads
+    q, kv = heads * hd, (cfg.get("num_key_value_heads") or heads) * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, d)
+    linears = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+               "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (d,)
+        for name, shape in linears.items():
+            shapes[p + name + ".weight"] = shape
+            if cfg.get("attention_bias") and name.startswith("self_attn") or cfg.get("mlp_bias") and name.startswith("mlp"):
+                shapes[p + name + ".bias"] = shape[:1]
+    return shapes
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    return float(theta), rope
+
+
+def _encode(w: np.ndarray, key: str, method: str) -> tuple[np.ndarray, Any]:
+    """(array to store, ggml type) for one HF-layout float32 tensor under a quantization method."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if w.ndim == 1:
+        return w, T.F32  # norms and biases stay float32, as llama.cpp writes them
+    if method == "bf16":
+        return gguf.quants.quantize(w, T.BF16), T.BF16
+    if method == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0:
+        return gguf.quants.quantize(w, T.Q8_0), T.Q8_0
+    with np.errstate(over="ignore"):
+        half = w.astype(np.float16)  # f16, and q8_0's fallback for rows that are not whole blocks (as llama.cpp)
+    if not np.isfinite(half).all():
+        raise ValueError(f"{key}: values up to {np.abs(w).max():.4g} overflow float16; use quantization_method='bf16'")
+    return half, T.F16
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, cfg: dict[str, Any]) -> None:
+    """Writes a transformers byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary, with its chat template."""
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = state["model"], state.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or (state.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"only byte-level BPE tokenizers are written to GGUF; this one has a "
+                         f"{model.get('type')} model and a {(state.get('decoder') or {}).get('type')} decoder")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        pre_name = "gpt-2"
+    elif (pre.get("type") == "Sequence" and len(pre["pretokenizers"]) == 2
+          and pre["pretokenizers"][0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT):
+        pre_name = "llama-bpe"
+    else:
+        raise ValueError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp name here; supported: GPT-2's "
+                         f"byte-level split ('gpt-2') and Llama 3's split ('llama-bpe')")
+    by_id = {i: tok for tok, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise ValueError(f"the tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}")
+    added = {t["id"]: t for t in state.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TOKEN_UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TOKEN_NORMAL if i not in added else TOKEN_CONTROL if added[i]["special"]
+                         else TOKEN_USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_name)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for attr, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{attr}_token_id", None)
+        token_id = token_id if token_id is not None else cfg.get(f"{attr}_token_id")
+        if isinstance(token_id, int):
+            add(token_id)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    writer.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = [{"name": name, "template": t} for name, t in template.items()]
+    if template:
+        writer.add_chat_template(template)
+
+
+def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: Iterable[tuple[str, np.ndarray]],
+               tokenizer: Any = None, quantization_method: str = "f16") -> Path:
+    """Writes a llama GGUF from HF-layout tensors; transformers' GGUF loader and llama.cpp read it.
+
+    `tensors` yields `(hf_key, array [out, in])` one at a time (streamed through a spooled temporary file);
+    `lm_head.weight` is dropped when the config ties it. Linear weights are stored as `quantization_method`
+    ("f16", "bf16" or "q8_0"), norms and biases as float32. Written to a temporary name, then renamed.
+    """
+    import gguf
+
+    if quantization_method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization_method={quantization_method!r} is not supported; supported: "
+                         f"{', '.join(QUANTIZATION_METHODS)}")
+    cfg = hf_config
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"model_type={cfg.get('model_type')!r} cannot be written to GGUF; supported: llama")
+    theta, rope = _rope(cfg)
+    if rope["rope_type"] not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope_type={rope['rope_type']!r} cannot be written to GGUF; supported: default, linear, llama3")
+    path = Path(path)
+    expected = _expected_shapes(cfg)
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantization_method]
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), "llama", use_temp_file=True)
+    try:
+        writer.add_name(str(cfg.get("_name_or_path") or "fastlora-jax export"))
+        writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+        writer.add_embedding_length(cfg["hidden_size"])
+        writer.add_block_count(cfg["num_hidden_layers"])
+        writer.add_feed_forward_length(cfg["intermediate_size"])
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
+        writer.add_rope_freq_base(theta)
+        writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim != cfg["hidden_size"] // heads:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        writer.add_vocab_size(cfg["vocab_size"])
+        writer.add_file_type(file_type)
+        if rope["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+        if tokenizer is not None:
+            _add_tokenizer(writer, tokenizer, cfg["vocab_size"], cfg)
+        if rope["rope_type"] == "llama3":
+            writer.add_tensor("rope_freqs.weight", llama3_rope_factors(
+                head_dim=head_dim, rope_theta=theta, factor=float(rope.get("factor", 8.0)),
+                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192))))
+        written = set()
+        for key, w in tensors:
+            if key == "lm_head.weight" and cfg.get("tie_word_embeddings", False):
+                continue
+            if key not in expected:
+                raise ValueError(f"unexpected tensor {key!r} for this config (hf_to_gguf: {hf_to_gguf_name(key)!r})")
+            w = np.asarray(w, dtype=np.float32)
+            if w.shape != expected[key]:
+                raise ValueError(f"{key}: shape {w.shape} does not match the config's {expected[key]}")
+            if ".self_attn.q_proj." in key:
+                w = permute_qk(w, heads)
+            elif ".self_attn.k_proj." in key:
+                w = permute_qk(w, kv_heads)
+            data, qtype = _encode(np.ascontiguousarray(w), key, quantization_method)
+            writer.add_tensor(hf_to_gguf_name(key), data, raw_dtype=qtype)
+            written.add(key)
+        if missing := [k for k in expected if k not in written]:
+            raise ValueError(f"missing tensors: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        if writer.temp_file is not None:
+            writer.temp_file.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import copy
 
 import numpy as np
 import pytest
@@ -105,13 +105,26 @@ def test_qk_permutation_round_trips():
     assert np.array_equal(gg.unpermute_qk(gg.permute_qk(b, 3), 3), b)
 
 
-def test_llama3_rope_recovered_from_rope_freqs():
-    for rope in (dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-                 dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
-                 dict(factor=16.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_position_embeddings=4096)):
-        factors = gg.llama3_rope_factors(head_dim=128, rope_theta=500000.0, **rope)
-        assert gg._llama3_from_factors(factors, 128, 500000.0) == dict(rope_type="llama3", **rope)
-    with pytest.raises(ValueError, match="not a llama3 RoPE scaling"):
+@pytest.mark.parametrize("head_dim, theta, rope", [
+    (128, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    (64, 500000.0, dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    (128, 500000.0, dict(factor=16.0, low_freq_factor=1.0, high_freq_factor=2.0, original_max_position_embeddings=4096)),
+    (32, 500000.0, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+    (16, 10000.0, dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=1.5, original_max_position_embeddings=300)),
+])
+def test_llama3_rope_recovered_from_rope_freqs(head_dim, theta, rope):
+    factors = gg.llama3_rope_factors(head_dim=head_dim, rope_theta=theta, **rope)
+    recovered = gg._llama3_from_factors(factors, head_dim, theta)
+    if ((factors > 1) & (factors < rope["factor"])).sum() >= 1:  # identifiable from the smoothed band
+        assert recovered == dict(rope_type="llama3", **rope)
+    again = gg.llama3_rope_factors(head_dim=head_dim, rope_theta=theta,
+                                   **{k: v for k, v in recovered.items() if k != "rope_type"})
+    np.testing.assert_allclose(again, factors, rtol=1e-5)
+
+
+def test_rope_freqs_that_are_not_llama3():
+    assert gg._llama3_from_factors(np.ones(64, np.float32), 128, 500000.0) is None
+    with pytest.raises(ValueError, match="is not a llama3 RoPE scaling"):
         gg._llama3_from_factors(np.linspace(1, 3, 64).astype(np.float32) ** 2, 128, 500000.0)
 
 
@@ -194,3 +207,156 @@ def test_resolve_errors(tmp_path):
         resolve_model_name(tmp_path)
     with pytest.raises(ValueError, match=r"model_name=3 is not a model name"):
         resolve_model_name(3)
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of ~400 tokens (3 special) with a ChatML template; fast to write and read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = [m["content"] for m in CHAT] + ["The quick brown fox jumps over the lazy dog. " * 3,
+                                           "user assistant system: numbers 0123456789, don't stop!"]
+    backend.train_from_iterator(text * 5, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>", chat_template=CHATML)
+
+
+def _tiny_llama(**overrides):
+    """A random transformers Llama (GQA, non-trivial norms) whose vocabulary holds the tiny tokenizer's."""
+    kw = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, rms_norm_eps=1e-5,
+              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 2 else 0.2) + (1.0 if p.ndim == 1 else 0.0))
+    return model
+
+
+def _state(model):
+    return ((k, v.numpy()) for k, v in model.state_dict().items())
+
+
+def _rel(out, ref):
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("method, tol", [("f16", 2e-3), ("bf16", 1.5e-2), ("q8_0", 4e-2)])
+def test_write_gguf_read_back_by_transformers(tmp_path, tiny_tokenizer, method, tol):
+    import gguf
+
+    model = _tiny_llama()
+    path = gg.write_gguf(tmp_path / f"tiny-{method}.gguf", model.config.to_dict(), _state(model),
+                         tiny_tokenizer, quantization_method=method)
+    assert path == tmp_path / f"tiny-{method}.gguf" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    assert back.config.tie_word_embeddings is False and back.config.num_key_value_heads == 2
+    # Every tensor is exactly the original stored in the requested type.
+    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[method]
+    ours = dict(gg.read_gguf(path).tensors())
+    for key, w in model.state_dict().items():
+        w = w.numpy()
+        stored = w if w.ndim == 1 else gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
+        np.testing.assert_array_equal(back.state_dict()[key].numpy(), stored, err_msg=key)
+        np.testing.assert_array_equal(ours[key], stored, err_msg=key)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model(ids).logits, back(ids).logits
+    assert _rel(out, ref) < tol
+    # The tokenizer and chat template come back whole.
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    prompt = tiny_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert tok.chat_template == tiny_tokenizer.chat_template
+    assert tok(prompt)["input_ids"] == tiny_tokenizer(prompt)["input_ids"]
+    assert tok.special_tokens_map == tiny_tokenizer.special_tokens_map
+
+
+def test_write_gguf_tied_llama3_rope_round_trip(tmp_path, tiny_tokenizer):
+    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=64)
+    model = _tiny_llama(tie_word_embeddings=True, rope_scaling=dict(rope), rope_theta=500000.0, head_dim=32)
+    cfg = model.config.to_dict()
+    path = gg.write_gguf(tmp_path / "tied.gguf", cfg, _state(model), tiny_tokenizer, "f16")
+    ck = gg.read_gguf(path)
+    assert ck.hf_config["tie_word_embeddings"] is True and "lm_head.weight" not in ck.shapes()
+    assert ck.hf_config["rope_scaling"] == rope and ck.hf_config["rope_theta"] == 500000.0
+    assert ck.hf_config["head_dim"] == 32
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    for key, w in ck.tensors():
+        np.testing.assert_array_equal(w, back.state_dict()[key].numpy(), err_msg=key)
+    # transformers ignores llama.cpp's rope_freqs, so its logits are compared with rope scaling off.
+    plain = _tiny_llama(tie_word_embeddings=True, rope_theta=500000.0, head_dim=32)
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert _rel(back(ids).logits, plain(ids).logits) < 2e-3
+
+
+def test_write_gguf_biases_round_trip(tmp_path, tiny_tokenizer):
+    # transformers' GGUF loader drops Llama biases (its config never sets attention_bias); llama.cpp and we keep them.
+    model = _tiny_llama(attention_bias=True, mlp_bias=True, num_hidden_layers=1)
+    path = gg.write_gguf(tmp_path / "bias.gguf", model.config.to_dict(), _state(model), tiny_tokenizer, "bf16")
+    ck = gg.read_gguf(path)
+    assert ck.hf_config["attention_bias"] is True and ck.hf_config["mlp_bias"] is True
+    ours = dict(ck.tensors())
+    assert set(ours) == set(model.state_dict())
+    for key, w in model.state_dict().items():
+        expected = w.numpy() if w.ndim == 1 else w.to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(ours[key], expected, err_msg=key)
+
+
+def test_write_gguf_llama3_pre_tokenizer(tmp_path, tiny_tokenizer):
+    from tokenizers import Regex, pre_tokenizers
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(gg.LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    model = _tiny_llama(num_hidden_layers=1)
+    path = gg.write_gguf(tmp_path / "l3.gguf", model.config.to_dict(), _state(model), tok, "f16")
+    ours = gg.load_gguf_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    text = "Numbers 1234567 and  spaces\n\n\tdon't   SPLIT 日本語 the same way."
+    assert ours(text)["input_ids"] == ref(text)["input_ids"] == tok(text)["input_ids"]
+    assert ours(text)["input_ids"] != tiny_tokenizer(text)["input_ids"]  # the split differs from GPT-2's
+
+
+def test_write_gguf_errors_leave_previous_file(tmp_path, tiny_tokenizer):
+    model = _tiny_llama(num_hidden_layers=1)
+    cfg = model.config.to_dict()
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"previous")
+
+    def interrupted():
+        for i, item in enumerate(_state(model)):
+            if i == 3:
+                raise KeyboardInterrupt("simulated interruption")
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        gg.write_gguf(path, cfg, interrupted(), tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.0\."):
+        gg.write_gguf(path, cfg, ((k, v) for k, v in _state(model) if "mlp" not in k), tiny_tokenizer)
+    bad = ((k, v[:, :-1] if k.endswith("q_proj.weight") else v) for k, v in _state(model))
+    with pytest.raises(ValueError, match=r"q_proj\.weight: shape \(64, 63\) does not match the config's \(64, 64\)"):
+        gg.write_gguf(path, cfg, bad, tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"quantization_method='q4_k' is not supported; supported: f16, bf16, q8_0"):
+        gg.write_gguf(path, cfg, _state(model), tiny_tokenizer, "q4_k")
+    with pytest.raises(ValueError, match=r"overflow float16"):
+        gg.write_gguf(path, cfg, ((k, v * 1e6) for k, v in _state(model)), tiny_tokenizer)
+    assert path.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
