@@ -142,32 +142,37 @@ def stack_nf4(arrays: list[NF4Array]) -> NF4Array:
 
 # ---------------------------------------------------------------------------------------------------------- quantize
 
-def _blockwise_absmax(x: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
+def _xp(x):
+    """The array module of x: jax.numpy for jax arrays and tracers, numpy otherwise."""
+    return jnp if isinstance(x, jax.Array) else np
+
+
+def _blockwise_absmax(x, blocksize: int):
     """x [n] float32 -> (x padded with zeros to [nblocks, blocksize], absmax [nblocks] float32)."""
-    nblocks = -(-x.size // blocksize)
-    padded = np.zeros(nblocks * blocksize, _F32)
-    padded[:x.size] = x
-    padded = padded.reshape(nblocks, blocksize)
-    return padded, np.abs(padded).max(axis=1)
+    xp = _xp(x)
+    nblocks = -(-x.shape[0] // blocksize)
+    padded = xp.pad(x, (0, nblocks * blocksize - x.shape[0])).reshape(nblocks, blocksize)
+    return padded, xp.abs(padded).max(axis=1)
 
 
 # torch.mean of a float32 vector on CPU (bnb's offset) is ATen's cascade sum divided by n. Its order of additions
 # decides the last bit, so it is reproduced: 8 lanes x 4 interleaved accumulators, each summing in 4 levels of
 # chunks, and above 32768 elements one such sum per thread over contiguous slices (`at::parallel_for`).
+# Written once for numpy and jax.numpy (every addition explicit, so XLA keeps the order).
 
 _GRAIN = 32768
 _LANES = 8
 
 
-def _sequential(v: np.ndarray) -> np.ndarray:
+def _sequential(v):
     """v [G, m, R] -> [G, R]: float32 running sums from 0 along axis 1, in order."""
-    acc = np.zeros((v.shape[0], v.shape[2]), _F32)
+    acc = _xp(v).zeros((v.shape[0], v.shape[2]), _F32)
     for j in range(v.shape[1]):
         acc = acc + v[:, j]
     return acc
 
 
-def _multi_row_sum(x: np.ndarray) -> np.ndarray:
+def _multi_row_sum(x):
     """x [size, R] -> [R]: ATen's multi_row_sum (4 accumulator levels flushed every `level_step` rows)."""
     size, r = x.shape
     level_step = 1 << max(4, (1 if size <= 2 else (size - 1).bit_length()) // 4)
@@ -182,7 +187,7 @@ def _multi_row_sum(x: np.ndarray) -> np.ndarray:
     return ((acc0 + acc1) + acc2) + acc3
 
 
-def _row_sum(x: np.ndarray) -> np.ndarray:
+def _row_sum(x):
     """x [m, lanes] -> [lanes]: ATen's row_sum, 4 interleaved rows at a time, then the leftovers and partials."""
     m, lanes = x.shape
     k = m // 4
@@ -195,44 +200,45 @@ def _row_sum(x: np.ndarray) -> np.ndarray:
     return total
 
 
-def _serial_sum(x: np.ndarray) -> np.float32:
-    if x.size < _LANES:
+def _serial_sum(x):
+    if x.shape[0] < _LANES:
         return _row_sum(x.reshape(-1, 1))[0]
-    nvec = x.size // _LANES
+    nvec = x.shape[0] // _LANES
     lanes = _row_sum(x[:nvec * _LANES].reshape(nvec, _LANES))
-    total = _F32(0.0)
-    for value in (*x[nvec * _LANES:], *lanes):
-        total = _F32(total + value)
+    total = _xp(x).zeros((), _F32)
+    for i in range(nvec * _LANES, x.shape[0]):
+        total = total + x[i]
+    for i in range(_LANES):
+        total = total + lanes[i]
     return total
 
 
-def _torch_mean_f32(x: np.ndarray, threads: int = 1) -> np.float32:
-    """`torch.mean` of a float32 vector on CPU run with `threads` torch threads, to the last bit."""
-    x = np.ascontiguousarray(x, _F32).reshape(-1)
-    n = x.size
+def _torch_mean_f32(x, threads: int = 1):
+    """`torch.mean` of a float32 vector [n] on CPU run with `threads` torch threads, to the last bit."""
+    xp, n = _xp(x), x.shape[0]
     if n < _GRAIN or threads == 1:
         total = _serial_sum(x)
     else:
         used = min(threads, -(-n // _GRAIN))
         chunk = -(-n // used)
-        partial = np.zeros(threads, _F32)
-        for i in range(used):
-            partial[i] = _serial_sum(x[i * chunk:(i + 1) * chunk])
-        total = _serial_sum(partial)
-    return _F32(_F32(total) / _F32(n))
+        partial = [_serial_sum(x[i * chunk:(i + 1) * chunk]) for i in range(used)]
+        total = _serial_sum(xp.stack(partial + [xp.zeros((), _F32)] * (threads - used)))
+    if xp is jnp:  # keep XLA from turning the division by a constant into a multiplication by its reciprocal
+        return total / jax.lax.optimization_barrier(jnp.asarray(n, _F32))
+    return np.asarray(total / _F32(n), _F32)
 
 
-def _quantize_dynamic_blockwise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_dynamic_blockwise(x):
     """bitsandbytes' CPU `quantize_blockwise(x, blocksize=256)` with the dynamic map: (codes uint8, absmax float32)."""
+    xp = _xp(x)
     blocks, absmax = _blockwise_absmax(x, NESTED_BLOCKSIZE)
-    inv = _F32(1.0) / np.where(absmax == 0, _F32(1.0), absmax)  # [nb]; all-zero blocks get code 0
-    scaled = np.clip(blocks * inv[:, None], _F32(-1.0), _F32(1.0))  # [nb, 256]
-    # index = (uint16)((v + 1) * 0.5 * 65535 + 0.5), the last multiply-add fused (one rounding).
-    half = ((scaled + _F32(1.0)) * _F32(0.5)).astype(np.float64)
-    index = (half * 65535.0 + 0.5).astype(_F32).astype(np.uint16)
-    codes = _dynamic_lut()[index]
-    codes[absmax == 0] = 0
-    return codes.reshape(-1)[:x.size], absmax
+    inv = _F32(1.0) / xp.where(absmax == 0, _F32(1.0), absmax)  # [nb]; all-zero blocks get code 0
+    scaled = xp.clip(blocks * inv[:, None], _F32(-1.0), _F32(1.0))  # [nb, 256]
+    # A 65536-bin lookup: index = (uint16)((v + 1) * 0.5 * 65535 + 0.5). (Fusing the last multiply-add, as the
+    # compiled library may, gives the same index: both round the sum to float32 at the same scale.)
+    index = (((scaled + _F32(1.0)) * _F32(0.5)) * _F32(65535.0) + _F32(0.5)).astype(np.uint16)
+    codes = xp.where(absmax[:, None] == 0, np.uint8(0), xp.asarray(_dynamic_lut())[index])
+    return codes.reshape(-1)[:x.shape[0]], absmax
 
 
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / _F32(2.0)  # the 15 midpoints bnb bucketizes with
@@ -255,10 +261,7 @@ def quantize_nf4(w, *, mean_threads: int = 1) -> NF4Array:
     absmax) reproduces; it only matters above 32768 blocks (2M elements) and then only in the last bit.
     """
     w = np.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"quantize_nf4: expected one weight [out, in], got shape {w.shape}")
-    if w.dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
-        raise ValueError(f"quantize_nf4: dtype {w.dtype} not supported; accepted: float32, bfloat16, float16")
+    _check_weight(w)
     x = w.reshape(-1)
     n = x.size
     nfull, rem = divmod(n, BLOCKSIZE)
@@ -285,14 +288,40 @@ def quantize_nf4(w, *, mean_threads: int = 1) -> NF4Array:
     return NF4Array(packed, absmax_q, nested_absmax, np.asarray(offset, _F32), shape=w.shape, dtype=w.dtype)
 
 
+def _check_weight(w) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"quantize_nf4: expected one weight [out, in], got shape {w.shape}")
+    if w.dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
+        raise ValueError(f"quantize_nf4: dtype {w.dtype} not supported; accepted: float32, bfloat16, float16")
+
+
+@functools.partial(jax.jit, static_argnames="mean_threads")
+def quantize_nf4_jax(w: jax.Array, *, mean_threads: int = 1) -> NF4Array:
+    """`quantize_nf4` in jax.numpy, jitted (on the device; usable inside jit, e.g. for LoftQ): the same bytes."""
+    _check_weight(w)
+    n = w.size
+    nfull, rem = divmod(n, BLOCKSIZE)
+    blocks, absmax = _blockwise_absmax(w.reshape(-1).astype(_F32), BLOCKSIZE)  # [nblocks, 64], [nblocks]
+    inv = _F32(1.0) / jnp.maximum(absmax, _F32(1e-38))
+    scaled = blocks * inv[:, None]  # full blocks: x * (1 / absmax)
+    if rem:  # the partial last block: a true division
+        scaled = scaled.at[nfull].set(blocks[nfull] / jnp.maximum(absmax[nfull], _F32(1e-38)))
+    scaled = jnp.where(absmax[:, None] > 0, scaled, _F32(0.0))  # all-zero blocks (even where denormals flush)
+    codes = sum((scaled > bound).astype(jnp.uint8) for bound in _NF4_BOUNDS).reshape(-1)[:n + n % 2]
+    packed = (codes[0::2] << 4) | codes[1::2]
+    offset = _torch_mean_f32(absmax, mean_threads)
+    absmax_q, nested_absmax = _quantize_dynamic_blockwise(absmax - offset)
+    return NF4Array(packed, absmax_q, nested_absmax, offset, shape=w.shape, dtype=w.dtype)
+
+
 # -------------------------------------------------------------------------------------------------------- dequantize
 
 def dequantize_absmax(t: NF4Array) -> jax.Array:
     """The float32 block absmax [*stack, nblocks]: dynamic_map[absmax_q] * nested_absmax + offset."""
     code = jnp.asarray(dynamic_map())[t.absmax_q.astype(jnp.int32)]  # [*stack, nblocks]
-    nested = jnp.repeat(t.nested_absmax, NESTED_BLOCKSIZE, axis=-1, total_repeat_length=None)
-    nested = nested[..., :t.absmax_q.shape[-1]]
-    return code * nested + t.offset[..., None]
+    nested = jnp.repeat(t.nested_absmax, NESTED_BLOCKSIZE, axis=-1)[..., :t.absmax_q.shape[-1]]
+    # Two roundings as in bnb (multiply, then add): the barrier keeps a compiler from fusing them into one FMA.
+    return jax.lax.optimization_barrier(code * nested) + t.offset[..., None]
 
 
 def dequantize_nf4(t: NF4Array, dtype=None) -> jax.Array:

@@ -60,7 +60,7 @@ def test_quantize_and_dequantize_match_bnb(shape, dtype):
     t = nf4.quantize_nf4(w, mean_threads=torch.get_num_threads())
     _assert_same_bytes(t, packed, state)
 
-    ours = np.asarray(nf4.dequantize_nf4(jax.tree.map(jnp.asarray, t)))
+    ours = np.asarray(_dequantize(jax.tree.map(jnp.asarray, t)))
     assert ours.dtype == w.dtype and ours.shape == shape
     # bnb's generic (torch) dequantization, which its CPU backend uses for odd widths (eager, not torch.compile'd):
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
@@ -73,6 +73,9 @@ def test_quantize_and_dequantize_match_bnb(shape, dtype):
     # in % 64 != 0 and in % 16 == 0; those widths are checked against the generic function only.
     if shape[1] % 2 == 0 and (shape[1] % 64 == 0 or shape[1] % 16 != 0):
         assert ours.tobytes() == _as_numpy(F.dequantize_4bit(packed, state)).tobytes()
+
+
+_dequantize = jax.jit(nf4.dequantize_nf4)
 
 
 def _as_numpy(t):
@@ -204,3 +207,13 @@ def test_qlora_gradients_reach_lora_and_x_never_nf4_state():
     # NF4 state is its own variable type, which the trainable filter never selects.
     assert sorted(path[-1] for path, _ in nnx.to_flat_state(nnx.state(model, TRAINABLE))) == ["lora_a", "lora_b"]
     assert len(nnx.to_flat_state(nnx.state(model, nf4.NF4State))) == 4
+
+
+def test_quantize_nf4_jax_gives_the_same_bytes():
+    for i, (shape, dtype) in enumerate([((300, 200), "bfloat16"), ((64, 96), "float32"), ((5, 7), "float16")]):
+        w = _random_weight(shape, dtype, seed=40 + i)
+        ours, ref = nf4.quantize_nf4_jax(jnp.asarray(w)), nf4.quantize_nf4(w)
+        assert (ours.shape, ours.dtype) == (ref.shape, ref.dtype)
+        for field in ("packed", "absmax_q", "nested_absmax", "offset"):
+            a, b = np.asarray(getattr(ours, field)), getattr(ref, field)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (shape, field)
