@@ -1,0 +1,335 @@
+"""Training data: load records, tokenize them with labels, pack them, and batch them into a few padded shapes.
+
+Records come as a list of dicts, a JSONL path or a Hugging Face `datasets.Dataset`, each with one of
+- a text field (`dataset_text_field`, "text" by default): the whole text is trained on;
+- "messages": a chat rendered with `tokenizer.apply_chat_template`;
+- "prompt" / "completion": strings (prompt + completion + EOS) or message lists (rendered as a chat);
+- "input_ids" (and optionally "labels"): already tokenized.
+Labels are aligned with input_ids (the loss shifts them); -100 marks tokens the loss ignores. With
+`train_on_responses_only` only the assistant answers / completions keep their labels.
+
+Batches are dicts of int32 numpy arrays [B, T]: "input_ids", "labels" and, for packed rows, "segment_ids" (1, 2, ...
+per example, 0 on padding) and "positions" (restarting at 0 in each segment). Unpacked rows are padded on the right,
+which needs no attention mask under causal attention: padding comes after every real token and is never a label.
+T is rounded up to one of a few length buckets, so a run compiles the train step a few times at most.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import warnings
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+IGNORE_INDEX = -100
+MIN_BUCKET = 64
+
+
+# ---------------------------------------------------------------------------------------------- loading records
+
+
+def load_records(dataset) -> list[dict[str, Any]]:
+    """A list of dicts from a list/tuple of dicts, a JSONL file path, or a Hugging Face `datasets.Dataset`."""
+    if isinstance(dataset, (str, os.PathLike)):
+        return _read_jsonl(os.fspath(dataset))
+    if isinstance(dataset, (list, tuple)):
+        records = list(dataset)
+    elif hasattr(dataset, "to_list") and hasattr(dataset, "column_names"):  # datasets.Dataset
+        records = dataset.to_list()
+    else:
+        raise TypeError(f"dataset of type {type(dataset).__name__}; accepted: a list of dicts, a path to a .jsonl "
+                        "file, or a datasets.Dataset")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise TypeError(f"dataset record {i} is a {type(record).__name__}; every record must be a dict")
+    if not records:
+        raise ValueError("the dataset is empty")
+    return records
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON object ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: a JSON {type(record).__name__}, expected an object")
+            records.append(record)
+    if not records:
+        raise ValueError(f"dataset file {path!r} holds no records")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+
+def record_kind(record: dict, dataset_text_field: str = "text") -> str:
+    """Which format a record is in: "input_ids", "text", "messages" or "prompt_completion"."""
+    if "input_ids" in record:
+        return "input_ids"
+    if dataset_text_field in record:
+        return "text"
+    if "messages" in record:
+        return "messages"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    raise ValueError(f"record with keys {sorted(record)}: expected a {dataset_text_field!r} field, 'messages', "
+                     "'prompt' and 'completion', or 'input_ids'")
+
+
+def tokenize_record(record: dict, tokenizer, *, train_on_responses_only: bool | None = None,
+                    dataset_text_field: str = "text") -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids [n], labels [n]) int32 for one record; labels are -100 where the loss ignores a token.
+
+    train_on_responses_only: True keeps labels only on assistant answers / completions; False on every token;
+    None (default) is True for prompt/completion records and False otherwise (TRL's defaults).
+    """
+    kind = record_kind(record, dataset_text_field)
+    if kind == "input_ids":
+        ids = np.asarray(record["input_ids"], np.int32)
+        labels = np.asarray(record.get("labels", ids), np.int32)
+        if labels.shape != ids.shape:
+            raise ValueError(f"record labels {labels.shape} and input_ids {ids.shape} differ in length")
+        return ids, labels
+    if tokenizer is None:
+        raise ValueError(f"a {kind!r} record needs a tokenizer; pass tokenizer= or pre-tokenized 'input_ids'")
+    responses_only = (kind == "prompt_completion") if train_on_responses_only is None else train_on_responses_only
+    if kind == "text":
+        if responses_only:
+            raise ValueError(f"train_on_responses_only=True needs 'messages' or 'prompt'/'completion' records; "
+                             f"this record has only the text field {dataset_text_field!r}")
+        ids = _encode(tokenizer, record[dataset_text_field], special=True) + _eos(tokenizer)
+        return _arrays([(ids, True)])
+    if kind == "messages":
+        return _arrays(_chat_chunks(tokenizer, record["messages"], n_prompt=0, responses_only=responses_only))
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt / completion
+        return _arrays(_chat_chunks(tokenizer, prompt + completion, n_prompt=len(prompt),
+                                    responses_only=responses_only))
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise ValueError("'prompt' and 'completion' must both be strings or both be lists of messages; got "
+                         f"{type(prompt).__name__} and {type(completion).__name__}")
+    prompt_ids = _encode(tokenizer, prompt, special=True)
+    completion_ids = _encode(tokenizer, completion, special=False) + _eos(tokenizer)
+    return _arrays([(prompt_ids, not responses_only), (completion_ids, True)])
+
+
+def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string to tokenize, got {type(text).__name__}")
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _eos(tokenizer) -> list[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [] if eos is None else [int(eos)]
+
+
+def _arrays(chunks: Sequence[tuple[list[int], bool]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenates (token ids, trained?) chunks into (input_ids, labels)."""
+    ids = np.asarray([t for chunk, _ in chunks for t in chunk], np.int32)
+    labels = np.asarray([t if trained else IGNORE_INDEX for chunk, trained in chunks for t in chunk], np.int32)
+    return ids, labels
+
+
+def _chat_chunks(tokenizer, messages: list[dict], *, n_prompt: int, responses_only: bool):
+    """The chat split into (token ids, trained?) chunks at the boundaries of each answer.
+
+    An answer is an assistant message at index >= n_prompt: it spans from the end of the conversation before it
+    rendered with the generation prompt, to the end of the conversation rendered through it (end-of-turn tokens
+    included). Each chunk is tokenized on its own, exactly as generation sees a prompt followed by new tokens.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("'messages' records need a tokenizer with a chat template (tokenizer.chat_template is None)")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content'; got {m!r}")
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages, False)
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < n_prompt:
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (through.startswith(before) and full.startswith(through)) or len(before) < cursor:
+            raise ValueError(f"the chat template does not render message {i} as an extension of the messages before "
+                             "it, so its answer cannot be located; use train_on_responses_only=False or "
+                             "'prompt'/'completion' records")
+        spans.append((len(before), len(through)))
+        cursor = len(through)
+    if responses_only and not spans:
+        raise ValueError("train_on_responses_only=True but the conversation has no assistant answer to train on")
+    cuts = [0] + [c for span in spans for c in span] + [len(full)]
+    chunks = []
+    for k in range(len(cuts) - 1):
+        text = full[cuts[k]: cuts[k + 1]]
+        if text:
+            chunks.append((_encode(tokenizer, text, special=False), k % 2 == 1 or not responses_only))
+    return chunks
+
+
+def tokenize_dataset(dataset, tokenizer, *, max_seq_length: int, train_on_responses_only: bool | None = None,
+                     dataset_text_field: str = "text") -> list[dict[str, np.ndarray]]:
+    """Rows {"input_ids", "labels"} for every record, truncated to max_seq_length; rows without any label dropped."""
+    rows, truncated, dropped = [], 0, 0
+    for i, record in enumerate(load_records(dataset)):
+        try:
+            ids, labels = tokenize_record(record, tokenizer, train_on_responses_only=train_on_responses_only,
+                                          dataset_text_field=dataset_text_field)
+        except ValueError as e:
+            raise ValueError(f"dataset record {i}: {e}") from None
+        if len(ids) > max_seq_length:
+            ids, labels, truncated = ids[:max_seq_length], labels[:max_seq_length], truncated + 1
+        if np.count_nonzero(labels[1:] != IGNORE_INDEX) == 0:  # the first label is never a target
+            dropped += 1
+            continue
+        rows.append({"input_ids": ids, "labels": labels})
+    if truncated:
+        warnings.warn(f"{truncated} of the dataset's records were truncated to max_seq_length={max_seq_length}",
+                      stacklevel=2)
+    if dropped:
+        warnings.warn(f"{dropped} records have no token to train on (after truncation) and were dropped", stacklevel=2)
+    if not rows:
+        raise ValueError("no record of the dataset has a token to train on")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int) -> list[dict[str, np.ndarray]]:
+    """Packs examples into rows of at most max_seq_length tokens (best fit, longest first); examples never split.
+
+    Each packed row holds "input_ids", "labels", "segment_ids" (1, 2, ... per example) and "positions" (0, 1, ...
+    within each example). The first label of each example is set to -100: it is never a target (nothing precedes it
+    in its own example), so the packed loss equals the unpacked one even for a loss that ignores segments.
+    """
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, bin index)
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        if n > max_seq_length:
+            raise ValueError(f"row {i} has {n} tokens > max_seq_length={max_seq_length}; truncate it first")
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([i])
+            space, b = max_seq_length - n, len(bins) - 1
+        else:
+            space, b = free.pop(k)
+            bins[b].append(i)
+            space -= n
+        bisect.insort(free, (space, b))
+    packed = []
+    for members in bins:
+        members = sorted(members)  # dataset order inside a row
+        ids = np.concatenate([rows[i]["input_ids"] for i in members])
+        labels = np.concatenate([_first_ignored(rows[i]["labels"]) for i in members])
+        segments = np.concatenate([np.full(len(rows[i]["input_ids"]), s, np.int32) for s, i in enumerate(members, 1)])
+        positions = np.concatenate([np.arange(len(rows[i]["input_ids"]), dtype=np.int32) for i in members])
+        packed.append({"input_ids": ids, "labels": labels, "segment_ids": segments, "positions": positions})
+    return packed
+
+
+def _first_ignored(labels: np.ndarray) -> np.ndarray:
+    out = labels.copy()
+    out[:1] = IGNORE_INDEX
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def length_buckets(max_seq_length: int, minimum: int = MIN_BUCKET) -> tuple[int, ...]:
+    """Padded lengths: powers of two from `minimum` below max_seq_length, then max_seq_length itself."""
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length={max_seq_length}; accepted: a positive int")
+    buckets, n = [], minimum
+    while n < max_seq_length:
+        buckets.append(n)
+        n *= 2
+    return (*buckets, max_seq_length)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    k = bisect.bisect_left(buckets, length)
+    if k == len(buckets):
+        raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+    return buckets[k]
+
+
+def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
+            pad_token_id: int = 0) -> dict[str, np.ndarray]:
+    """Pads `rows` into a batch of `batch_size` rows (missing rows are empty: all labels -100) of a bucketed length."""
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    T = bucket_for(max(len(r["input_ids"]) for r in rows), buckets)
+    keys = rows[0].keys()
+    fill = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "segment_ids": 0, "positions": 0}
+    batch = {k: np.full((batch_size, T), fill[k], np.int32) for k in keys}  # [B, T]
+    for b, row in enumerate(rows):
+        for k in keys:
+            batch[k][b, : len(row[k])] = row[k]
+    return batch
+
+
+def num_batches(n_rows: int, batch_size: int) -> int:
+    return -(-n_rows // batch_size)
+
+
+def epoch_order(n_rows: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The row order of one epoch: a permutation seeded by (seed, epoch), or dataset order."""
+    if not shuffle:
+        return np.arange(n_rows)
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def iterate_batches(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
+                    pad_token_id: int = 0, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                    start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of one epoch, from batch index `start` on (resuming skips without collating)."""
+    order = epoch_order(len(rows), seed=seed, epoch=epoch, shuffle=shuffle)
+    for k in range(start, num_batches(len(rows), batch_size)):
+        chosen = [rows[i] for i in order[k * batch_size: (k + 1) * batch_size]]
+        yield collate(chosen, batch_size=batch_size, buckets=buckets, pad_token_id=pad_token_id)
+
+
+def count_tokens(batch: dict[str, np.ndarray], pad_token_id: int = 0) -> int:
+    """Real (non-padding) tokens in a batch, for throughput: segment ids > 0 when packed, else each row's tokens
+    before its trailing padding (pad_token_id with label -100)."""
+    if "segment_ids" in batch:
+        return int(np.count_nonzero(batch["segment_ids"]))
+    if "attention_mask" in batch:
+        return int(np.count_nonzero(batch["attention_mask"]))
+    padding = (batch["input_ids"] == pad_token_id) & (batch["labels"] == IGNORE_INDEX)  # [B, T]
+    trailing = np.argmin(padding[:, ::-1], axis=1)  # [B] length of the trailing run of padding
+    trailing = np.where(padding.all(axis=1), padding.shape[1], trailing)
+    return int(padding.size - trailing.sum())
+
+
+def prepare_rows(dataset, tokenizer, *, max_seq_length: int, packing: bool = False,
+                 train_on_responses_only: bool | None = None, dataset_text_field: str = "text"
+                 ) -> list[dict[str, np.ndarray]]:
+    """Tokenized (and, with packing, packed) rows of a dataset, ready for `iterate_batches`."""
+    rows = tokenize_dataset(dataset, tokenizer, max_seq_length=max_seq_length,
+                            train_on_responses_only=train_on_responses_only, dataset_text_field=dataset_text_field)
+    return pack_rows(rows, max_seq_length) if packing else rows
+
+
+def distinct_shapes(batches: Iterable[dict[str, np.ndarray]]) -> set[tuple[int, ...]]:
+    """The set of input_ids shapes in a stream of batches (how many compilations a run needs)."""
+    return {b["input_ids"].shape for b in batches}

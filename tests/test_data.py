@@ -1,0 +1,201 @@
+"""Dataset loading and formatting: text / messages / prompt-completion records, response-only labels, packing with
+segment ids (packed loss == unpacked loss), and length buckets bounding the distinct batch shapes."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fastlora_jax import data
+from helpers import TINY, rel_err
+
+IGNORE = data.IGNORE_INDEX
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges) with ChatML specials and template, as SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab.update({s: 256 + i for i, s in enumerate(specials)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    return hf
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome."}]
+
+
+def test_load_records_list_jsonl_and_datasets(tmp_path):
+    import datasets
+
+    records = [{"text": "a"}, {"text": "b c"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert data.load_records(records) == records
+    assert data.load_records(str(path)) == records
+    assert data.load_records(datasets.Dataset.from_list(records)) == records
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        data.load_records(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        data.load_records(str(bad))
+    with pytest.raises(TypeError, match="list of dicts"):
+        data.load_records(42)
+    with pytest.raises(ValueError, match="expected a 'text' field"):
+        data.tokenize_record({"body": "x"}, None)
+
+
+def test_text_record_trains_on_every_token_and_ends_with_eos(tokenizer):
+    ids, labels = data.tokenize_record({"text": "hello world"}, tokenizer)
+    expected = tokenizer("hello world")["input_ids"] + [tokenizer.eos_token_id]
+    assert ids.tolist() == expected and labels.tolist() == expected
+    with pytest.raises(ValueError, match="train_on_responses_only=True needs"):
+        data.tokenize_record({"text": "x"}, tokenizer, train_on_responses_only=True)
+    ids, _ = data.tokenize_record({"content": "abc"}, tokenizer, dataset_text_field="content")
+    assert tokenizer.decode(ids) == "abc<|im_end|>"
+
+
+def test_messages_use_the_chat_template_and_mask_exactly_the_prompts(tokenizer):
+    ids, labels = data.tokenize_record({"messages": CHAT}, tokenizer, train_on_responses_only=True)
+    # The tokens are the template's, tokenized as transformers does.
+    full = tokenizer.apply_chat_template(CHAT, tokenize=True)["input_ids"]
+    assert ids.tolist() == list(full)
+    # Labelled: exactly the assistant answers with their end-of-turn; everything else (the prompts) is -100.
+    first = len(tokenizer.apply_chat_template(CHAT[:2], tokenize=True, add_generation_prompt=True)["input_ids"])
+    first_end = len(tokenizer.apply_chat_template(CHAT[:3], tokenize=True)["input_ids"])
+    second = len(tokenizer.apply_chat_template(CHAT[:4], tokenize=True, add_generation_prompt=True)["input_ids"])
+    expected = np.full(len(ids), IGNORE)
+    expected[first:first_end] = ids[first:first_end]
+    expected[second:] = ids[second:]
+    np.testing.assert_array_equal(labels, expected)
+    assert tokenizer.decode(ids[first:first_end]) == "Paris.<|im_end|>\n"
+    assert tokenizer.decode(ids[second:]) == "Rome.<|im_end|>\n"
+    # Without the flag every token is a label.
+    _, all_labels = data.tokenize_record({"messages": CHAT}, tokenizer)
+    np.testing.assert_array_equal(all_labels, ids)
+
+
+def test_prompt_completion_strings_and_conversations(tokenizer):
+    record = {"prompt": "Q: 2+2?\nA:", "completion": " 4"}
+    ids, labels = data.tokenize_record(record, tokenizer)  # default: completion only (TRL)
+    n_prompt = len(tokenizer(record["prompt"])["input_ids"])
+    assert tokenizer.decode(ids) == "Q: 2+2?\nA: 4<|im_end|>"
+    assert (labels[:n_prompt] == IGNORE).all() and (labels[n_prompt:] == ids[n_prompt:]).all()
+    _, labels = data.tokenize_record(record, tokenizer, train_on_responses_only=False)
+    np.testing.assert_array_equal(labels, ids)
+    conv = {"prompt": CHAT[:2], "completion": CHAT[2:3]}
+    ids, labels = data.tokenize_record(conv, tokenizer)
+    assert tokenizer.decode(ids[labels != IGNORE]) == "Paris.<|im_end|>\n"
+    with pytest.raises(ValueError, match="both be strings or both be lists"):
+        data.tokenize_record({"prompt": "x", "completion": CHAT[2:3]}, tokenizer)
+
+
+def test_tokenize_dataset_truncates_and_drops_rows_without_labels(tokenizer):
+    records = [{"text": "x" * 50}, {"prompt": "p" * 40, "completion": "c"}, {"text": "ok"}]
+    with pytest.warns(UserWarning) as caught:
+        rows = data.tokenize_dataset(records, tokenizer, max_seq_length=20)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "truncated" in messages and "dropped" in messages
+    assert [len(r["input_ids"]) for r in rows] == [20, 3]
+
+
+def _random_rows(rng, n, lo, hi, vocab=256):
+    rows = []
+    for _ in range(n):
+        ids = rng.integers(0, vocab, rng.integers(lo, hi + 1)).astype(np.int32)
+        labels = ids.copy()
+        labels[: rng.integers(0, len(ids) // 2 + 1)] = IGNORE  # a masked prompt of random length
+        labels[-1] = ids[-1]
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def test_packing_segment_ids_positions_and_contents():
+    rng = np.random.default_rng(0)
+    rows = _random_rows(rng, 40, 2, 30)
+    packed = data.pack_rows(rows, max_seq_length=64)
+    assert len(packed) < len(rows)
+    seen = []
+    for row in packed:
+        n = len(row["input_ids"])
+        assert n <= 64 and all(len(row[k]) == n for k in row)
+        seg, pos = row["segment_ids"], row["positions"]
+        assert seg[0] == 1 and (np.diff(seg) >= 0).all() and (np.diff(seg) <= 1).all()  # 1, 1, 2, 2, 2, 3, ...
+        for s in range(1, seg.max() + 1):
+            where = np.flatnonzero(seg == s)
+            np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+            seen.append((row["input_ids"][where].tobytes(), row["labels"][where][1:].tobytes()))
+            assert row["labels"][where[0]] == IGNORE
+    expected = sorted((r["input_ids"].tobytes(), r["labels"][1:].tobytes()) for r in rows)
+    assert sorted(seen) == expected  # every example exactly once, unsplit, labels kept
+    batch = data.collate(packed[:3], batch_size=4, buckets=(32, 64))
+    assert batch["segment_ids"].shape == (4, 64) and (batch["segment_ids"][3] == 0).all()
+    assert data.count_tokens(batch) == sum(len(r["input_ids"]) for r in packed[:3])
+    with pytest.raises(ValueError, match="max_seq_length=8"):
+        data.pack_rows(rows, max_seq_length=8)
+
+
+def test_packed_loss_equals_unpacked_loss():
+    from fastlora_jax import LlamaConfig
+    from fastlora_jax.loading import random_model
+    from fastlora_jax.training import batch_loss
+
+    model = random_model(LlamaConfig.from_hf_config(dict(TINY)), seed=1)
+    rng = np.random.default_rng(1)
+    rows = _random_rows(rng, 6, 5, 24)
+    packed = data.pack_rows(rows, max_seq_length=64)
+    assert len(packed) < len(rows)
+    loss = jax.jit(lambda batch: batch_loss(model, batch))
+    packed_sum, packed_n = loss(data.collate(packed, batch_size=len(packed), buckets=(64,)))
+    plain_sum, plain_n = loss(data.collate(rows, batch_size=len(rows), buckets=(32,)))
+    assert int(packed_n) == int(plain_n) == sum(int((r["labels"][1:] != IGNORE).sum()) for r in rows)
+    assert rel_err(packed_sum, plain_sum) < 1e-5
+
+
+def test_buckets_bound_the_distinct_shapes():
+    assert data.length_buckets(512) == (64, 128, 256, 512)
+    assert data.length_buckets(300) == (64, 128, 256, 300)
+    assert data.length_buckets(40) == (40,)
+    rng = np.random.default_rng(2)
+    rows = _random_rows(rng, 200, 2, 300)
+    buckets = data.length_buckets(300)
+    shapes = set()
+    for epoch in range(2):
+        for batch in data.iterate_batches(rows, batch_size=3, buckets=buckets, seed=0, epoch=epoch):
+            T = batch["input_ids"].shape[1]
+            lengths = [data.count_tokens({k: v[i: i + 1] for k, v in batch.items()}) for i in range(3)]
+            assert T == data.bucket_for(max(lengths), buckets)  # the smallest bucket holding the longest row
+            shapes.add(batch["input_ids"].shape)
+    assert len(shapes) <= len(buckets) and {s[0] for s in shapes} == {3}
+    # The last batch of an epoch is filled with empty rows (all labels ignored), keeping the batch size.
+    last = list(data.iterate_batches(rows[:7], batch_size=3, buckets=buckets, shuffle=False))[-1]
+    assert last["input_ids"].shape[0] == 3 and (last["labels"][1:] == IGNORE).all()
+
+
+def test_epoch_order_is_deterministic_and_resumable():
+    rows = [{"input_ids": np.full(3, i, np.int32), "labels": np.full(3, i, np.int32)} for i in range(10)]
+    full = [b["input_ids"][:, 0].tolist() for b in data.iterate_batches(rows, batch_size=2, buckets=(4,), seed=5,
+                                                                         epoch=1)]
+    tail = [b["input_ids"][:, 0].tolist() for b in data.iterate_batches(rows, batch_size=2, buckets=(4,), seed=5,
+                                                                         epoch=1, start=3)]
+    assert tail == full[3:]
+    assert sorted(sum(full, [])) == list(range(10))
+    other = [b["input_ids"][:, 0].tolist() for b in data.iterate_batches(rows, batch_size=2, buckets=(4,), seed=5,
+                                                                          epoch=2)]
+    assert other != full
