@@ -1,0 +1,199 @@
+"""Orbax checkpoints of a training run: trainable state, optimizer state, step, data position and rng.
+
+A checkpoint is one orbax step directory (`<directory>/<step>/`) with two items: "state" (arrays: the trainable
+variables by path, the optimizer state leaves in tree order, the base dropout key) and "meta" (JSON: the step, the
+shapes of every trainable variable, and whatever the caller adds, e.g. the data position and the loss history).
+Restoring checks the checkpoint against the model first and names every mismatch (other r, other targets).
+
+Used with a `fastlora_jax.training.TrainStep`::
+
+    manager = Checkpointer("out/checkpoints", max_to_keep=3)
+    manager.save(train_step, meta={"epoch": 0})        # at step train_step.step
+    meta = manager.restore(train_step)                 # latest step: model, optimizer state, step, rng restored
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fastlora_jax.variables import TRAINABLE
+
+FORMAT_VERSION = 1
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def trainable_arrays(model) -> dict[str, jax.Array]:
+    """The model's trainable arrays by dotted path ("model.layers.self_attn.q_proj.lora_a")."""
+    return {_key(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, TRAINABLE))}
+
+
+def _spec(x) -> list:
+    """[shape, dtype name] of an array, as stored in the checkpoint's JSON metadata."""
+    return [list(np.shape(x)), np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype).name]
+
+
+def lora_summary(shapes: dict[str, list]) -> str:
+    """'r=8 on q_proj, v_proj' from trainable shapes (lora_a [..., in, r]), plus any other trainable modules."""
+    ranks, targets, others = set(), set(), set()
+    for path, (shape, _) in shapes.items():
+        parts = path.split(".")
+        if parts[-1] == "lora_a":
+            ranks.add(shape[-1])
+            targets.add(parts[-2])
+        elif parts[-1] != "lora_b":
+            others.add(".".join(parts[:-1]))
+    text = f"r={'/'.join(map(str, sorted(ranks))) or '-'} on {', '.join(sorted(targets)) or 'no LoRA layer'}"
+    return text + (f", trained modules {', '.join(sorted(others))}" if others else "")
+
+
+def check_compatible(saved: dict[str, list], model_shapes: dict[str, list], where: str) -> None:
+    """Raises ValueError naming every path missing, unexpected or of another shape/dtype between the two."""
+    problems = []
+    only_saved = sorted(set(saved) - set(model_shapes))
+    only_model = sorted(set(model_shapes) - set(saved))
+    if only_saved:
+        problems.append(f"in the checkpoint but not the model: {', '.join(only_saved[:6])}"
+                        + (f" (+{len(only_saved) - 6} more)" if len(only_saved) > 6 else ""))
+    if only_model:
+        problems.append(f"in the model but not the checkpoint: {', '.join(only_model[:6])}"
+                        + (f" (+{len(only_model) - 6} more)" if len(only_model) > 6 else ""))
+    for path in sorted(set(saved) & set(model_shapes)):
+        (s_shape, s_dtype), (m_shape, m_dtype) = saved[path], model_shapes[path]
+        if list(s_shape) != list(m_shape) or s_dtype != m_dtype:
+            problems.append(f"{path}: checkpoint {tuple(s_shape)} {s_dtype}, model {tuple(m_shape)} {m_dtype}")
+    if problems:
+        raise ValueError(f"checkpoint {where} does not match the model (checkpoint: {lora_summary(saved)}; model: "
+                         f"{lora_summary(model_shapes)}): " + "; ".join(problems[:8])
+                         + (f"; (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+
+
+class Checkpointer:
+    """An orbax CheckpointManager over `directory` keeping the `max_to_keep` latest steps (None keeps all)."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(f"max_to_keep={max_to_keep!r}; accepted: a positive int, or None to keep every step")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------------ queries
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of a step (the latest by default)."""
+        step = self._resolve(step)
+        return dict(self._manager.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())).meta)
+
+    def _resolve(self, step: int | None) -> int:
+        self._manager.reload()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; steps there: {steps}")
+        return step
+
+    # ------------------------------------------------------------------ save / restore
+
+    def save(self, train_step, *, meta: dict[str, Any] | None = None) -> int:
+        """Saves the train step's model trainable state, optimizer state, rng and step (+ `meta`); returns the step.
+        Returns without writing when that step is already saved."""
+        step = int(train_step.step)
+        if step in self.all_steps():
+            return step
+        trainable = trainable_arrays(train_step.model)
+        opt_leaves = jax.tree_util.tree_leaves(train_step.opt_state)
+        state = {"trainable": trainable, "opt_state": {f"{i:05d}": x for i, x in enumerate(opt_leaves)},
+                 "rng": train_step.rng}
+        info = {**(meta or {}), "format": FORMAT_VERSION, "step": step,
+                "trainable": {k: _spec(v) for k, v in trainable.items()},
+                "opt_state": [_spec(x) for x in opt_leaves]}
+        args = self._ocp.args
+        self._manager.save(step, args=args.Composite(state=args.StandardSave(state), meta=args.JsonSave(info)))
+        return step
+
+    def restore(self, train_step, step: int | None = None) -> dict[str, Any]:
+        """Restores a step (the latest by default) into the train step and its model; returns the step's meta.
+
+        Raises ValueError naming the mismatch when the checkpoint's trainable variables (paths, shapes, dtypes) or
+        optimizer state do not match, before anything is changed."""
+        step = self._resolve(step)
+        where = os.path.join(self.directory, str(step))
+        meta = self.read_meta(step)
+        model_state = nnx.state(train_step.model, TRAINABLE)
+        flat = nnx.to_flat_state(model_state)
+        check_compatible(meta["trainable"], {_key(p): _spec(v[...]) for p, v in flat}, where)
+        opt_leaves, opt_tree = jax.tree_util.tree_flatten(train_step.opt_state)
+        opt_specs = [_spec(x) for x in opt_leaves]
+        if opt_specs != meta["opt_state"]:
+            raise ValueError(f"checkpoint {where}: its optimizer state ({len(meta['opt_state'])} arrays) does not "
+                             f"match this optimizer's ({len(opt_specs)} arrays); resume with the same optimizer "
+                             "settings (optimizer type, schedule kind)")
+        abstract = {"trainable": {_key(p): _abstract(v[...]) for p, v in flat},
+                    "opt_state": {f"{i:05d}": _abstract(x) for i, x in enumerate(opt_leaves)},
+                    "rng": _abstract(train_step.rng)}
+        args = self._ocp.args
+        state = self._manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract))).state
+        for path, var in flat:
+            var.value = state["trainable"][_key(path)]
+        nnx.update(train_step.model, model_state)
+        restored = [state["opt_state"][f"{i:05d}"] for i in range(len(opt_leaves))]
+        train_step.opt_state = jax.tree_util.tree_unflatten(opt_tree, restored)
+        train_step.rng = state["rng"]
+        train_step.step = int(meta["step"])
+        return meta
+
+    def delete_all(self) -> list[int]:
+        """Deletes every step in the directory (a fresh run over stale checkpoints); returns the deleted steps."""
+        steps = self.all_steps()
+        for step in steps:
+            self._manager.delete(step)
+        return steps
+
+    def wait(self) -> None:
+        """Blocks until every asynchronous save has been written."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def is_step_directory(path: str | os.PathLike) -> bool:
+    """True when `path` looks like one orbax step directory (a number, holding "state" and "meta")."""
+    path = os.fspath(path)
+    return (re.fullmatch(r"\d+", os.path.basename(os.path.normpath(path))) is not None
+            and os.path.isdir(os.path.join(path, "state")))

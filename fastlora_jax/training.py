@@ -1,0 +1,227 @@
+"""Training building blocks: the loss of a batch, a jitted train step over the trainable state, an eval step.
+
+A hand-written loop::
+
+    import optax
+    from fastlora_jax.training import make_train_step, make_eval_step
+
+    step = make_train_step(model, optax.adamw(2e-4), gradient_accumulation_steps=2, max_grad_norm=1.0)
+    for batch in batches:                  # dicts of [B, T] int arrays: input_ids, labels (-100 = ignored), ...
+        metrics = step(batch)              # updates the model's LoRA weights in place
+        print(float(metrics["loss"]))
+    eval_loss = make_eval_step(model).mean_loss(eval_batches)
+
+The step splits the model into its trainable state (`fastlora_jax.TRAINABLE`) and everything else, and
+differentiates a function of the trainable state only: frozen weights get no gradient and no optimizer state.
+The trainable arrays and the optimizer state are donated to the step (read them back from the model, not from
+arrays held since before the step). A step whose loss or gradient is not finite leaves the state unchanged and
+reports `finite=False`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fastlora_jax.variables import TRAINABLE, TrainableBias
+
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def _default_loss_fn() -> LossFn:
+    from fastlora_jax.loss import causal_lm_loss
+
+    return causal_lm_loss
+
+
+def batch_loss(model, batch: dict, *, dropout_rng: jax.Array | None = None,
+               loss_fn: LossFn | None = None) -> tuple[jax.Array, jax.Array]:
+    """(loss_sum, n_tokens) of a batch dict: "input_ids", "labels" [B, T] and optional "attention_mask",
+    "segment_ids", "positions" [B, T]. The mean loss is loss_sum / n_tokens."""
+    unknown = set(batch) - set(BATCH_KEYS)
+    if unknown:
+        raise ValueError(f"batch has unknown keys {sorted(unknown)}; accepted: {', '.join(BATCH_KEYS)}")
+    loss_fn = loss_fn or _default_loss_fn()
+    extra = {k: batch[k] for k in BATCH_KEYS[2:] if batch.get(k) is not None}
+    return loss_fn(model, batch["input_ids"], batch["labels"], dropout_rng=dropout_rng, **extra)
+
+
+def has_dropout(model) -> bool:
+    """True when some LoRA layer of the model has dropout > 0 (so the train step needs an rng)."""
+    return any(isinstance(node, nnx.Module) and getattr(node, "dropout", 0.0) > 0.0
+               for _, node in nnx.iter_graph(model))
+
+
+def weight_decay_mask(params: nnx.State):
+    """True on trainable leaves that weight decay applies to: not biases, not norm weights (as HF's Trainer)."""
+    def decays(path, variable) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        return not (isinstance(variable, TrainableBias) or names[-1] == "bias" or any("norm" in n for n in names))
+
+    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares) over every leaf, in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _split(model):
+    graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
+    if not jax.tree_util.tree_leaves(trainable):
+        raise ValueError("the model has no trainable variables (fastlora_jax.TRAINABLE selects none); "
+                         "add LoRA adapters with get_peft_model first")
+    return graphdef, trainable, frozen
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+    """[n * b, T] arrays -> [n, b, T] (gradient accumulation over the leading axis)."""
+    rows = batch["input_ids"].shape[0]
+    if rows % n:
+        raise ValueError(f"batch of {rows} rows is not divisible by gradient_accumulation_steps={n}")
+    return {k: v.reshape(n, rows // n, *v.shape[1:]) for k, v in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepStatics:
+    """Everything the compiled step depends on besides its array arguments (hashable: equal statics share one
+    compiled program, e.g. a resumed run's new TrainStep)."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    loss_fn: LossFn
+    accumulation: int
+    max_grad_norm: float | None
+
+
+class TrainStep:
+    """`step(batch) -> metrics`: one optimizer update of the model's trainable state (see the module docstring).
+
+    batch: dict of [R, T] arrays with R = gradient_accumulation_steps * micro-batch rows; the step runs the
+      micro-batches one after another (`jax.lax.scan`), sums their losses and gradients and divides by the number
+      of target tokens of the whole batch (so accumulation equals one large batch).
+    metrics: {"loss": mean loss [], "n_tokens": [], "grad_norm": before clipping [], "finite": bool []}.
+    Attributes: `opt_state` (optax state of the trainable state only), `step` (updates done: it selects the dropout
+    rng), `rng` (the base dropout key, from `seed`, or the model's peft_config.random_state, or 0).
+    """
+
+    def __init__(self, model, tx: optax.GradientTransformation, *, gradient_accumulation_steps: int = 1,
+                 max_grad_norm: float | None = None, seed: int | None = None, loss_fn: LossFn | None = None):
+        if not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r}; accepted: an int >= 1")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}; accepted: a positive float, or None for no clipping")
+        self.model, self.tx = model, tx
+        if seed is None:
+            seed = getattr(getattr(model, "peft_config", None), "random_state", None) or 0
+        self.rng = jax.random.PRNGKey(seed)  # uint32 [2]
+        self.step = 0
+        graphdef, trainable, _ = _split(model)
+        self.opt_state = tx.init(trainable)
+        self._statics = _StepStatics(graphdef, tx, loss_fn or _default_loss_fn(), gradient_accumulation_steps,
+                                     None if max_grad_norm is None else float(max_grad_norm))
+        self._dropout = has_dropout(model)
+
+    def __call__(self, batch: dict) -> dict[str, jax.Array]:
+        graphdef, trainable, frozen = _split(self.model)
+        if graphdef != self._statics.graphdef:
+            raise ValueError("the model's structure changed since the train step was made; make a new one")
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+        rng = jax.random.fold_in(self.rng, self.step) if self._dropout else None
+        trainable, self.opt_state, metrics = _train_update(trainable, self.opt_state, frozen, batch, rng,
+                                                           statics=self._statics)
+        nnx.update(self.model, trainable)
+        self.step += 1
+        return metrics
+
+
+@functools.partial(jax.jit, static_argnames=("statics",), donate_argnums=(0, 1))
+def _train_update(trainable, opt_state, frozen, batch, rng, *, statics: _StepStatics):
+    def micro_loss(params, micro, micro_rng):
+        model = nnx.merge(statics.graphdef, params, frozen)
+        loss_sum, n = batch_loss(model, micro, dropout_rng=micro_rng, loss_fn=statics.loss_fn)
+        return loss_sum.astype(jnp.float32), n
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if statics.accumulation == 1:
+        (loss_sum, n_tokens), grads = grad_fn(trainable, batch, rng)
+    else:
+        def body(carry, xs):
+            micro, i = xs
+            micro_rng = None if rng is None else jax.random.fold_in(rng, i)
+            (s, n), g = grad_fn(trainable, micro, micro_rng)
+            total_s, total_n, total_g = carry
+            return (total_s + s, total_n + n, jax.tree.map(jnp.add, total_g, g)), None
+
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, trainable))
+        xs = (_microbatches(batch, statics.accumulation), jnp.arange(statics.accumulation))
+        (loss_sum, n_tokens, grads), _ = jax.lax.scan(body, init, xs)
+    denom = jnp.maximum(n_tokens, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = global_norm(grads)
+    if statics.max_grad_norm is not None:  # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6), capped at 1
+        scale = jnp.minimum(1.0, statics.max_grad_norm / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    updates, new_opt_state = statics.tx.update(grads, opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731  a bad step changes nothing
+    new_trainable = jax.tree.map(keep, new_trainable, trainable)
+    new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    return new_trainable, new_opt_state, {"loss": loss, "n_tokens": n_tokens, "grad_norm": grad_norm,
+                                          "finite": finite}
+
+
+def make_train_step(model, tx: optax.GradientTransformation, *, gradient_accumulation_steps: int = 1,
+                    max_grad_norm: float | None = None, seed: int | None = None,
+                    loss_fn: LossFn | None = None) -> TrainStep:
+    """A jitted train step updating only the model's trainable state; see `TrainStep`."""
+    return TrainStep(model, tx, gradient_accumulation_steps=gradient_accumulation_steps,
+                     max_grad_norm=max_grad_norm, seed=seed, loss_fn=loss_fn)
+
+
+class EvalStep:
+    """`eval_step(batch) -> (loss_sum, n_tokens)` of the model as it is now (no dropout, no gradient)."""
+
+    def __init__(self, model, *, loss_fn: LossFn | None = None):
+        self.model = model
+        self.loss_fn = loss_fn or _default_loss_fn()
+
+    def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        graphdef, trainable, frozen = _split(self.model)
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+        return _eval_loss(trainable, frozen, batch, graphdef=graphdef, loss_fn=self.loss_fn)
+
+    def mean_loss(self, batches: Iterable[dict]) -> float:
+        """The loss over all target tokens of the batches (a token-weighted mean, not a mean of batch means)."""
+        total, count = 0.0, 0
+        for batch in batches:
+            loss_sum, n = self(batch)
+            total, count = total + float(loss_sum), count + int(n)
+        if count == 0:
+            raise ValueError("the evaluation batches hold no target token (every label is -100)")
+        return total / count
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
+def _eval_loss(trainable, frozen, batch, *, graphdef, loss_fn):
+    return batch_loss(nnx.merge(graphdef, trainable, frozen), batch, loss_fn=loss_fn)
+
+
+def make_eval_step(model, *, loss_fn: LossFn | None = None) -> EvalStep:
+    """An eval step of the model's current weights; see `EvalStep`."""
+    return EvalStep(model, loss_fn=loss_fn)
+
+
+def to_numpy(tree):
+    """A pytree of device arrays as numpy arrays (for comparisons and logging)."""
+    return jax.tree.map(np.asarray, tree)
