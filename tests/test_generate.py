@@ -1,0 +1,194 @@
+"""KV-cache generation: greedy tokens equal argmax decoding by full forward passes (16-bit, LoRA, NF4 base), and
+transformers' greedy `generate` on the same checkpoint; end tokens, sampling, buckets, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fastlora_jax import generate as gen
+from fastlora_jax.config import LlamaConfig
+from fastlora_jax.linear import LoraLinear
+from fastlora_jax.loading import random_model
+
+CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=None)
+PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def _model(seed: int = 1):
+    model = random_model(CONFIG, seed=seed)
+    # Random weights of scale 0.02 give nearly flat logits; larger ones give clear argmax margins.
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path[-1] == "weight" and var[...].ndim >= 2:
+            var.value = var[...] * 25.0
+    return model
+
+
+def _prompts(seed: int = 0):
+    """Three prompts of lengths 7, 4 and 6, left-padded to [3, 7]: (ids, mask)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, CONFIG.vocab_size, (3, 7))
+    mask = np.ones((3, 7), np.int32)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    return np.where(mask == 1, ids, 0), mask
+
+
+def _reference_greedy(model, ids, mask, new: int) -> np.ndarray:
+    """Argmax decoding by full forward passes without cache or mask: each row unpadded, starting at slot 0."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    lengths = mask.sum(axis=1)
+    buffer = np.zeros((len(ids), ids.shape[1] + new), np.int32)  # later slots never reach earlier ones (causal)
+    for b, (row, m) in enumerate(zip(ids, mask)):
+        buffer[b, :lengths[b]] = row[m.astype(bool)]
+    for step in range(new):
+        logits = np.asarray(forward(state, jnp.asarray(buffer)))  # [B, S, V]
+        for b in range(len(ids)):
+            buffer[b, lengths[b] + step] = np.argmax(logits[b, lengths[b] + step - 1])
+    return np.stack([buffer[b, lengths[b]:lengths[b] + new] for b in range(len(ids))])
+
+
+def _add_lora(model, r: int = 4, seed: int = 0):
+    """Unmerged LoRA with random non-zero A and B on every projection."""
+    L = CONFIG.num_hidden_layers
+    keys = iter(jax.random.split(jax.random.key(seed), 20))
+    for group, names in PROJECTIONS:
+        parent = getattr(model.model.layers, group)
+        for name in names:
+            base = getattr(parent, name)
+            a = jax.random.normal(next(keys), (L, base.in_features, r)) * 0.3
+            b = jax.random.normal(next(keys), (L, r, base.out_features)) * 0.3
+            setattr(parent, name, LoraLinear(base, r=r, scaling=2.0, dropout=0.1, lora_a=a, lora_b=b,
+                                             layer_scale=jnp.array([2.0, 0.5])))
+    return model
+
+
+def _to_nf4(model):
+    """Replaces every projection with an NF4Linear holding its quantized weight."""
+    from fastlora_jax import nf4
+
+    for group, names in PROJECTIONS:
+        parent = getattr(model.model.layers, group)
+        for name in names:
+            w = np.asarray(getattr(parent, name).weight[...])  # [L, in, out]
+            stacked = nf4.stack_nf4([nf4.quantize_nf4(w[l].T) for l in range(w.shape[0])])
+            setattr(parent, name, nf4.NF4Linear.from_nf4(stacked))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["16bit", "lora", "nf4", "nf4_lora"])
+def test_greedy_with_cache_equals_full_forward_argmax(variant):
+    model = _model()
+    if variant.startswith("nf4"):
+        model = _to_nf4(model)
+    if variant.endswith("lora"):
+        model = _add_lora(model)
+    ids, mask = _prompts()
+    out = gen.generate(model, ids, max_new_tokens=9, attention_mask=mask, eos_token_id=[])
+    assert out.shape == (3, 7 + 9) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out[:, :7]), ids)
+    np.testing.assert_array_equal(np.asarray(out[:, 7:]), _reference_greedy(model, ids, mask, 9))
+
+
+def test_right_padding_gives_the_same_tokens():
+    model = _model()
+    ids, mask = _prompts()
+    left = gen.generate(model, ids, max_new_tokens=5, attention_mask=mask, eos_token_id=[])
+    right_ids = np.zeros_like(ids)
+    right_mask = np.zeros_like(mask)
+    for b in range(3):
+        n = mask[b].sum()
+        right_ids[b, :n], right_mask[b, :n] = ids[b, 7 - n:], 1
+    right = gen.generate(model, right_ids, max_new_tokens=5, attention_mask=right_mask, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(right[:, 7:]), np.asarray(left[:, 7:]))
+
+
+def test_equals_transformers_greedy_generate(hf_llama):
+    import torch
+
+    from fastlora_jax import FastLanguageModel
+
+    directory, torch_model = hf_llama(seed=3)
+    with torch.no_grad():
+        for p in torch_model.parameters():  # clear argmax margins, as in _model
+            if p.ndim == 2:
+                p.mul_(25.0)
+    torch_model.save_pretrained(directory)
+    model, _ = FastLanguageModel.from_pretrained(directory, dtype="float32")
+    ids, mask = _prompts(seed=5)
+    out = gen.generate(model, ids, max_new_tokens=8, attention_mask=mask, eos_token_id=[])
+    torch_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                                   do_sample=False, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(out), ref.numpy())
+
+
+def test_rows_stop_at_their_end_token():
+    model = _model()
+    ids, mask = _prompts()
+    free = np.asarray(gen.generate(model, ids, max_new_tokens=8, attention_mask=mask, eos_token_id=[]))[:, 7:]
+    eos = int(free[0, 2])  # row 0 ends at its third new token; others end where they first produce it, if at all
+    out = np.asarray(gen.generate(model, ids, max_new_tokens=8, attention_mask=mask, eos_token_id=eos,
+                                  pad_token_id=255))[:, 7:]
+    for row, ref in zip(out, free):
+        stop = list(ref).index(eos) if eos in ref else len(ref)
+        np.testing.assert_array_equal(row[:stop + 1], ref[:stop + 1])
+        assert (row[stop + 1:] == 255).all()
+    # When every row has ended the output stops early (as transformers' generate does).
+    single = np.asarray(gen.generate(model, ids[:1], max_new_tokens=8, eos_token_id=[eos, 254]))
+    assert single.shape == (1, 7 + 3)
+    np.testing.assert_array_equal(single[0, 7:], free[0, :3])
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
+    model = _model()
+    ids, mask = _prompts()
+    greedy = gen.generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[])
+    nucleus = gen.generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[], temperature=1.0,
+                           top_p=1e-6, seed=4)
+    np.testing.assert_array_equal(np.asarray(nucleus), np.asarray(greedy))
+    kw = dict(max_new_tokens=12, attention_mask=mask, eos_token_id=[], temperature=5.0)
+    a = gen.generate(model, ids, seed=1, **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(gen.generate(model, ids, seed=1, **kw)))
+    assert (np.asarray(a) != np.asarray(gen.generate(model, ids, seed=2, **kw))).any()
+    np.testing.assert_array_equal(np.asarray(a)[:, :7], ids)
+
+
+def test_lengths_within_a_bucket_reuse_the_compiled_program():
+    if not hasattr(gen._generate_jit, "_cache_size"):
+        pytest.skip("this JAX's jitted functions have no _cache_size()")
+    model = _model(seed=2)
+    ids, mask = _prompts()
+    gen.generate(model, ids, max_new_tokens=5, attention_mask=mask, eos_token_id=[])
+    before = gen._generate_jit._cache_size()
+    gen.generate(model, ids[:, 2:], max_new_tokens=9, attention_mask=mask[:, 2:], eos_token_id=[])
+    gen.generate(model, ids[:, 1:], max_new_tokens=16, attention_mask=mask[:, 1:], eos_token_id=[])
+    assert gen._generate_jit._cache_size() == before
+    assert [gen.bucket(n) for n in (1, 16, 17, 200, 256, 257, 600)] == [16, 16, 32, 256, 256, 512, 768]
+
+
+def test_for_inference_and_for_training_switch_the_flag():
+    model = _model()
+    assert gen.for_inference(model) is model and model.training is False
+    assert gen.for_training(model) is model and model.training is True
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(attention_mask=np.array([[1, 0, 1, 1, 1, 1, 1]] * 3)), "holes"),
+    (dict(attention_mask=np.zeros((3, 7))), "hold no token"),
+    (dict(eos_token_id=-3), "eos_token_id"),
+])
+def test_bad_arguments_name_the_value(kwargs, match):
+    model = _model()
+    ids, _ = _prompts()
+    with pytest.raises(ValueError, match=match):
+        gen.generate(model, ids, **kwargs)
