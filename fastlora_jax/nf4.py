@@ -320,8 +320,11 @@ def dequantize_absmax(t: NF4Array) -> jax.Array:
     """The float32 block absmax [*stack, nblocks]: dynamic_map[absmax_q] * nested_absmax + offset."""
     code = jnp.asarray(dynamic_map())[t.absmax_q.astype(jnp.int32)]  # [*stack, nblocks]
     nested = jnp.repeat(t.nested_absmax, NESTED_BLOCKSIZE, axis=-1)[..., :t.absmax_q.shape[-1]]
-    # Two roundings as in bnb (multiply, then add): the barrier keeps a compiler from fusing them into one FMA.
-    return jax.lax.optimization_barrier(code * nested) + t.offset[..., None]
+    scaled = code * nested
+    # Two roundings as in bnb (multiply, then add). XLA fuses and LLVM would contract a multiply feeding an add into
+    # one FMA; a select between them (not removable: NaN != NaN) keeps the product rounded to float32.
+    scaled = jnp.where(scaled == scaled, scaled, jnp.float32(jnp.nan))
+    return scaled + t.offset[..., None]
 
 
 def dequantize_nf4(t: NF4Array, dtype=None) -> jax.Array:
