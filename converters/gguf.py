@@ -179,6 +179,10 @@ class GGUFCheckpoint:
     def _build_hf_config(self) -> dict[str, Any]:
         md, arch = self.metadata, self.architecture
         get = lambda name, default=None: md.get(f"{arch}.{name}", default)  # noqa: E731
+        required = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
+        if missing := [f"{arch}.{name}" for name in required if get(name) is None]:
+            raise ValueError(f"{self.path}: GGUF metadata lacks {', '.join(missing)}; a llama file states "
+                             f"{', '.join(f'{arch}.{name}' for name in required)}")
         hidden, heads = get("embedding_length"), get("attention.head_count")
         vocab_size = get("vocab_size")
         if vocab_size is None and "tokenizer.ggml.tokens" in self._reader.fields:
@@ -511,6 +515,7 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: Iter
             writer.add_value_length(head_dim)
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if rope["rope_type"] == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))

@@ -79,19 +79,26 @@ def test_smollm2_tokenizer_equals_transformers(smollm2):
     assert len(tok) == len(ref) == 49152
 
 
-def test_read_rejects_other_architectures(tmp_path):
+def _write_raw_gguf(path, arch, tensor_name="token_embd.weight"):
     import gguf
 
-    path = tmp_path / "gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    writer.add_tensor(tensor_name, np.ones((4, 8), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_read_rejects_other_architectures_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: llama"):
-        gg.read_gguf(path)
+        gg.read_gguf(_write_raw_gguf(tmp_path / "gpt2.gguf", "gpt2"))
+    with pytest.raises(ValueError, match=r"lacks llama\.embedding_length, llama\.feed_forward_length"):
+        gg.read_gguf(_write_raw_gguf(tmp_path / "bare.gguf", "llama"))
+    with pytest.raises(ValueError, match=r"'blk\.0\.attn_qkv\.weight' has no Hugging Face Llama counterpart"):
+        gg.read_gguf(_write_raw_gguf(tmp_path / "qkv.gguf", "llama", "blk.0.attn_qkv.weight"))
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         gg.read_gguf(tmp_path / "missing.gguf")
 
