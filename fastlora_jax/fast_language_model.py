@@ -55,7 +55,7 @@ class FastLanguageModel:
 
             checkpoint = gguf.read_gguf(resolved.gguf_path)
             hf_config, tensors = checkpoint.hf_config, checkpoint.tensors()
-            tokenizer = gguf.load_gguf_tokenizer(resolved.gguf_path)
+            tokenizer = checkpoint.tokenizer()
         elif resolved.kind == "safetensors":
             hf_config = hf_llama.read_config(resolved.directory)
             tensors = hf_llama.iter_safetensors(resolved.directory)
