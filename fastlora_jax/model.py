@@ -7,6 +7,7 @@ D hidden, N query heads, K key/value heads, H head_dim, V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -46,6 +47,7 @@ class AttentionInputs(NamedTuple):
     mask: jax.Array | None  # [B, 1, T, S] bool (padding / packed segments / cache slots), or None
     write_index: jax.Array | None  # [] int32 cache slot of the first query token (generation), else None
     causal: bool = True  # query t attends keys <= t on top of `mask` (False against a cache: the mask says it all)
+    mlp_chunk: int | None = None  # tokens per MLP chunk (None: all at once)
 
 
 class RMSNorm(nnx.Module):
@@ -136,8 +138,26 @@ class DecoderLayer(nnx.Module):
         x = checkpoint_name(x, "layer_input")
         attn_out, cache_kv = self.self_attn(self.input_layernorm(x), inputs, cache_kv, rngs[:4])
         x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x), rngs[4:])
-        return x, cache_kv
+        return x + self._mlp_block(x, rngs[4:], inputs.mlp_chunk), cache_kv
+
+    def _mlp_block(self, x, rngs, chunk: int | None):
+        """post_attention_layernorm + MLP, over token chunks of `chunk` (each recomputed in the backward pass)."""
+        B, T, D = x.shape
+        if chunk is None or B * T <= chunk:
+            return self.mlp(self.post_attention_layernorm(x), rngs)
+        n = -(-B * T // chunk)
+        flat = x.reshape(B * T, D)
+        if n * chunk != B * T:
+            flat = jnp.pad(flat, ((0, n * chunk - B * T), (0, 0)))
+
+        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        def one(_, xs):
+            xc, i = xs  # [C, D], chunk index
+            chunk_rngs = tuple(None if r is None else jax.random.fold_in(r, i) for r in rngs)
+            return None, self.mlp(self.post_attention_layernorm(xc[None]), chunk_rngs)[0]
+
+        _, out = jax.lax.scan(one, None, (flat.reshape(n, chunk, D), jnp.arange(n)))  # [n, C, D]
+        return out.reshape(n * chunk, D)[: B * T].reshape(B, T, D)
 
 
 class LlamaModel(nnx.Module):
@@ -146,7 +166,8 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = DecoderLayer(config, dtype=dtype, rngs=rngs, implementation=implementation)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.gradient_checkpointing: bool | str = False
+        self.gradient_checkpointing: bool | str = False  # a fastlora_jax.remat mode
+        self.mlp_chunk_size: int | None = None  # tokens per MLP chunk; None: the checkpointing mode's default
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
                  cache: KVCache | None = None, dropout_rng=None):
@@ -154,6 +175,8 @@ class LlamaModel(nnx.Module):
         x = self.embed_tokens(input_ids)  # [B, T, D]
         inputs, positions = _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache)
         inputs = inputs._replace(**dict(zip(("cos", "sin"), rope_angles(positions, inverse_frequencies(self.config)))))
+        mode = self.gradient_checkpointing
+        inputs = inputs._replace(mlp_chunk=self.mlp_chunk_size or remat.mlp_chunk_size(mode))
         graphdef, state = nnx.split(self.layers)
         L = self.config.num_hidden_layers
         layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, L)
@@ -163,7 +186,16 @@ class LlamaModel(nnx.Module):
             y, cache_kv = nnx.merge(graphdef, layer_state)(x, inputs, cache_kv, rng)
             return y, cache_kv
 
-        body = remat.checkpoint_layer(body, self.gradient_checkpointing)
+        body = remat.checkpoint_layer(body, mode)
+        k = remat.layers_per_block(mode, L)
+        if cache is None and k > 1:  # blocks of k layers: only each block's input is offloaded
+            def block(x, per_block):
+                x = checkpoint_name(x, remat.BLOCK_INPUT)
+                return jax.lax.scan(body, x, per_block)[0], None
+
+            blocks = jax.tree.map(lambda a: a.reshape(L // k, k, *a.shape[1:]), (state, None, layer_rngs))
+            x, _ = jax.lax.scan(remat.checkpoint_block(block), x, blocks)
+            return self.norm(x), None
         cache_kv = None if cache is None else (cache.k, cache.v)
         x, new_kv = jax.lax.scan(body, x, (state, cache_kv, layer_rngs))
         new_cache = None

@@ -10,6 +10,11 @@ the projection outputs "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
   back for the backward pass (the copies overlap with compute), so device memory holds no per-layer activations.
 - "dots": save the projection outputs (bf16 matmul results) and recompute only the cheap elementwise work
   (norms, RoPE, SiLU) and the attention forward: about half of False's activation memory, and the fastest mode.
+- "long_context": for contexts where even one layer input per layer outgrows host memory (8B: 256 KiB per token
+  for 32 layers, so 256 GiB at 1M tokens). Layers run in blocks of `layers_per_block`; only each block's input
+  is offloaded to pinned host memory; the backward pass recomputes a block's forward keeping its layer inputs on
+  the device, then each layer's backward with recompute (one extra forward pass). The MLP runs over token chunks
+  of `mlp_chunk_size` so its [T, intermediate] activations never exist for the whole sequence.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from typing import Callable
 
 import jax
 
-MODES = (False, True, "unsloth", "dots")
+MODES = (False, True, "unsloth", "dots", "long_context")
 LAYER_INPUT = "layer_input"
+BLOCK_INPUT = "block_input"
+LONG_CONTEXT_BLOCK = 4  # layers per offloaded block in "long_context"
+LONG_CONTEXT_MLP_CHUNK = 16384  # tokens per MLP chunk in "long_context"
 PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -28,7 +36,8 @@ def validate(mode) -> bool | str:
     if isinstance(mode, str) and mode.lower() in ("true", "false"):
         mode = mode.lower() == "true"
     if not any(mode is m or (isinstance(m, str) and mode == m) for m in MODES):
-        raise ValueError(f"use_gradient_checkpointing={mode!r}; accepted: False, True, 'unsloth', 'dots'")
+        raise ValueError(f"use_gradient_checkpointing={mode!r}; accepted: False, True, 'unsloth', 'dots', "
+                         "'long_context'")
     return mode
 
 
@@ -37,13 +46,33 @@ def policy(mode):
     mode = validate(mode)
     if mode is False:
         return None
-    if mode is True:
+    if mode is True or mode == "long_context":
         return jax.checkpoint_policies.nothing_saveable
     if mode == "dots":
         return jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES)
     return jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
         offload_src="device", offload_dst="pinned_host")
+
+
+def layers_per_block(mode, num_layers: int) -> int:
+    """Layers per scanned block: 1, except "long_context" (LONG_CONTEXT_BLOCK, or the largest divisor below it)."""
+    if validate(mode) != "long_context":
+        return 1
+    return next(k for k in range(LONG_CONTEXT_BLOCK, 0, -1) if num_layers % k == 0)
+
+
+def mlp_chunk_size(mode) -> int | None:
+    """Tokens per MLP chunk the mode asks for (None: the whole batch at once)."""
+    return LONG_CONTEXT_MLP_CHUNK if validate(mode) == "long_context" else None
+
+
+def checkpoint_block(body: Callable) -> Callable:
+    """Wraps a scan body over a block of layers: its input (tagged BLOCK_INPUT) offloaded to pinned host memory."""
+    p = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
+        offload_src="device", offload_dst="pinned_host")
+    return jax.checkpoint(body, policy=p, prevent_cse=False)
 
 
 def checkpoint_layer(body: Callable, mode) -> Callable:
