@@ -127,7 +127,7 @@ def nf4_nbytes(t: NF4Array) -> int:
 
 
 def stack_nf4(arrays: list[NF4Array]) -> NF4Array:
-    """Stack per-layer NF4Arrays (same shape and dtype) along a new leading axis, as numpy arrays on the host."""
+    """Stack per-layer NF4Arrays (same shape and dtype) along a new leading axis (numpy stays numpy on the host)."""
     if not arrays:
         raise ValueError("stack_nf4: got an empty list")
     first = arrays[0]
@@ -135,8 +135,8 @@ def stack_nf4(arrays: list[NF4Array]) -> NF4Array:
         if (t.shape, t.dtype, t.stack) != (first.shape, first.dtype, first.stack):
             raise ValueError(f"stack_nf4: arrays[{i}] has shape={t.shape} dtype={t.dtype} stack={t.stack}; "
                              f"arrays[0] has shape={first.shape} dtype={first.dtype} stack={first.stack}")
-    fields = ("packed", "absmax_q", "nested_absmax", "offset")
-    stacked = {f: np.stack([np.asarray(getattr(t, f)) for t in arrays]) for f in fields}
+    xp = jnp if any(isinstance(t.packed, jax.Array) for t in arrays) else np
+    stacked = {f: xp.stack([getattr(t, f) for t in arrays]) for f in ("packed", "absmax_q", "nested_absmax", "offset")}
     return NF4Array(**stacked, shape=first.shape, dtype=first.dtype)
 
 
@@ -297,7 +297,8 @@ def _check_weight(w) -> None:
 
 @functools.partial(jax.jit, static_argnames="mean_threads")
 def quantize_nf4_jax(w: jax.Array, *, mean_threads: int = 1) -> NF4Array:
-    """`quantize_nf4` in jax.numpy, jitted (on the device; usable inside jit, e.g. for LoftQ): the same bytes."""
+    """`quantize_nf4` in jax.numpy, jitted (on the device; usable inside jit, e.g. for LoftQ): the same bytes,
+    except for blocks of float32 subnormals (|w| < 1.2e-38) where a backend flushes denormals to zero."""
     _check_weight(w)
     n = w.size
     nfull, rem = divmod(n, BLOCKSIZE)
