@@ -71,6 +71,16 @@ def _random_nf4(key, stack: int, shape: tuple[int, int]):
     return NF4Array(packed, absmax_q, nested_absmax, offset, shape=shape, dtype=jnp.bfloat16)
 
 
+def _random_bf16(key, shape):
+    """Random bf16 of magnitude in [2^-6, 2^-5) and random sign, made from 16-bit patterns (no float32 temp)."""
+    import jax
+    import jax.numpy as jnp
+
+    bits = jax.random.bits(key, shape, jnp.uint16)
+    bits = (bits & jnp.uint16(0x807F)) | jnp.uint16(0x3C80)  # sign, exponent 2^-6, 7 random mantissa bits
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
 def build(args):
     """(model with LoRA adapters, config); weights random, created on the device under jit."""
     import jax
@@ -84,7 +94,14 @@ def build(args):
 
     @nnx.jit
     def init():
-        model = Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), implementation=args.implementation)
+        # Built with zeros (constants under jit), then every matrix is filled with random bf16 drawn as 16-bit
+        # patterns: no float32 copy of any weight ever exists, so the process peak is the training step's.
+        model = Llama(config, dtype=jnp.bfloat16, rngs=None, implementation=args.implementation)
+        flat = nnx.to_flat_state(nnx.state(model))
+        nnx.update(model, nnx.from_flat_state(
+            [(path, v.replace(_random_bf16(jax.random.key(i), v[...].shape))
+              if v[...].ndim >= 2 and not any("norm" in str(p) for p in path) else v)
+             for i, (path, v) in enumerate(flat)]))
         if args.qlora:  # the bf16 decoder weights are dead code: only NF4 codes leave the jit
             from fastlora_jax.nf4 import NF4Linear
 
@@ -98,6 +115,7 @@ def build(args):
     model = init()
     get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                    use_gradient_checkpointing=args.mode)
+    model.model.mlp_chunk_size = args.mlp_chunk
     return model, config
 
 
@@ -168,6 +186,7 @@ def run(args) -> dict:
     compile_s = time.perf_counter() - t0
     result = dict(system="fastlora-jax", model=args.model, layers=config.num_hidden_layers, batch=args.batch,
                   seq=args.seq, mode=str(args.mode), qlora=args.qlora, implementation=args.implementation,
+                  chunk=args.chunk, mlp_chunk=args.mlp_chunk, xla_flags=os.environ.get("XLA_FLAGS", ""),
                   compile_s=round(compile_s, 1), init_s=round(init_s, 1), **_memory(compiled))
     if args.compile_only:
         return result
@@ -197,6 +216,7 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (compile-time study)")
     p.add_argument("--implementation", default="auto", choices=["auto", "xla", "pallas"])
     p.add_argument("--chunk", type=int, default=2048, help="cross-entropy chunk (tokens)")
+    p.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk (default: the mode's)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-only", action="store_true")
