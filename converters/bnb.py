@@ -58,8 +58,9 @@ def check_bnb_config(config: Mapping) -> None:
 
 
 def quantization_config(compute_dtype: str = "bfloat16") -> dict:
-    """The `quantization_config` of config.json for a checkpoint written with `nf4_to_bnb_tensors` (as transformers
-    writes it for `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`)."""
+    """The `quantization_config` of config.json for a checkpoint written with `nf4_to_bnb_tensors`, as transformers
+    writes it for `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`.
+    """
     return {
         "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": compute_dtype,
         "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,

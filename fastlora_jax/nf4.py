@@ -366,7 +366,8 @@ class NF4Linear(nnx.Module):
         self.nested_absmax = NF4State(jnp.asarray(weight.nested_absmax))
         self.offset = NF4State(jnp.asarray(weight.offset))
         if bias is not None and tuple(bias.shape) != (*weight.stack, self.out_features):
-            raise ValueError(f"NF4Linear: bias shape {tuple(bias.shape)}; expected {(*weight.stack, self.out_features)}")
+            raise ValueError(f"NF4Linear: bias shape {tuple(bias.shape)}; "
+                             f"expected {(*weight.stack, self.out_features)}")
         self.bias = None if bias is None else Frozen(jnp.asarray(bias))
 
     @classmethod

@@ -40,8 +40,9 @@ def _bnb_quantize(w: np.ndarray):
 
 def _assert_same_bytes(t: nf4.NF4Array, packed, state):
     assert t.shape == tuple(state.shape) and t.dtype.name == str(state.dtype).removeprefix("torch.")
-    for ours, ref in [(t.packed, packed.reshape(-1)), (t.absmax_q, state.absmax), (t.nested_absmax, state.state2.absmax),
-                      (t.offset, state.offset)]:
+    pairs = [(t.packed, packed.reshape(-1)), (t.absmax_q, state.absmax), (t.nested_absmax, state.state2.absmax),
+             (t.offset, state.offset)]
+    for ours, ref in pairs:
         ref = ref.numpy()
         assert ours.dtype == ref.dtype and ours.shape == ref.shape, (ours.dtype, ours.shape, ref.dtype, ref.shape)
         assert ours.tobytes() == ref.tobytes()
@@ -66,7 +67,8 @@ def test_quantize_and_dequantize_match_bnb(shape, dtype):
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
     absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    generic = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)(packed.reshape(-1), absmax, state.code, 64, shape, state.dtype)
+    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    generic = eager(packed.reshape(-1), absmax, state.code, 64, shape, state.dtype)
     assert ours.tobytes() == _as_numpy(generic).tobytes()
     # bnb's public CPU dequantize_4bit, where it runs its C kernel (even widths; odd ones use the function above).
     # Its AVX-512 kernel indexes the absmax per row (absmax[row * (in // 64) + col // 64]), which is wrong when
@@ -99,7 +101,8 @@ def test_offset_matches_bnb_above_one_torch_grain(threads):
 
 def test_ties_zero_blocks_and_extremes_match_bnb():
     bounds = (nf4.NF4_CODE[:-1] + nf4.NF4_CODE[1:]) / np.float32(2)
-    rows = [np.concatenate([[1.0], bounds, -bounds, np.nextafter(bounds, np.float32(2)), np.zeros(64 - 1 - 45)]),  # exact ties
+    ties = [[1.0], bounds, -bounds, np.nextafter(bounds, np.float32(2)), np.zeros(64 - 1 - 45)]
+    rows = [np.concatenate(ties),  # elements exactly on the midpoints between NF4 values, and just above
             np.zeros(64),  # an all-zero block
             np.concatenate([[-3.0], np.full(63, 3.0)]),  # +-absmax
             np.full(64, 1e-39)]  # subnormals
