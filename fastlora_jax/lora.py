@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from fastlora_jax import lora_init, remat
 from fastlora_jax.config import LlamaConfig
-from fastlora_jax.linear import Linear, LoraLinear
+from fastlora_jax.linear import LoraLinear
 from fastlora_jax.modules_to_save import SavedEmbed, SavedLinear
 from fastlora_jax.variables import TrainableBias
 
@@ -281,8 +281,9 @@ def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGET_MODULES, lo
     use_gradient_checkpointing: False, True or "unsloth" (stored on model.model.gradient_checkpointing).
     modules_to_save: ["embed_tokens", "lm_head"] train float32 copies (compute in the model dtype); with tied
       embeddings ONE copy serves both the embedding and the head (PEFT's ensure_weight_tying=True).
-    init_lora_weights: True, False, "gaussian", "pissa", "pissa_niter_K", "olora" ("loftq" arrives with QLoRA);
-      pissa and olora replace the targeted base weights by their residual, as PEFT. Deterministic in random_state.
+    init_lora_weights: True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq" (with loftq_config
+      {"loftq_bits": 4, "loftq_iter": n} or a peft.LoftQConfig); pissa / olora replace the targeted base weights
+      by their residual and loftq by their NF4 dequantization, as PEFT. Deterministic in random_state.
     max_seq_length: accepted and ignored, as Unsloth. A second call with the same settings warns and returns the
     model unchanged; different settings raise.
     """
@@ -306,8 +307,6 @@ def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGET_MODULES, lo
         warnings.warn("get_peft_model: the model already has these LoRA adapters; returning it unchanged",
                       stacklevel=2)
         return model
-    if config.init_lora_weights == "loftq":
-        raise NotImplementedError("init_lora_weights='loftq' needs the NF4 base of issue 5 (QLoRA)")
     the_plan = plan(config, model.config)
     _apply(model, config, the_plan)
     model.peft_config = config
@@ -331,14 +330,17 @@ def _make_config(model, *, target_modules, layers_to_transform, layers_pattern, 
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
     modules_to_save = as_tuple(modules_to_save, "modules_to_save") or None
-    loftq = dict(loftq_config or {})
-    if loftq and fields["init_lora_weights"] != "loftq":
-        warnings.warn("loftq_config is ignored when init_lora_weights is not 'loftq' (as PEFT)", stacklevel=3)
+    if fields["init_lora_weights"] == "loftq":
+        loftq = lora_init.validate_loftq_config(loftq_config)
+    else:
+        if loftq_config:
+            warnings.warn("loftq_config is ignored when init_lora_weights is not 'loftq' (as PEFT)", stacklevel=3)
         loftq = {}
     tied_saved = bool(modules_to_save) and model.config.tie_word_embeddings and any(
         n.endswith(m) for m in modules_to_save for n in ("model.embed_tokens", "lm_head"))
     return LoraConfig(target_modules=as_tuple(target_modules, "target_modules"),
-                      layers_to_transform=layers_to_transform, layers_pattern=as_tuple(layers_pattern, "layers_pattern"),
+                      layers_to_transform=layers_to_transform,
+                      layers_pattern=as_tuple(layers_pattern, "layers_pattern"),
                       modules_to_save=modules_to_save, loftq_config=tuple(sorted(loftq.items())),
                       ensure_weight_tying=tied_saved, **fields)
 
@@ -372,14 +374,7 @@ def _lora_layer(base, config: LoraConfig, key: jax.Array, mask: jax.Array | None
     init, r, scaling = config.init_lora_weights, config.r, config.scaling
     stack = () if mask is None else mask.shape
     if lora_init.needs_base_weight(init):
-        if not isinstance(base, Linear):
-            raise NotImplementedError(f"init_lora_weights={init!r} over a {type(base).__name__} base is not "
-                                      "supported yet; use a 16-bit base")
-        w = base.weight[...]  # [*stack, in, out]
-        a, b, residual = lora_init.init_from_weight(init, key, w, r, scaling)
-        if mask is not None:
-            residual = jnp.where(mask[:, None, None], residual, w)
-        base.weight.value = residual
+        base, a, b = lora_init.init_with_base(init, key, base, r, scaling, mask, dict(config.loftq_config))
     else:
         a, b = lora_init.init_random(init, key, stack, base.in_features, base.out_features, r)
     if mask is None:

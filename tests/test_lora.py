@@ -84,6 +84,54 @@ def test_init_keeps_the_function(init, base_logits):
     assert np.any(np.asarray(v.lora_b[...])[0]) and not np.any(np.asarray(v.lora_b[...])[1])
 
 
+def test_loftq_reduces_the_quantization_error():
+    model = tiny()
+    w = np.asarray(model.model.layers.mlp.up_proj.weight[...])
+    get_peft_model(model, r=8, target_modules=["up_proj"], init_lora_weights="loftq",
+                   loftq_config={"loftq_bits": 4, "loftq_iter": 2})
+    up = model.model.layers.mlp.up_proj
+    base = np.asarray(up.base.weight[...])
+    for i in range(3):  # the base holds an NF4-dequantized weight: its values are code * block absmax
+        assert len(np.unique(base[i].T.reshape(-1, 64)[0])) <= 16
+    # LoftQ sets A, B so that base + B A (scaling ignored, as PEFT) approximates W better than the base alone
+    lowrank = np.einsum("lir,lro->lio", np.asarray(up.lora_a[...]), np.asarray(up.lora_b[...]))
+    assert np.linalg.norm(base + lowrank - w) < 0.9 * np.linalg.norm(base - w)
+    assert model.peft_config.loftq_config == (("loftq_bits", 4), ("loftq_iter", 2))
+
+
+def _nf4_model():
+    """A tiny model whose q_proj is an NF4Linear holding the quantized weights."""
+    from fastlora_jax import nf4
+
+    model = tiny()
+    q = model.model.layers.self_attn.q_proj
+    weights = nf4.stack_nf4([nf4.quantize_nf4(np.asarray(q.weight[...])[i].T) for i in range(3)])
+    model.model.layers.self_attn.q_proj = nf4.NF4Linear.from_nf4(weights)
+    return model
+
+
+def test_inits_over_an_nf4_base():
+    from fastlora_jax import nf4
+
+    model = _nf4_model()
+    dense = np.asarray(model.model.layers.self_attn.q_proj.dense_weight())
+    get_peft_model(model, r=4, target_modules=["q_proj"], init_lora_weights="olora", layers_to_transform=[0, 1])
+    q = model.model.layers.self_attn.q_proj
+    assert isinstance(q.base, nf4.NF4Linear)
+    merged = np.asarray(q.base.dense_weight() + q.delta_weight())
+    assert np.linalg.norm(merged - dense) < 0.2 * np.linalg.norm(dense)  # the residual is quantized again
+    np.testing.assert_array_equal(merged[2], dense[2])  # layer 2 keeps its codes
+    with pytest.raises(TypeError, match="PiSSA"):
+        get_peft_model(_nf4_model(), target_modules=["q_proj"], init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="full-precision"):
+        get_peft_model(_nf4_model(), target_modules=["q_proj"], init_lora_weights="loftq",
+                       loftq_config={"loftq_bits": 4})
+    model = get_peft_model(_nf4_model(), r=4)
+    assert isinstance(model.model.layers.self_attn.q_proj.base, nf4.NF4Linear)
+    # PEFT counts a 4-bit weight at its unquantized size
+    assert model.get_nb_trainable_parameters() == get_peft_model(tiny(), r=4).get_nb_trainable_parameters()
+
+
 def test_layer_scale_and_counts_follow_layers_to_transform():
     model = get_peft_model(tiny(), r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=1)
     q = model.model.layers.self_attn.q_proj
@@ -172,7 +220,8 @@ def test_second_call():
     (dict(lora_dropout=1.0), ValueError, r"lora_dropout=1.0; accepted: a number in \[0, 1\)"),
     (dict(lora_dropout=-0.1), ValueError, "lora_dropout"),
     (dict(init_lora_weights="kaiming"), ValueError, r"init_lora_weights='kaiming' is not supported; accepted"),
-    (dict(init_lora_weights="loftq"), NotImplementedError, "issue 5"),
+    (dict(init_lora_weights="loftq"), ValueError, "needs loftq_config"),
+    (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 8}), NotImplementedError, "loftq_bits=8"),
     (dict(use_gradient_checkpointing="yes"), ValueError, r"use_gradient_checkpointing='yes'; accepted"),
     (dict(modules_to_save=["embeddings"]), ValueError, r"'embeddings' is not a module of the model; modules are"),
     (dict(modules_to_save=["norm"]), NotImplementedError, "only 'embed_tokens' and 'lm_head'"),

@@ -78,7 +78,8 @@ PARITY_SETTINGS = {
                                                                     layers_to_transform=[1])),
     "bias_all_lm_head_lora": (dict(attention_bias=True, mlp_bias=True),
                               dict(r=4, bias="all", target_modules=["q_proj", "up_proj", "lm_head"])),
-    "modules_to_save": ({}, dict(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    "modules_to_save": ({}, dict(r=4, target_modules=["q_proj", "v_proj"],
+                                 modules_to_save=["embed_tokens", "lm_head"])),
     "tied_modules_to_save": (dict(tie_word_embeddings=True), dict(r=4, target_modules=["o_proj"],
                                                                   modules_to_save=["lm_head"])),
 }
@@ -222,3 +223,50 @@ def test_weight_based_init_equals_peft(hf_llama, init):
     with torch.no_grad():
         ref = theirs(input_ids=torch.tensor(ids)).logits.numpy()
     assert rel_err(np.asarray(ours(jnp.asarray(ids))), ref) < 1e-4
+
+
+def _peft_loftq_on_cpu(weight: torch.Tensor, r: int, num_iter: int):
+    """PEFT's `loftq_init` (4-bit) step by step with bitsandbytes' CPU functions (PEFT's own needs CUDA)."""
+    import bitsandbytes.functional as bnbf
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    weight = weight.float()
+    res = weight.clone()
+    for i in range(num_iter):
+        # flattened: bitsandbytes' CPU dequantize of a 2-D weight whose rows are not whole blocks does not invert its
+        # own (flat) quantize; on CUDA, where PEFT runs LoftQ, blocks are flat
+        q, state = bnbf.quantize_4bit(res.reshape(-1), quant_type="nf4", compress_statistics=False, blocksize=64)
+        dequantized = bnbf.dequantize_4bit(q, state).reshape(res.shape)
+        res = weight - dequantized
+        out = _low_rank_decomposition(res, reduced_rank=r)
+        if i + 1 == num_iter:
+            break
+        res = weight - out["L"] @ out["R"]
+    return dequantized, out["R"], out["L"]  # base, lora_A, lora_B
+
+
+def test_loftq_equals_peft_algorithm(hf_llama):
+    directory, torch_model = hf_llama()
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        ours, _ = FastLanguageModel.from_pretrained(directory, dtype="float32")
+    get_peft_model(ours, r=4, target_modules=["v_proj", "gate_proj"], init_lora_weights="loftq",
+                   loftq_config={"loftq_bits": 4, "loftq_iter": 2})
+    for name in targeted_module_names(ours):
+        layer, i = _our_layer(ours, name)
+        hf = dict(torch_model.named_modules())[name]
+        base, lora_a, lora_b = _peft_loftq_on_cpu(hf.weight.detach(), 4, 2)
+        # the second round quantizes W - L R, whose SVD rounding differs from torch's in the last bits
+        assert rel_err(np.asarray(layer.base.weight[...])[i].T, base.numpy()) < 1e-6, name
+        delta = np.asarray(layer.lora_a[...])[i] @ np.asarray(layer.lora_b[...])[i]
+        assert rel_err(delta.T, (lora_b @ lora_a).numpy()) < 1e-4, name
+
+
+def test_nf4_roundtrip_equals_bitsandbytes_without_double_quant():
+    import bitsandbytes.functional as bnbf
+
+    from fastlora_jax.lora_init import nf4_roundtrip
+
+    x = np.random.default_rng(3).normal(0, 0.02, (96, 80)).astype(np.float32)  # 7680 = 120 blocks of 64
+    flat = torch.tensor(x.reshape(-1))  # flat blocks, as on CUDA (see _peft_loftq_on_cpu)
+    q, state = bnbf.quantize_4bit(flat, quant_type="nf4", compress_statistics=False, blocksize=64)
+    np.testing.assert_array_equal(nf4_roundtrip(x).reshape(-1), bnbf.dequantize_4bit(q, state).numpy().reshape(-1))
