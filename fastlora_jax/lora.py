@@ -163,8 +163,7 @@ def plan(config: LoraConfig, model_config: LlamaConfig) -> Plan:
         else:
             entries = list(targets)
         for entry in entries:  # every entry must name some module (stricter than PEFT, which needs only one)
-            if not any(_entry_matches(entry, n, isinstance(targets, str)) and not _excluded(config, n)
-                       for n in names):
+            if not any(_entry_matches(entry, n, isinstance(targets, str)) for n in names):
                 raise ValueError(f"target_modules: no module matches {entry!r}; linear layers are {_LINEAR_NAMES}")
         matched = [n for n in names if not _excluded(config, n) and _target_matches(config, n)]
     if not matched:
@@ -187,6 +186,9 @@ def plan(config: LoraConfig, model_config: LlamaConfig) -> Plan:
         if layer >= 0:
             lora[path].append(layer)
     lora_t = {p: tuple(sorted(set(v))) for p, v in lora.items()}
+    if "lm_head" in lora_t and "lm_head" in saved:  # PEFT raises TypeError here too
+        raise ValueError(f"modules_to_save={list(config.modules_to_save)} selects 'lm_head', which target_modules "
+                         "also selects; a module is either LoRA-adapted or trained fully")
     return Plan(lora=lora_t, biases=_trainable_biases(config, model_config, lora_t), saved=saved)
 
 

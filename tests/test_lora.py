@@ -225,10 +225,11 @@ def test_second_call():
     (dict(use_gradient_checkpointing="yes"), ValueError, r"use_gradient_checkpointing='yes'; accepted"),
     (dict(modules_to_save=["embeddings"]), ValueError, r"'embeddings' is not a module of the model; modules are"),
     (dict(modules_to_save=["norm"]), NotImplementedError, "only 'embed_tokens' and 'lm_head'"),
+    (dict(target_modules=["q_proj", "lm_head"], modules_to_save=["head"]), ValueError, "either LoRA-adapted"),
     (dict(use_dora=True), TypeError, r"unexpected keyword arguments \['use_dora'\]"),
 ])
 def test_errors(kwargs, error, match):
-    model = tiny(tie_word_embeddings=True)
+    model = tiny(tie_word_embeddings=kwargs.get("modules_to_save") != ["head"])
     with pytest.raises(error, match=match):
         get_peft_model(model, **kwargs)
     assert model.peft_config is None and isinstance(model.model.layers.self_attn.q_proj, fastlora_jax.linear.Linear)

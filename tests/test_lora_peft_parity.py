@@ -69,6 +69,30 @@ def test_counts_equal_peft_on_the_1b_shape(setting):
         assert line == "trainable params: 11,272,192 || all params: 1,247,086,592 || trainable%: 0.9039\n"
 
 
+MATCHING = [
+    dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[2]),  # exact names
+    dict(target_modules=["mlp.down_proj", "self_attn.o_proj"], layers_to_transform=[]),  # [] means every layer
+    dict(target_modules=["up_proj"], layers_to_transform=[1, 3], layers_pattern=["blocks", "layers"]),
+    dict(target_modules=r"model\.layers\.[13]\..*_proj"),
+    dict(target_modules="ALL-LINEAR", modules_to_save=["lm_head"]),
+    dict(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"]),  # modules_to_save wins
+    dict(target_modules=["gate_proj", "k_proj"], layers_to_transform=0),
+]
+
+
+@pytest.mark.parametrize("kwargs", MATCHING, ids=range(len(MATCHING)))
+def test_matching_equals_peft(kwargs):
+    config = preset("llama-3.2-1b", num_hidden_layers=4, tie_word_embeddings=False)
+    ours = nnx.eval_shape(lambda: get_peft_model(Llama(config, dtype=jnp.bfloat16), **kwargs))
+    with torch.device("meta"):
+        torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf_config()))
+    theirs = _peft_model(torch_model, ours)
+    peft_targets = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                          if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(targeted_module_names(ours)) == peft_targets
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
 # ------------------------------------------------------------------------------------ logits and gradient parity
 
 PARITY_SETTINGS = {
