@@ -9,10 +9,11 @@ Ours: lora_a [L, in, r] = A.T, lora_b [L, r, out] = B.T per stacked projection (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -102,23 +103,44 @@ def _module(model, name: str):
     return getattr(getattr(model.model.layers, parent), child), int(m.group(1))
 
 
-def _slots(model) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray], Callable]]:
-    """Every PEFT key our LoRA model has: key -> (HF shape, getter of the HF-layout array, setter).
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One PEFT key of our model: its HF shape, where it lives (variable, layer index or None, our -> HF layout
+    function, its own inverse), and whether an adapter may leave it out."""
 
-    Setters stage values (key -> array) into a dict of updates applied together by `_apply`.
-    """
+    shape: tuple[int, ...]
+    var: Any
+    layer: int | None = None
+    transpose: bool = False
+    optional: bool = False
+    loads: bool = True  # False for a second name of the same tensor (the tied head)
+
+    def get(self) -> np.ndarray:
+        """The HF-layout host array (sliced and transposed on the host: nothing to compile per shape)."""
+        value = np.asarray(jax.device_get(self.var[...]))
+        value = value if self.layer is None else value[self.layer]
+        return np.ascontiguousarray(value.T if self.transpose else value)
+
+
+def _slots(model) -> dict[str, Slot]:
+    """Every PEFT key our LoRA model has, in PEFT's naming."""
     from fastlora_jax import lora
     from fastlora_jax.modules_to_save import SavedEmbed, SavedLinear
 
     config, mc = model.peft_config, model.config
     the_plan = lora.plan(config, mc)
-    slots = {}
+    slots: dict[str, Slot] = {}
     targeted = set(lora.targeted_module_names(model))
     for name in sorted(targeted, key=_name_order):
         module, layer = _module(model, name)
-        for which, var, to_hf in (("lora_A", module.lora_a, lambda x: x.T), ("lora_B", module.lora_b, lambda x: x.T)):
-            shape = tuple(reversed(var.get_value().shape[-2:]))
-            slots[f"{PREFIX}{name}.{which}.weight"] = (shape, _getter(var, layer, to_hf), (var, layer, to_hf))
+        for which, var in (("lora_A", module.lora_a), ("lora_B", module.lora_b)):
+            shape = tuple(reversed(_shape(var)[-2:]))
+            slots[f"{PREFIX}{name}.{which}.weight"] = Slot(shape, var, layer, transpose=True)
+    if "lm_head" in targeted and _embedding_targeted(config):
+        # PEFT also writes the base weight of a targeted embedding layer (save_embedding_layers="auto")
+        var = model.lm_head.base.weight  # [D, V]
+        slots[f"{PREFIX}lm_head.base_layer.weight"] = Slot(tuple(reversed(_shape(var))), var, transpose=True,
+                                                           optional=True)
     for path, layers in the_plan.biases.items():
         parent, child = path.split(".")
         module = getattr(getattr(model.model.layers, parent), child)
@@ -126,18 +148,29 @@ def _slots(model) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray], 
         for layer in layers:
             name = f"model.layers.{layer}.{path}"
             key = f"{PREFIX}{name}.{'base_layer.bias' if name in targeted else 'bias'}"
-            slots[key] = (tuple(var.get_value().shape[1:]), _getter(var, layer, None), (var, layer, None))
+            slots[key] = Slot(_shape(var)[1:], var, layer)
     embed, head = model.model.embed_tokens, model.lm_head
     if isinstance(embed, SavedEmbed):
         var = embed.trainable_weight  # [V, D], HF layout
-        slots[f"{PREFIX}model.embed_tokens.weight"] = (tuple(var.get_value().shape), _getter(var, None, None), (var, None, None))
+        slots[f"{PREFIX}model.embed_tokens.weight"] = Slot(_shape(var), var)
         if mc.tie_word_embeddings:  # one copy serves the head too; PEFT writes it under both names
-            slots[f"{PREFIX}lm_head.weight"] = (tuple(var.get_value().shape), _getter(var, None, None), None)
+            slots[f"{PREFIX}lm_head.weight"] = Slot(_shape(var), var, loads=False)
     if isinstance(head, SavedLinear):
         var = head.trainable_weight  # [D, V] ours
-        slots[f"{PREFIX}lm_head.weight"] = (tuple(reversed(var.get_value().shape)), _getter(var, None, lambda x: x.T),
-                                            (var, None, lambda x: x.T))
+        slots[f"{PREFIX}lm_head.weight"] = Slot(tuple(reversed(_shape(var))), var, transpose=True)
     return slots
+
+
+def _shape(var) -> tuple[int, ...]:
+    return tuple(var.get_value().shape)  # also for the abstract variables of nnx.eval_shape
+
+
+def _embedding_targeted(config) -> bool:
+    """PEFT's `embedding_is_targeted`: a list naming embed_tokens / lm_head, or a regex matching either."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return targets != "all-linear" and any(re.fullmatch(targets, n) for n in ("model.embed_tokens", "lm_head"))
+    return any(n in targets for n in ("embed_tokens", "lm_head"))
 
 
 def _name_order(name: str):
@@ -145,21 +178,19 @@ def _name_order(name: str):
     return (1 << 30, name) if m is None else (int(m.group(1)), name)
 
 
-def _getter(var, layer, to_hf):
-    def get():  # sliced and transposed on the host: no device computation to compile per shape
-        value = np.asarray(jax.device_get(var[...]))
-        value = value if layer is None else value[layer]
-        return np.ascontiguousarray(value if to_hf is None else to_hf(value))
-    return get
-
-
 # ------------------------------------------------------------------------------------------------ save / load
 
-def adapter_tensors(model) -> dict[str, np.ndarray]:
-    """The adapter of a LoRA model as PEFT's state dict (float32 host arrays in HF layout)."""
+def adapter_tensors(model, save_embedding_layers: bool | str = "auto") -> dict[str, np.ndarray]:
+    """The adapter of a LoRA model as PEFT's state dict: HF-layout host arrays in their own dtypes (float32 for
+    LoRA factors, modules_to_save copies and trained biases). save_embedding_layers: "auto" writes the base
+    weight of a targeted lm_head as PEFT does; False leaves it out."""
     if model.peft_config is None:
         raise ValueError("the model has no LoRA adapters; call FastLanguageModel.get_peft_model(model, ...) first")
-    return {key: np.asarray(get(), np.float32) for key, (_, get, _) in _slots(model).items()}
+    if save_embedding_layers not in ("auto", False):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r}; accepted: 'auto', False (embeddings "
+                         "are never resized here)")
+    return {key: slot.get() for key, slot in _slots(model).items()
+            if not (slot.optional and save_embedding_layers is False)}
 
 
 def write_adapter(directory: str, config_dict: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
@@ -189,10 +220,10 @@ def load_adapter_tensors(model, tensors: dict[str, np.ndarray], where: str = WEI
     """
     slots = _slots(model)
     tensors = {_strip_adapter_name(k): v for k, v in tensors.items()}
-    missing = [k for k in slots if k not in tensors]
+    missing = [k for k, slot in slots.items() if k not in tensors and not slot.optional]
     unexpected = [k for k in tensors if k not in slots]
-    misshaped = [f"{k}: adapter has {tuple(v.shape)}, model expects {slots[k][0]}"
-                 for k, v in tensors.items() if k in slots and tuple(v.shape) != slots[k][0]]
+    misshaped = [f"{k}: adapter has {tuple(v.shape)}, model expects {slots[k].shape}"
+                 for k, v in tensors.items() if k in slots and tuple(v.shape) != slots[k].shape]
     problems = []
     for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
                         ("mis-shaped tensors (other r or another base model?)", misshaped)):
@@ -203,18 +234,18 @@ def load_adapter_tensors(model, tensors: dict[str, np.ndarray], where: str = WEI
     if check_only:
         return
     updates: dict[int, tuple[Any, np.ndarray]] = {}
-    for key, (_, _, target) in slots.items():
-        if target is None:
+    for key, slot in slots.items():
+        if not slot.loads or key not in tensors:
             continue
-        var, layer, to_hf = target
+        var = slot.var
         if id(var) not in updates:
             updates[id(var)] = (var, np.array(jax.device_get(var[...]), np.float32))
         value = np.asarray(tensors[key], np.float32)
-        value = value if to_hf is None else to_hf(value)  # the transposes are their own inverses
-        if layer is None:
+        value = value.T if slot.transpose else value
+        if slot.layer is None:
             updates[id(var)][1][...] = value
         else:
-            updates[id(var)][1][layer] = value
+            updates[id(var)][1][slot.layer] = value
     for var, host in updates.values():
         old = var[...]
         var.set_value(jax.device_put(host.astype(old.dtype), old.sharding))

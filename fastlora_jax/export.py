@@ -9,7 +9,6 @@ Every file is written through fastlora_jax.converters.atomic (temporary name, th
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 
@@ -40,9 +39,8 @@ def save_pretrained(model, save_directory: str, *, tokenizer=None, safe_serializ
     model (no adapters, or after merge_and_unload) writes a transformers checkpoint in its own dtype.
 
     tokenizer: also written into the directory, as Unsloth users do with `tokenizer.save_pretrained(dir)`.
-    save_embedding_layers is accepted for PEFT compatibility: modules_to_save copies are always written.
+    save_embedding_layers: "auto" (PEFT's default: a LoRA-targeted lm_head's base weight is written too) or False.
     """
-    del save_embedding_layers
     if not safe_serialization:
         raise ValueError("safe_serialization=False (pickled .bin files) is not supported; safetensors only")
     if selected_adapters not in (None, ["default"], ("default",)):
@@ -58,7 +56,7 @@ def save_pretrained(model, save_directory: str, *, tokenizer=None, safe_serializ
                       "residual base; PEFT recomputes that residual from the original base when it loads the "
                       "adapter (as for PEFT's own saves)", stacklevel=3)
     config = peft.adapter_config_dict(model.peft_config, model.name_or_path)
-    tensors = peft.adapter_tensors(model)
+    tensors = peft.adapter_tensors(model, save_embedding_layers)
     with atomic.staged_directory(save_directory, commit_last=(peft.CONFIG_NAME,),
                                  stale=(peft.WEIGHTS_NAME,)) as stage:
         if tokenizer is not None:
@@ -168,7 +166,7 @@ def _check_same_structure(model, wanted, where: str) -> None:
 def _check_tying(model, adapter_config: dict, where: str) -> None:
     """A tied model shares one modules_to_save copy between embedding and head (PEFT's ensure_weight_tying)."""
     saved = adapter_config.get("modules_to_save") or ()
-    if (model.config.tie_word_embeddings and any(n.endswith(m) for m in saved for n in ("embed_tokens", "lm_head"))
+    if (model.config.tie_word_embeddings and any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in saved)
             and not adapter_config.get("ensure_weight_tying", False)):
         raise NotImplementedError(
             f"{where}: modules_to_save={saved!r} on a model with tied embeddings and ensure_weight_tying=false: PEFT "

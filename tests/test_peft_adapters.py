@@ -38,7 +38,7 @@ CASES = {
                                      modules_to_save=["embed_tokens", "lm_head"])),
     "tied_modules_to_save": (dict(tie_word_embeddings=True),
                              dict(r=2, lora_alpha=2, target_modules="all-linear", modules_to_save=["lm_head"])),
-    "regex_lm_head": (dict(), dict(r=4, lora_alpha=8, target_modules=r".*\.(o_proj|lm_head)")),
+    "regex_lm_head": (dict(), dict(r=4, lora_alpha=8, target_modules=r".*\.o_proj|lm_head")),
 }
 
 
