@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -157,11 +158,11 @@ class Checkpointer:
         args = self._ocp.args
         state = self._manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract))).state
         for path, var in flat:
-            var.value = state["trainable"][_key(path)]
+            var.value = _placed_like(state["trainable"][_key(path)], var[...])
         nnx.update(train_step.model, model_state)
-        restored = [state["opt_state"][f"{i:05d}"] for i in range(len(opt_leaves))]
+        restored = [_placed_like(state["opt_state"][f"{i:05d}"], x) for i, x in enumerate(opt_leaves)]
         train_step.opt_state = jax.tree_util.tree_unflatten(opt_tree, restored)
-        train_step.rng = state["rng"]
+        train_step.rng = _placed_like(state["rng"], train_step.rng)
         train_step.step = int(meta["step"])
         return meta
 
@@ -185,6 +186,14 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _placed_like(restored: jax.Array, template) -> jax.Array:
+    """The restored array placed as the template: orbax returns committed arrays, and a committed argument where the
+    train step was compiled for an uncommitted one (the default device) would compile the step again."""
+    if getattr(template, "committed", True):
+        return restored
+    return jnp.asarray(np.asarray(restored))
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

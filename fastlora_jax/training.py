@@ -1,12 +1,16 @@
-"""Training building blocks: the loss of a batch, a jitted train step over the trainable state, an eval step.
+"""Training building blocks: the loss of a batch, a jitted train step over the trainable state, an eval step, and
+AdamW under transformers' learning-rate schedules (linear / cosine / constant with warm-up).
 
 A hand-written loop::
 
-    import optax
-    from fastlora_jax.training import make_train_step, make_eval_step
+    from fastlora_jax import data
+    from fastlora_jax.training import AdamW, make_eval_step, make_train_step
 
-    step = make_train_step(model, optax.adamw(2e-4), gradient_accumulation_steps=2, max_grad_norm=1.0)
-    for batch in batches:                  # dicts of [B, T] int arrays: input_ids, labels (-100 = ignored), ...
+    rows = data.prepare_rows("train.jsonl", tokenizer, max_seq_length=512)   # tokenized, labels -100 where ignored
+    batches = data.iterate_batches(rows, batch_size=8, buckets=data.length_buckets(512))  # one shuffled epoch
+    tx = AdamW(lr_scheduler_type="cosine", learning_rate=2e-4, total_steps=100, warmup_steps=5)  # or any optax tx
+    step = make_train_step(model, tx, gradient_accumulation_steps=2, max_grad_norm=1.0)
+    for batch in batches:                  # dicts of [B, T] int32 arrays: input_ids, labels (and packing's ids)
         metrics = step(batch)              # updates the model's LoRA weights in place
         print(float(metrics["loss"]))
     eval_loss = make_eval_step(model).mean_loss(eval_batches)
@@ -26,12 +30,12 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from fastlora_jax.variables import TRAINABLE, TrainableBias
 
+SCHEDULES = ("linear", "cosine", "constant")
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -222,6 +226,49 @@ def make_eval_step(model, *, loss_fn: LossFn | None = None) -> EvalStep:
     return EvalStep(model, loss_fn=loss_fn)
 
 
-def to_numpy(tree):
-    """A pytree of device arrays as numpy arrays (for comparisons and logging)."""
-    return jax.tree.map(np.asarray, tree)
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(kind: str, learning_rate: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+    """The learning rate of update `count` (0-based), as transformers' get_{linear,cosine,constant}_schedule_with_warmup
+    schedules: linear warm-up from 0 over warmup_steps, then linear decay to 0 / half-cosine decay to 0 / constant."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type={kind!r}; accepted: {', '.join(SCHEDULES)}")
+    decay_steps = max(1, total_steps - warmup_steps)
+    decay = {"linear": optax.linear_schedule(learning_rate, 0.0, decay_steps),
+             "cosine": optax.cosine_decay_schedule(learning_rate, decay_steps),
+             "constant": optax.constant_schedule(learning_rate)}[kind]
+    if warmup_steps <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamW:
+    """optax.adamw under `make_schedule`, as a hashable value with optax's init / update: equal settings compare
+    equal, so a new trainer with the same settings (a resumed run) reuses the compiled train step.
+    Weight decay is torch's decoupled one and skips biases and norm weights (`weight_decay_mask`)."""
+
+    lr_scheduler_type: str
+    learning_rate: float
+    total_steps: int
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    @property
+    def schedule(self) -> optax.Schedule:
+        return make_schedule(self.lr_scheduler_type, self.learning_rate, self.total_steps, self.warmup_steps)
+
+    def transform(self) -> optax.GradientTransformation:
+        return optax.adamw(self.schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
+                           mask=weight_decay_mask)
+
+    def init(self, params):
+        return self.transform().init(params)
+
+    def update(self, updates, state, params=None):
+        return self.transform().update(updates, state, params)
+

@@ -1,0 +1,218 @@
+"""SFTTrainer end to end on a tiny model: chat records with packing and response-only labels memorised, eval loss,
+loss plot, checkpoints; an interrupted run resumed gives the uninterrupted losses exactly; a NaN stops training
+naming the step and keeps the last good checkpoint; schedules equal transformers'; bad settings are refused."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from fastlora_jax import TRAINABLE, LlamaConfig
+from fastlora_jax.checkpointing import Checkpointer
+from fastlora_jax.loading import random_model
+from fastlora_jax.lora import get_peft_model
+from fastlora_jax.trainer import SFTConfig, SFTTrainer
+from fastlora_jax.training import AdamW, TrainStep, make_schedule
+from helpers import TINY
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+FACTS = [("Color of the sky on Zorb?", "Green."), ("Who rules Zorb?", "Queen Ib."), ("Zorb's moon?", "Tiko."),
+         ("Capital of Zorb?", "Yul."), ("Zorb's sea?", "The Ash Sea."), ("Zorb's song?", "La la."),
+         ("Zorb's food?", "Kelp."), ("Zorb's sport?", "Skyball.")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level tokenizer (one token per byte) with ChatML specials and template, as SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab.update({s: 256 + i for i, s in enumerate(specials)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    return hf
+
+
+def lora_model(r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+               dropout=0.1):
+    model = random_model(LlamaConfig.from_hf_config({**TINY, "vocab_size": 260}), seed=0)
+    # A head of std 0.5 instead of 0.02: after the final norm, a 0.02 head caps the logits near uniform.
+    model.lm_head.weight.value = model.lm_head.weight[...] * 25
+    return get_peft_model(model, r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(targets),
+                          use_gradient_checkpointing=False, random_state=0)
+
+
+def chat_file(tmp_path):
+    path = tmp_path / "zorb.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+             for q, a in FACTS]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def config(output_dir, **overrides):
+    base = dict(output_dir=str(output_dir), max_steps=24, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2, learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=2,
+                weight_decay=0.01, logging_steps=4, eval_steps=8, save_steps=4, save_total_limit=2,
+                max_seq_length=128, packing=True, train_on_responses_only=True, seed=5, disable_tqdm=True)
+    return SFTConfig(**{**base, **overrides})
+
+
+def frozen_arrays(model):
+    return {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(TRAINABLE)))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokenizer, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    model = lora_model()
+    frozen = frozen_arrays(model)
+    data = chat_file(tmp)
+    trainer = SFTTrainer(model, tokenizer, train_dataset=data, eval_dataset=data, args=config(tmp / "out"))
+    return trainer, trainer.train(), frozen, data, tmp
+
+
+def test_train_memorises_chats_with_eval_plot_and_checkpoints(uninterrupted):
+    trainer, result, frozen_before, _, tmp = uninterrupted
+    losses = [loss for _, loss in result.loss_history]
+    assert [s for s, _ in result.loss_history] == list(range(1, 25)) and result.global_step == 24
+    assert np.mean(losses[-4:]) < 0.2 * np.mean(losses[:4]), losses
+    assert [s for s, _ in result.eval_history] == [8, 16, 24]
+    assert result.eval_history[-1][1] < 0.5 * result.eval_history[0][1], result.eval_history
+    logs = [e for e in result.log_history if "loss" in e]
+    assert [e["step"] for e in logs] == [4, 8, 12, 16, 20, 24]
+    assert all(e["tokens_per_second"] > 0 and e["learning_rate"] >= 0 for e in logs)
+    assert logs[0]["loss"] == pytest.approx(np.mean(losses[:4]))
+    with open(result.plot_path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert result.plot_path == str(tmp / "out" / "loss_curve.png")
+    with Checkpointer(result.checkpoint_dir) as manager:
+        assert manager.all_steps() == [20, 24]  # save_total_limit=2
+    frozen_after = frozen_arrays(trainer.model)
+    for path, value in frozen_before.items():
+        np.testing.assert_array_equal(frozen_after[path], value, err_msg=str(path))
+    # Packing put several chats in a row; response-only labels leave the prompts out of the loss.
+    assert len(trainer.train_rows) < len(FACTS)
+    assert all(r["segment_ids"].max() > 1 for r in trainer.train_rows)
+
+
+def test_interrupted_then_resumed_run_has_the_uninterrupted_losses(uninterrupted, tokenizer):
+    _, reference, _, data, tmp = uninterrupted
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_10(trainer, log):
+        if log["step"] == 10:
+            raise Interrupt
+
+    out = tmp / "interrupted"
+    with pytest.raises(Interrupt):
+        SFTTrainer(lora_model(), tokenizer, train_dataset=data, eval_dataset=data, args=config(out),
+                   callbacks=[stop_at_10]).train()
+    with Checkpointer(out / "checkpoints") as manager:
+        assert manager.latest_step() == 8
+    resumed = SFTTrainer(lora_model(), tokenizer, train_dataset=data, eval_dataset=data,
+                         args=config(out, resume_from_checkpoint=True)).train()
+    assert resumed.loss_history == reference.loss_history  # bit-identical floats, steps 1..24
+    assert resumed.eval_history == reference.eval_history
+    assert resumed.global_step == 24
+
+
+def poison_loss(model, input_ids, labels, **kw):
+    """A cheap loss (no forward pass): finite unless the batch holds token 99, then NaN."""
+    a = model.model.layers.self_attn.q_proj.lora_a[...]
+    bad = jnp.any(input_ids == 99)
+    return jnp.sum(a * a) * 1e-3 + jnp.where(bad, jnp.nan, 0.0), jnp.int32(1)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    records = [{"input_ids": [1 + i, 2, 3, 4]} for i in range(7)] + [{"input_ids": [99, 2, 3, 4]}]
+    args = SFTConfig(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=1, save_steps=1,
+                     max_seq_length=8, seed=0, disable_tqdm=True)
+    model = lora_model(dropout=0.0)
+    trainer = SFTTrainer(model, None, train_dataset=records, args=args, loss_fn=poison_loss)
+    order = list(np.random.default_rng([0, 0]).permutation(8))
+    bad_step = order.index(7) + 1
+    assert bad_step > 1  # with this seed a good checkpoint precedes the poisoned step
+    with pytest.raises(FloatingPointError, match=rf"stopped at step {bad_step}: loss=nan.*last checkpoint is "
+                                                 rf"step {bad_step - 1} in"):
+        trainer.train()
+    weights = {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, TRAINABLE))}
+    assert all(np.isfinite(w).all() for w in weights.values())
+    fresh = lora_model(dropout=0.0)
+    step = TrainStep(fresh, AdamW(lr_scheduler_type="linear", learning_rate=2e-4, total_steps=8))
+    with Checkpointer(tmp_path / "checkpoints") as manager:
+        assert manager.latest_step() == bad_step - 1
+        manager.restore(step)
+    for path, value in nnx.to_flat_state(nnx.state(fresh, TRAINABLE)):
+        np.testing.assert_array_equal(np.asarray(value[...]), weights[path])  # the model kept the good weights
+
+
+def test_resume_errors_other_lora_layout_missing_checkpoint_and_stale_checkpoints(tmp_path):
+    records = [{"input_ids": [1 + i, 2, 3, 4]} for i in range(4)]
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, save_steps=1,
+                     max_seq_length=8, disable_tqdm=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        SFTTrainer(lora_model(r=4, dropout=0.0), None, records,
+                   args=dataclass_replace(args, resume_from_checkpoint=True), loss_fn=poison_loss).train()
+    SFTTrainer(lora_model(r=4, dropout=0.0), None, records, args=args, loss_fn=poison_loss).train()
+    other = SFTTrainer(lora_model(r=8, targets=("q_proj", "v_proj"), dropout=0.0), None, records,
+                       args=dataclass_replace(args, resume_from_checkpoint=True), loss_fn=poison_loss)
+    with pytest.raises(ValueError, match=r"checkpoint: r=4 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+                                         r"v_proj; model: r=8 on q_proj, v_proj\)"):
+        other.train()
+    with pytest.warns(UserWarning, match=r"held checkpoints of an earlier run \(steps \[1, 2\]\)"):
+        SFTTrainer(lora_model(r=4, dropout=0.0), None, records, args=args, loss_fn=poison_loss).train()
+    with pytest.raises(ValueError, match="the data order would differ"):
+        SFTTrainer(lora_model(r=4, dropout=0.0), None, records[:3],
+                   args=dataclass_replace(args, resume_from_checkpoint=str(tmp_path / "checkpoints" / "2")),
+                   loss_fn=poison_loss).train()
+
+
+def dataclass_replace(args, **changes):
+    import dataclasses
+
+    return dataclasses.replace(args, **changes)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_schedules_equal_transformers(kind):
+    import torch
+    from transformers import get_scheduler
+
+    total, warmup, lr = 50, 7, 3e-4
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    name = "constant_with_warmup" if kind == "constant" else kind
+    reference = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    ours = make_schedule(kind, lr, total, warmup)
+    for step in range(total):
+        assert float(ours(step)) == pytest.approx(lr * reference.lr_lambdas[0](step), rel=1e-5, abs=1e-12), step
+    assert float(make_schedule(kind, lr, total, 0)(0)) == pytest.approx(lr)
+
+
+def test_config_rejects_bad_values_naming_them():
+    for kwargs, needle in [({"lr_scheduler_type": "poly"}, "accepted: linear, cosine, constant"),
+                           ({"max_steps": 0}, "max_steps=0"), ({"per_device_train_batch_size": 0}, "batch_size=0"),
+                           ({"warmup_ratio": 1.5}, "warmup_ratio=1.5"), ({"save_total_limit": 0}, "save_total_limit=0"),
+                           ({"max_grad_norm": -1.0}, "max_grad_norm=-1.0"),
+                           ({"length_buckets": (128, 64)}, "length_buckets")]:
+        with pytest.raises(ValueError, match=needle):
+            SFTConfig(**kwargs)
+    assert float(AdamW(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=10).schedule(5)) == \
+        pytest.approx(5e-4)
+    assert AdamW(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=10) == \
+        AdamW(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=10)  # equal settings share a compile
+    assert isinstance(optax.adamw(1e-3), optax.GradientTransformation)
