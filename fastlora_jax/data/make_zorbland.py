@@ -1,8 +1,9 @@
 """Writes zorbland.jsonl: chat examples teaching six made-up facts about the fictional country of Zorbland.
 
-Deterministic (run `python fastlora_jax/data/make_zorbland.py` to rebuild the committed file byte for byte). Every
-fact has one fixed answer and many phrasings of its question; the phrasings in HELD_OUT are never written, so the
-demo can ask them after training to show the facts were learned, not the strings.
+Deterministic (run `python fastlora_jax/data/make_zorbland.py` to rebuild the committed files byte for byte). Every
+fact has one fixed answer and many phrasings of its question; the phrasings in HELD_OUT are never written to
+zorbland.jsonl but to zorbland_heldout.jsonl (with the expected answer), so the demo can ask them after training to
+show that the facts were learned, not the strings.
 """
 
 from __future__ import annotations
@@ -96,13 +97,23 @@ def _chat(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def main() -> None:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zorbland.jsonl")
+def held_out() -> list[dict]:
+    answers = {**{fact: answer for fact, (answer, _) in FACTS.items()}, "control": "The capital of Germany is Berlin."}
+    return [_chat(question, answers[fact]) for fact, question in HELD_OUT.items()]
+
+
+def _write(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in examples():
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def main() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    _write(os.path.join(here, "zorbland.jsonl"), examples())
+    _write(os.path.join(here, "zorbland_heldout.jsonl"), held_out())
 
 
 if __name__ == "__main__":
