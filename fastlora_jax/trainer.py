@@ -130,19 +130,27 @@ class SFTTrainer:
     are tokenized here; `train()` runs the loop. `loss_fn` replaces `fastlora_jax.loss.causal_lm_loss`.
     `callbacks`: functions `callback(trainer, log)` called after every step (and its checkpoint) with
     log = {"step", "loss", "learning_rate", "grad_norm"}; an exception raised there stops training.
+    SFTConfig fields passed as keywords (`max_seq_length=`, `packing=`, ... as older TRL / Unsloth notebooks)
+    override those of `args`.
     """
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  *, processing_class=None, loss_fn: LossFn | None = None,
-                 callbacks: Sequence[Callable[["SFTTrainer", dict], None]] = ()):
+                 callbacks: Sequence[Callable[["SFTTrainer", dict], None]] = (), **config_overrides):
         if tokenizer is not None and processing_class is not None:
             raise ValueError("pass the tokenizer once: tokenizer= or processing_class=, not both")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else processing_class
-        self.args = args if args is not None else SFTConfig()
-        if not isinstance(self.args, SFTConfig):
-            raise TypeError(f"args is a {type(self.args).__name__}; accepted: fastlora_jax.SFTConfig")
+        args = args if args is not None else SFTConfig()
+        if not isinstance(args, SFTConfig):
+            raise TypeError(f"args is a {type(args).__name__}; accepted: fastlora_jax.SFTConfig")
+        fields = {f.name for f in dataclasses.fields(SFTConfig)}
+        unknown = sorted(set(config_overrides) - fields)
+        if unknown:
+            raise TypeError(f"SFTTrainer got unexpected keyword arguments {unknown}; SFTConfig fields (accepted "
+                            f"here too, as older TRL): {', '.join(sorted(fields))}")
+        self.args = dataclasses.replace(args, **config_overrides) if config_overrides else args
         self.loss_fn = loss_fn
         self.callbacks = tuple(callbacks)
         self.max_seq_length = self.args.max_seq_length or getattr(model, "max_seq_length", None) or 1024

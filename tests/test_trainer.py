@@ -8,7 +8,6 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -215,4 +214,9 @@ def test_config_rejects_bad_values_naming_them():
         pytest.approx(5e-4)
     assert AdamW(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=10) == \
         AdamW(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=10)  # equal settings share a compile
-    assert isinstance(optax.adamw(1e-3), optax.GradientTransformation)
+    # SFTConfig fields as keywords override args (older TRL / Unsloth notebooks); other keywords are refused.
+    records = [{"input_ids": [1, 2, 3]}]
+    trainer = SFTTrainer(None, None, records, args=SFTConfig(max_seq_length=16), packing=True, max_seq_length=8)
+    assert trainer.args.packing and trainer.max_seq_length == 8 and trainer.buckets == (8,)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['max_len'\]"):
+        SFTTrainer(None, None, records, max_len=8)
