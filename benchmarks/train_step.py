@@ -2,8 +2,8 @@
 
     python benchmarks/train_step.py run --model 8b --batch 4 --seq 2048 --mode unsloth [--qlora]
     python benchmarks/train_step.py suite NAME [NAME ...]   # named lists of `run`s, each in its own process
-    python benchmarks/train_step.py memory --model 8b --qlora --batch 1 --seq 1048576 --mode long
-    python benchmarks/train_step.py longest --seqs 262144 524288 1048576 ...   # memory analysis per length
+    python benchmarks/train_step.py memory --model 8b --qlora --batch 1 --seq 1048576 --mode long_context
+    python benchmarks/train_step.py longest --mode long_context 262144 524288 1048576   # analysis per length
 
 Random bf16 weights initialised on the device under jit (QLoRA: random NF4 codes and absmax, never a bf16 copy of
 the decoder), LoRA r=16, alpha=16 on the 7 projections through `fastlora_jax.lora.get_peft_model`, AdamW on the
@@ -33,6 +33,8 @@ SUITES = {
            "--model 8b --batch 4 --seq 2048 --mode True", "--model 8b --batch 4 --seq 2048 --mode unsloth"],
     "8b-qlora": ["--model 8b --batch 4 --seq 2048 --mode unsloth --qlora",
                  "--model 8b --batch 4 --seq 2048 --mode dots --qlora"],
+    "long": ["--model 8b --qlora --batch 1 --seq 131072 --mode unsloth --steps 1 --warmup 0",
+             "--model 8b --qlora --batch 1 --seq 262144 --mode long_context --steps 1 --warmup 0"],
     "8b-16k": ["--model 8b --batch 1 --seq 16384 --mode unsloth", "--model 8b --batch 1 --seq 16384 --mode True"],
     "1b": ["--model 1b --batch 8 --seq 2048 --mode dots", "--model 1b --batch 8 --seq 2048 --mode False",
            "--model 1b --batch 8 --seq 2048 --mode True", "--model 1b --batch 8 --seq 2048 --mode unsloth"],
@@ -207,6 +209,8 @@ def run(args) -> dict:
 
 
 def run_args(argv: list[str]) -> argparse.Namespace:
+    from fastlora_jax.loss import DEFAULT_CHUNK_SIZE
+
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=list(MODELS), default="8b")
     p.add_argument("--batch", type=int, default=4)
@@ -215,7 +219,7 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--qlora", action="store_true")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (compile-time study)")
     p.add_argument("--implementation", default="auto", choices=["auto", "xla", "pallas"])
-    p.add_argument("--chunk", type=int, default=2048, help="cross-entropy chunk (tokens)")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="cross-entropy chunk (tokens)")
     p.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk (default: the mode's)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
@@ -237,12 +241,20 @@ def main(argv: list[str]) -> None:
     elif command == "memory":
         args = run_args(rest + ["--compile-only"])
         print(json.dumps(run(args)), flush=True)
+    elif command == "longest":  # compiled memory analysis of 8B QLoRA at batch 1, one process per length
+        p = argparse.ArgumentParser()
+        p.add_argument("--mode", default="long_context")
+        p.add_argument("seqs", type=int, nargs="+")
+        a = p.parse_args(rest)
+        for seq in a.seqs:
+            subprocess.run([sys.executable, __file__, "memory", "--model", "8b", "--qlora", "--batch", "1",
+                            "--seq", str(seq), "--mode", a.mode], check=False)
     elif command == "suite":
         for name in rest:
             for line in SUITES[name]:
                 subprocess.run([sys.executable, __file__, "run", *line.split()], check=False)
     else:
-        raise SystemExit(f"unknown command {command!r}; accepted: run, memory, suite")
+        raise SystemExit(f"unknown command {command!r}; accepted: run, memory, longest, suite")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from fastlora_jax.variables import read
 
 IGNORE_INDEX = -100
 HEAD_LAYOUTS = ("dv", "vd")  # lm_head weight [D, V]; tied embedding [V, D]
-DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_CHUNK_SIZE = 1024  # [1024, 128256] float32 logits: 0.5 GiB per chunk
 
 
 def shift_labels(labels: jax.Array, segment_ids: jax.Array | None = None,
