@@ -190,12 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: teach SmolLM2-135M-Instruct the bundled Zorbland facts",
                        description="Asks held-out questions, fine-tunes on fastlora_jax/data/zorbland.jsonl, asks "
                                    "again, saves the PEFT adapter and loss curve, and checks that PEFT loads it.")
-    d.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s")
-    d.add_argument("--output", type=_output_dir, default="outputs/zorbland-lora", help="default: %(default)s")
-    d.add_argument("--max-steps", type=_positive_int, default=15, help="default: %(default)s")
-    d.add_argument("--batch-size", type=_positive_int, default=4, help="default: %(default)s")
-    d.add_argument("--lr", type=_positive_float, default=2e-3, help="default: %(default)s")
-    d.add_argument("--no-peft-check", action="store_true", help="skip loading the adapter with PEFT")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="the base model (default: %(default)s)")
+    d.add_argument("--output", type=_output_dir, default="outputs/zorbland-lora",
+                   help="where the adapter, the loss curve and the checkpoints go (default: %(default)s)")
+    d.add_argument("--max-steps", type=_positive_int, default=15, help="optimizer steps (default: %(default)s)")
+    d.add_argument("--batch-size", type=_positive_int, default=4, help="chats per step (default: %(default)s)")
+    d.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    d.add_argument("--no-peft-check", action="store_true",
+                   help="skip loading the saved adapter with PEFT (done only where torch and peft are installed)")
     return parser
 
 
