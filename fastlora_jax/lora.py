@@ -280,7 +280,8 @@ def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGET_MODULES, lo
     lora_dropout: on the LoRA branch input, in training only (the forward's `dropout_rng`; keys from random_state).
     bias: "none", "all" (every bias trains) or "lora_only" (biases of LoRA layers); trained biases are float32.
     layers_to_transform / layers_pattern: restrict list targets to these decoder layers, as PEFT.
-    use_gradient_checkpointing: False, True or "unsloth" (stored on model.model.gradient_checkpointing).
+    use_gradient_checkpointing: False, True, "unsloth" (layer inputs offloaded to host), or the measured extras
+      "dots" (save the projection outputs) and "long_context" (block-input offload); see fastlora_jax.remat.
     modules_to_save: ["embed_tokens", "lm_head"] train float32 copies (compute in the model dtype); with tied
       embeddings ONE copy serves both the embedding and the head (PEFT's ensure_weight_tying=True).
     init_lora_weights: True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq" (with loftq_config

@@ -252,6 +252,7 @@ class Llama(nnx.Module):
         self.name_or_path = ""  # where the base model was loaded from (for adapter configs)
         self.max_seq_length = 2048
         self.peft_config = None  # a fastlora_jax.lora.LoraConfig once get_peft_model has run
+        self.merged_peft_config = None  # the LoraConfig folded in by merge_and_unload (what unmerge undoes)
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs, implementation=implementation)
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs,
@@ -306,11 +307,11 @@ class Llama(nnx.Module):
         export.save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
 
     def save_pretrained_gguf(self, save_directory: str, tokenizer=None, quantization_method: str = "f16",
-                             **kwargs) -> None:
-        """Writes a GGUF file of the merged model ("f16", "bf16", "q8_0")."""
+                             **kwargs) -> str:
+        """Writes a GGUF file of the merged model ("f16", "bf16", "q8_0"); returns its path."""
         from fastlora_jax import export
 
-        export.save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,
+        return export.save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,
                                     **kwargs)
 
     def merge_and_unload(self) -> "Llama":
