@@ -253,6 +253,7 @@ class Llama(nnx.Module):
         self.max_seq_length = 2048
         self.peft_config = None  # a fastlora_jax.lora.LoraConfig once get_peft_model has run
         self.merged_peft_config = None  # the LoraConfig folded in by merge_and_unload (what unmerge undoes)
+        self.training = True  # FastLanguageModel.for_inference / for_training switch it
         self.model = LlamaModel(config, dtype=dtype, rngs=rngs, implementation=implementation)
         self.lm_head = (None if config.tie_word_embeddings else
                         Linear(config.hidden_size, config.vocab_size, dtype=dtype, rngs=rngs,
