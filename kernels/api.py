@@ -19,10 +19,20 @@ if TYPE_CHECKING:
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
-# Where Pallas measured faster than XLA on an NVIDIA H200 (JAX 0.11.2), per op: (in, out, min_tokens, max_tokens).
-# Filled from benchmarks/RESULTS.md ("## Kernels"); a shape that is not listed runs XLA.
-PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int], ...]] = {
-    "lora": (),
+# Where Pallas was measured faster than XLA on an NVIDIA H200 (JAX 0.11.2, benchmarks/kernels.py, 2026-11-29; the
+# figures are in benchmarks/RESULTS.md, "## Kernels"), per op: (in, out, min_tokens, max_tokens, min_rank, max_rank).
+# A call matches when its token count and LoRA rank lie in those ranges, whose ends were all measured (tokens 1, 16,
+# 8192; ranks 16, 64). "Faster": the median by >= 5%, or all three timed batches below XLA's fastest. Anything else
+# runs XLA; the NF4 kernels never measured faster.
+PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]] = {
+    "lora": (
+        (4096, 4096, 8192, 8192, 16, 64),  # 899 / 939 us vs XLA 991 / 1043 (r16 / r64)
+        (4096, 14336, 8192, 8192, 16, 64),  # 2977 / 3073 vs 3159 / 3158
+        (14336, 4096, 8192, 8192, 16, 64),  # 2924 / 2969 vs 3128 / 3135
+        (4096, 1024, 8192, 8192, 16, 16),  # 318 vs 421 (r64 inconclusive: 337..645 vs 480..521)
+        (4096, 1024, 16, 16, 16, 64),  # 62 / 60 vs 78 / 76
+        (4096, 4096, 16, 16, 64, 64),  # 62 vs 76 (r16: 59 vs 55, not faster)
+    ),
     "nf4": (),
 }
 
@@ -33,14 +43,15 @@ def _check_implementation(implementation: str) -> str:
     return implementation
 
 
-def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int) -> str:
-    """The implementation that runs: "auto" becomes "pallas" only where PALLAS_FASTER_ON_GPU lists the shape."""
+def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int, rank: int = 0) -> str:
+    """The implementation that runs: "auto" becomes "pallas" only on a GPU and where PALLAS_FASTER_ON_GPU lists the
+    shape, token count and rank."""
     if _check_implementation(implementation) != "auto":
         return implementation
     if not _compat.on_gpu():
         return "xla"
-    for k, n, lo, hi in PALLAS_FASTER_ON_GPU[op]:
-        if (k, n) == (in_features, out_features) and lo <= tokens <= hi:
+    for k, n, lo, hi, min_rank, max_rank in PALLAS_FASTER_ON_GPU[op]:
+        if (k, n) == (in_features, out_features) and lo <= tokens <= hi and min_rank <= rank <= max_rank:
             return "pallas"
     return "xla"
 
@@ -58,7 +69,7 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
     Gradients flow to x, a, b, scaling and bias; w's cotangent is a symbolic zero (no weight gradient is computed).
     """
     lora.check_lora_shapes(x, w, a, b, scaling, bias)
-    impl = resolve("lora", implementation, w.shape[0], w.shape[1], math.prod(x.shape[:-1]))
+    impl = resolve("lora", implementation, w.shape[0], w.shape[1], math.prod(x.shape[:-1]), a.shape[1])
     return lora.lora_linear(x, w, a, b, scaling, bias, implementation=impl)
 
 
@@ -72,5 +83,6 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     """
     nf4.check_nf4_shapes(x, w, bias, a, b)
     out_features, in_features = w.shape
-    impl = resolve("nf4", implementation, in_features, out_features, math.prod(x.shape[:-1]))
+    impl = resolve("nf4", implementation, in_features, out_features, math.prod(x.shape[:-1]),
+                   0 if a is None else a.shape[1])
     return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation=impl)

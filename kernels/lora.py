@@ -29,7 +29,7 @@ class BlockSizes:
     """Tiles of `lowrank_matmul` (powers of two, >= 16: Triton's smallest dot) and its Triton launch settings."""
 
     block_m: int = 128
-    block_n: int = 128
+    block_n: int = 256
     block_k: int = 64
     group_m: int = 8  # output tiles are visited in groups of group_m rows, so w's column panels stay in L2
     num_warps: int = 8
@@ -39,7 +39,7 @@ class BlockSizes:
     def for_shape(cls, m: int, n: int, k: int) -> BlockSizes:
         """Defaults for an [m, k] @ [k, n] product: weight-streaming tiles for few tokens, MMA tiles otherwise."""
         if m <= 64:
-            base = cls(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+            base = cls(block_m=16, block_n=64, block_k=256, group_m=1, num_warps=4, num_stages=3)
         else:
             base = cls()
         return dataclasses.replace(base, block_m=min(base.block_m, _pow2_at_least(m)),

@@ -4,8 +4,9 @@ w is one bitsandbytes NF4 weight [out, in] (`fastlora_jax.nf4.NF4Array`): row-ma
 the high nibble), one double-quantized absmax per 64 consecutive elements. With in % 64 == 0 every 64-block lies
 in one row, so the codes view as [out, in / 2] bytes and the absmax as [out, in / 64].
 
-The Pallas kernels read only the 4-bit codes and the 8-bit absmax codes: each program dequantizes its tile in
-registers (NF4 table and absmax double-dequantization by gathers from small tables) and multiplies at once.
+The Pallas kernels read only the 4-bit codes and the float32 block absmax (double-dequantized by XLA first: 1/64
+of the elements): each program dequantizes its tile in registers (the NF4 table by a gather from 16 values) and
+multiplies at once.
 The high/low nibbles hold even/odd input columns, so x is read with stride 2 (forward) and dx is written with
 stride 2 (backward). Few programs per output tile would leave the GPU idle at few tokens, so the contraction is
 split over `split_k` programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 _F32 = jnp.float32
 _BLOCK = 64  # bitsandbytes' NF4 blocksize
-_NESTED = 256  # its absmax double-quantization blocksize
 _TARGET_PROGRAMS = 264  # two per H200 multiprocessor
 
 
@@ -38,7 +38,7 @@ class BlockSizes:
     """Tiles of the fused NF4 kernels and their Triton launch settings (block sizes powers of two, >= 16)."""
 
     block_m: int = 16  # token rows per program
-    block_n: int = 64  # forward: output features per program
+    block_n: int = 32  # forward: output features per program
     block_k: int = 64  # backward: output features (contraction rows) per loop step
     blocks_per_step: int = 2  # 64-element NF4 blocks of input features per step (fwd) / per program (bwd)
     split_k: int | None = None  # programs sharing one contraction; None: enough for ~2 programs per SM
@@ -48,7 +48,7 @@ class BlockSizes:
     @classmethod
     def for_shape(cls, m: int, out_features: int, in_features: int) -> BlockSizes:
         bm = 16 if m <= 16 else min(64, _pow2_at_least(m))
-        return cls(block_m=bm, block_n=min(64, _pow2_at_least(out_features)),
+        return cls(block_m=bm, block_n=min(32, _pow2_at_least(out_features)),
                    block_k=min(64, _pow2_at_least(out_features)), blocks_per_step=2)
 
 
@@ -70,41 +70,29 @@ def _split(steps: int, programs: int, requested: int | None) -> int:
     return next((d for d in divisors if programs * d >= _TARGET_PROGRAMS), divisors[-1])
 
 
-def _tables():
-    from fastlora_jax.nf4 import NF4_CODE, dynamic_map
+def _code_table() -> jax.Array:
+    from fastlora_jax.nf4 import NF4_CODE
 
-    return jnp.asarray(NF4_CODE, _F32), jnp.asarray(dynamic_map(), _F32)
-
-
-def _absmax(absq, rows, kb, nested_ref, dmap_ref, offset_ref, *, nkb: int, n_nested: int):
-    """Block absmax [R, 1] float32 of rows `rows` [R, 1] in block column kb: dmap[q] * nested[flat // 256] + offset."""
-    q = absq.astype(jnp.int32)  # [R, 1]
-    nested_index = jnp.minimum((rows * nkb + kb) // _NESTED, n_nested - 1)  # padded rows stay in bounds
-    return dmap_ref[q] * nested_ref[nested_index] + offset_ref[jnp.zeros_like(q)]
+    return jnp.asarray(NF4_CODE, _F32)  # [16]
 
 
-def _dequant(codes, am, code_ref, dtype):
+def _dequant(codes, am, code_ref, dtype):  # bitsandbytes' order: NF4_CODE[code] * absmax in float32, then dtype
     """codes [R, C] uint8, am [R, 1] -> (high-nibble values, low-nibble values) [R, C] in dtype."""
     c = codes.astype(jnp.int32)
     return (code_ref[c >> 4] * am).astype(dtype), (code_ref[c & 15] * am).astype(dtype)
 
 
-def _xwt_kernel(x_ref, codes_ref, absq_ref, nested_ref, dmap_ref, code_ref, offset_ref, o_ref, *, bps: int,
-                steps: int, nkb: int, n_nested: int):
-    # x_ref [bm, in], codes_ref [bn, in / 2] uint8, absq_ref [bn, in / 64] uint8, nested_ref [n_nested],
-    # dmap_ref [256], code_ref [16], offset_ref [1]; o_ref [bm, bn] (or [1, bm, bn] float32 partial sums)
-    bn = codes_ref.shape[0]
-    j, s = pl.program_id(1), pl.program_id(2)
-    rows = j * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)  # [bn, 1] output features
-    absmax = functools.partial(_absmax, nested_ref=nested_ref, dmap_ref=dmap_ref, offset_ref=offset_ref, nkb=nkb,
-                               n_nested=n_nested)
+def _xwt_kernel(x_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, steps: int):
+    # x_ref [bm, in], codes_ref [bn, in / 2] uint8, absmax_ref [bn, in / 64] float32, code_ref [16];
+    # o_ref [bm, bn] (or float32 partial sums of this program's share of the contraction)
+    s = pl.program_id(2)
 
     def body(t, acc):  # acc [bm, bn] float32
         for u in range(bps):
             kb = (s * steps + t) * bps + u  # the 64-block column
             x_even = x_ref[:, pl.ds(kb * _BLOCK, _BLOCK // 2, stride=2)]  # [bm, 32]
             x_odd = x_ref[:, pl.ds(kb * _BLOCK + 1, _BLOCK // 2, stride=2)]  # [bm, 32]
-            am = absmax(absq_ref[:, pl.ds(kb, 1)], rows, kb)  # [bn, 1]
+            am = absmax_ref[:, pl.ds(kb, 1)]  # [bn, 1]
             w_hi, w_lo = _dequant(codes_ref[:, pl.ds(kb * (_BLOCK // 2), _BLOCK // 2)], am, code_ref, x_ref.dtype)
             acc = acc + _dot_t(x_even, w_hi) + _dot_t(x_odd, w_lo)  # [bm, bn]
         return acc
@@ -113,22 +101,18 @@ def _xwt_kernel(x_ref, codes_ref, absq_ref, nested_ref, dmap_ref, code_ref, offs
     o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
-def _xw_kernel(g_ref, codes_ref, absq_ref, nested_ref, dmap_ref, code_ref, offset_ref, o_ref, *, bps: int,
-               steps: int, block_k: int, nkb: int, n_nested: int):
-    # g_ref [bm, out], codes_ref [out, 32 * bps] uint8, absq_ref [out, bps] uint8, nested/dmap/code/offset as above;
-    # o_ref [bm, 64 * bps] (or [1, bm, 64 * bps] float32 partial sums)
-    j, s = pl.program_id(1), pl.program_id(2)
+def _xw_kernel(g_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, steps: int, block_k: int):
+    # g_ref [bm, out], codes_ref [out, 32 * bps] uint8, absmax_ref [out, bps] float32, code_ref [16];
+    # o_ref [bm, 64 * bps] (or float32 partial sums of this program's share of the contraction)
+    s = pl.program_id(2)
     bm = g_ref.shape[0]
-    absmax = functools.partial(_absmax, nested_ref=nested_ref, dmap_ref=dmap_ref, offset_ref=offset_ref, nkb=nkb,
-                               n_nested=n_nested)
 
     def body(t, accs):  # accs: 2 * bps arrays [bm, 32] float32 (even, odd input columns of each 64-block)
         r0 = pl.multiple_of((s * steps + t) * block_k, block_k)
-        rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)  # [bk, 1] output features
         g = g_ref[:, pl.ds(r0, block_k)]  # [bm, bk]
         new = []
         for u in range(bps):
-            am = absmax(absq_ref[pl.ds(r0, block_k), pl.ds(u, 1)], rows, j * bps + u)  # [bk, 1]
+            am = absmax_ref[pl.ds(r0, block_k), pl.ds(u, 1)]  # [bk, 1]
             codes = codes_ref[pl.ds(r0, block_k), pl.ds(u * (_BLOCK // 2), _BLOCK // 2)]  # [bk, 32]
             w_hi, w_lo = _dequant(codes, am, code_ref, g_ref.dtype)
             new += [accs[2 * u] + _dot(g, w_hi), accs[2 * u + 1] + _dot(g, w_lo)]
@@ -152,15 +136,20 @@ def _dot_t(a, b):  # a [m, k] @ b [n, k].T -> [m, n] float32
 
 
 def _operands(w: NF4Array, rows: int):
-    """The NF4 arrays viewed per row: codes [rows, in / 2], absq [rows, in / 64] (zero rows past out), tables."""
+    """codes [rows, in / 2] uint8 and the float32 block absmax [rows, in / 64] (zero rows past out).
+
+    The absmax (1/64 of the weight's elements, double-dequantized by XLA: a small fusion) is exactly
+    `fastlora_jax.nf4.dequantize_absmax`; the kernels then dequantize the codes (two per byte) themselves.
+    """
+    from fastlora_jax.nf4 import dequantize_absmax
+
     out_features, in_features = w.shape
     codes = w.packed.reshape(out_features, in_features // 2)
-    absq = w.absmax_q.reshape(out_features, in_features // _BLOCK)
+    absmax = dequantize_absmax(w).reshape(out_features, in_features // _BLOCK)
     if rows != out_features:
         codes = jnp.pad(codes, ((0, rows - out_features), (0, 0)))
-        absq = jnp.pad(absq, ((0, rows - out_features), (0, 0)))
-    code, dmap = _tables()
-    return codes, absq, w.nested_absmax.astype(_F32), dmap, code, w.offset.reshape(1).astype(_F32)
+        absmax = jnp.pad(absmax, ((0, rows - out_features), (0, 0)))
+    return codes, absmax
 
 
 def _compiled(kernel, grid, in_specs, out_spec, out_shape, bs: BlockSizes, interpret: bool | None, name: str):
@@ -184,13 +173,12 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
     grid_m, grid_n = mp // bs.block_m, np_ // bs.block_n
     split = _split(nkb // bps, grid_m * grid_n, bs.split_k)
-    codes, absq, nested, dmap, code, offset = _operands(w, np_)
+    codes, absmax = _operands(w, np_)
     x_p = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split, nkb=nkb, n_nested=nested.shape[0])
+    kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split)
     in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((bs.block_n, k // 2), lambda i, j, s: (j, 0)),
-                pl.BlockSpec((bs.block_n, nkb), lambda i, j, s: (j, 0)),
-                _full(nested.shape), _full(dmap.shape), _full(code.shape), _full(offset.shape)]
+                pl.BlockSpec((bs.block_n, nkb), lambda i, j, s: (j, 0)), _full((16,))]
     if split == 1:
         out_spec = pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j, s: (i, j))
         out_shape = jax.ShapeDtypeStruct((mp, np_), x.dtype)
@@ -198,7 +186,7 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
         out_spec = pl.BlockSpec((None, bs.block_m, bs.block_n), lambda i, j, s: (s, i, j))
         out_shape = jax.ShapeDtypeStruct((split, mp, np_), _F32)
     y = _compiled(kernel, (grid_m, grid_n, split), in_specs, out_spec, out_shape, bs, interpret, "nf4_matmul_t")(
-        x_p, codes, absq, nested, dmap, code, offset)
+        x_p, codes, absmax, _code_table())
     if split > 1:
         y = y.sum(axis=0).astype(x.dtype)
     return y[:m, :n]
@@ -214,15 +202,13 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_k)
     grid_m, grid_n = mp // bs.block_m, nkb // bps
     split = _split(np_ // bs.block_k, grid_m * grid_n, bs.split_k)
-    codes, absq, nested, dmap, code, offset = _operands(w, np_)
+    codes, absmax = _operands(w, np_)
     g_p = jnp.pad(g, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else g
-    kernel = functools.partial(_xw_kernel, bps=bps, steps=np_ // bs.block_k // split, block_k=bs.block_k, nkb=nkb,
-                               n_nested=nested.shape[0])
+    kernel = functools.partial(_xw_kernel, bps=bps, steps=np_ // bs.block_k // split, block_k=bs.block_k)
     width = _BLOCK * bps
     in_specs = [pl.BlockSpec((bs.block_m, np_), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((np_, width // 2), lambda i, j, s: (0, j)),
-                pl.BlockSpec((np_, bps), lambda i, j, s: (0, j)),
-                _full(nested.shape), _full(dmap.shape), _full(code.shape), _full(offset.shape)]
+                pl.BlockSpec((np_, bps), lambda i, j, s: (0, j)), _full((16,))]
     if split == 1:
         out_spec = pl.BlockSpec((bs.block_m, width), lambda i, j, s: (i, j))
         out_shape = jax.ShapeDtypeStruct((mp, k), g.dtype)
@@ -230,7 +216,7 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
         out_spec = pl.BlockSpec((None, bs.block_m, width), lambda i, j, s: (s, i, j))
         out_shape = jax.ShapeDtypeStruct((split, mp, k), _F32)
     dx = _compiled(kernel, (grid_m, grid_n, split), in_specs, out_spec, out_shape, bs, interpret, "nf4_matmul")(
-        g_p, codes, absq, nested, dmap, code, offset)
+        g_p, codes, absmax, _code_table())
     if split > 1:
         dx = dx.sum(axis=0).astype(g.dtype)
     return dx[:m]

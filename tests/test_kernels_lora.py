@@ -18,6 +18,13 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 SMALL = lora.BlockSizes(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2)
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """No TF32 on a GPU: float32 products (references included) at full precision, as on CPU."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
@@ -38,11 +45,11 @@ def make_inputs(m, k, n, r, dtype, seed=0):
 
 def forward_and_grads(fn, x, w, a, b, bias, scaling, g):
     """(y, dx, da, db, dbias, dscaling) of y = fn(x, w, a, b, scaling, bias) under the cotangent g."""
+
     @jax.jit
     def run(x, w, a, b, bias, scaling, g):
-        with jax.default_matmul_precision("highest"):  # no TF32 in the float32 references on a GPU
-            y, vjp = jax.vjp(lambda x, a, b, bias, s: fn(x, w, a, b, s, bias), x, a, b, bias, scaling)
-            return (y, *vjp(g))
+        y, vjp = jax.vjp(lambda x, a, b, bias, s: fn(x, w, a, b, s, bias), x, a, b, bias, scaling)
+        return (y, *vjp(g))
 
     return run(x, w, a, b, bias, scaling, g)
 
@@ -130,8 +137,7 @@ def test_lowrank_matmul_validates_and_transposes():
     x, w, a, b, bias, _, _ = make_inputs(20, 40, 36, 8, jnp.float32)
     u = jnp.asarray(np.random.default_rng(9).standard_normal((20, 8), np.float32))
     got = lora.lowrank_matmul(x, w.T, u, b.T, bias, transpose=True, block_sizes=SMALL)
-    with jax.default_matmul_precision("highest"):
-        want = x @ w + u @ b + bias
+    want = x @ w + u @ b + bias
     assert rel_err(got, want) < 1e-5
     with pytest.raises(ValueError, match=r"x\.shape=\(20, 40\) w\.shape=\(40, 36\)"):
         lora.lowrank_matmul(x, w, u, b.T, bias)
@@ -141,9 +147,23 @@ def test_auto_is_xla_off_gpu_and_table_is_well_formed():
     for op, entries in api.PALLAS_FASTER_ON_GPU.items():
         assert op in ("lora", "nf4")
         for entry in entries:
-            assert len(entry) == 4 and all(isinstance(v, int) for v in entry) and entry[2] <= entry[3], entry
+            assert len(entry) == 6 and all(isinstance(v, int) for v in entry), entry
+            assert entry[2] <= entry[3] and entry[4] <= entry[5], entry
     if jax.default_backend() != "gpu":
-        assert api.resolve("lora", "auto", 4096, 4096, 1) == "xla"
+        assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # listed for GPUs only
     assert api.resolve("lora", "pallas", 4096, 4096, 8192) == "pallas"
+    assert api.resolve("nf4", "xla", 4096, 4096, 1) == "xla"
     with pytest.raises(ValueError, match="implementation='triton'; accepted: auto, xla, pallas"):
         api.resolve("lora", "triton", 8, 8, 8)
+
+
+def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
+    monkeypatch.setattr(api._compat, "on_gpu", lambda: True)  # the table's GPU reading, on any backend
+    assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "pallas"
+    assert api.resolve("lora", "auto", 4096, 4096, 8192, 128) == "xla"  # rank above the measured ones
+    assert api.resolve("lora", "auto", 4096, 4096, 8192, 8) == "xla"  # rank below the measured ones
+    assert api.resolve("lora", "auto", 4096, 4096, 16, 64) == "pallas"
+    assert api.resolve("lora", "auto", 4096, 4096, 16, 16) == "xla"
+    assert api.resolve("lora", "auto", 4096, 4096, 4096, 16) == "xla"  # token count not measured
+    assert api.resolve("lora", "auto", 4096, 1024, 8192, 64) == "xla"  # measured, not faster
+    assert api.resolve("nf4", "auto", 4096, 4096, 16) == "xla"

@@ -1,0 +1,148 @@
+"""NF4 linear kernels (XLA dequantize+matmul, Pallas fused dequant-matmul) against the dequantize_nf4 reference.
+
+On CPU the Pallas kernels run in interpret mode; on a GPU the same tests run them compiled (the backend decides).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastlora_jax import kernels
+from fastlora_jax.kernels import nf4 as knf4
+from fastlora_jax.kernels import reference
+from fastlora_jax.nf4 import quantize_nf4, stack_nf4
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# Small tiles: the test shapes need several token, feature and contraction tiles, and padded edges.
+SMALL = knf4.BlockSizes(block_m=16, block_n=16, block_k=16, blocks_per_step=2, num_warps=4, num_stages=2)
+SPLIT = knf4.BlockSizes(block_m=16, block_n=16, block_k=16, blocks_per_step=1, split_k=3, num_warps=4, num_stages=2)
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """No TF32 on a GPU: float32 products (references included) at full precision, as on CPU."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def make_inputs(m, k, n, r, dtype, seed=0):
+    """x [m, k], an NF4 weight [n, k] (HF layout), bias [n], float32 LoRA a [k, r], b [r, n] (or None), cotangent."""
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, scale=1.0, dt=jnp.float32):
+        return jnp.asarray(rng.standard_normal(shape, np.float32) * scale).astype(dt)
+
+    w = jax.tree.map(jnp.asarray, quantize_nf4(rng.standard_normal((n, k), np.float32) * k ** -0.5))
+    a, b = (normal((k, r), k ** -0.5), normal((r, n), r ** -0.5)) if r else (None, None)
+    return normal((m, k), 1.0, dtype), w, normal((n,), 1.0, dtype), a, b, jnp.float32(rng.uniform(0.5, 2.0)), \
+        normal((m, n), 1.0, dtype)
+
+
+def forward_and_grads(fn, x, w, bias, a, b, scaling, g):
+    """(y, dx, dbias[, da, db]) of y = fn(x, w, bias, a, b, scaling) under the cotangent g."""
+
+    @jax.jit
+    def run(x, w, bias, a, b, scaling, g):
+        y, vjp = jax.vjp(lambda x, bias, a, b: fn(x, w, bias, a, b, scaling), x, bias, a, b)
+        return (y, *vjp(g))
+
+    return [v for v in run(x, w, bias, a, b, scaling, g) if v is not None]
+
+
+CASES = [  # (tokens, in, out, r, dtype): in a multiple of 64 (NF4 blocks in rows), nothing else of the tiles
+    (1, 192, 40, 0, jnp.float32), (5, 192, 40, 0, jnp.bfloat16), (33, 256, 72, 0, jnp.bfloat16),
+    (16, 128, 24, 1, jnp.float32), (3, 256, 40, 16, jnp.bfloat16), (21, 128, 72, 128, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("implementation, blocks", [("xla", None), ("pallas", SMALL), ("pallas", None)],
+                         ids=["xla", "pallas", "default_tiles"])
+@pytest.mark.parametrize("m, k, n, r, dtype", CASES)
+def test_matches_reference(implementation, blocks, m, k, n, r, dtype):
+    check_case(implementation, blocks, m, k, n, r, dtype)
+
+
+@pytest.mark.parametrize("m, k, n, r, dtype", [c for c in CASES if c[1] == 192])  # 3 blocks per row: split_k=3
+def test_split_contraction_matches_reference(m, k, n, r, dtype):
+    check_case("pallas", SPLIT, m, k, n, r, dtype)
+
+
+def check_case(implementation, blocks, m, k, n, r, dtype):
+    inputs = make_inputs(m, k, n, r, dtype, seed=m + r)
+    got = forward_and_grads(
+        lambda *z: knf4.nf4_linear(*z, implementation=implementation, block_sizes=blocks), *inputs)
+    want = forward_and_grads(reference.nf4_linear_reference, *inputs)
+    assert len(got) == len(want) == (5 if r else 3)
+    for name, out, ref in zip(("y", "dx", "dbias", "da", "db"), got, want):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, (name, out.shape, out.dtype, ref.shape, ref.dtype)
+        assert rel_err(out, ref) < TOL[dtype], (name, rel_err(out, ref))
+
+
+def test_api_leading_axes_and_auto():
+    x, w, bias, a, b, scaling, _ = make_inputs(2 * 7, 128, 48, 4, jnp.float32, seed=5)
+    x3 = x.reshape(2, 7, 128)
+    for implementation in ("auto", "pallas"):
+        y = kernels.nf4_linear(x3, w, bias, a, b, scaling, implementation=implementation)
+        ref = reference.nf4_linear_reference(x3, w, bias, a, b, scaling)
+        assert y.shape == (2, 7, 48) and rel_err(y, ref) < 1e-5
+
+
+def _dots(jaxpr) -> list[tuple[int, ...]]:
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _dots(inner)
+    return shapes
+
+
+def _float_residual_shapes(fn, *args) -> set[tuple[int, ...]]:
+    """Shapes of the floating-point arrays the vjp keeps alive between the forward and the backward pass."""
+    _, vjp = jax.vjp(fn, *args)
+    return {leaf.shape for leaf in jax.tree.leaves(vjp) if jnp.issubdtype(leaf.dtype, jnp.floating)}
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_no_16bit_weight_kept_and_no_weight_gradient(implementation):
+    x, w, bias, _, _, _, _ = make_inputs(6, 128, 48, 0, jnp.bfloat16)
+    weight_shapes = {(48, 128), (128, 48)}
+    f = lambda x: knf4.nf4_linear(x, w, bias, implementation=implementation)
+    assert not weight_shapes & _float_residual_shapes(f, x)
+    # The check sees a kept weight where there is one: plain autodiff of the reference keeps the dequantized weight.
+    assert weight_shapes & _float_residual_shapes(lambda x: reference.nf4_linear_reference(x, w, bias), x)
+    dots = _dots(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2)))(x).jaxpr)
+    assert dots and not weight_shapes & set(dots), dots
+
+
+@pytest.mark.parametrize("fn", [kernels.nf4_linear, knf4.nf4_linear])
+def test_bad_shapes_raise_naming_the_shapes(fn):
+    x, w, bias, a, b, scaling, _ = make_inputs(4, 128, 24, 4, jnp.float32)
+    stacked = stack_nf4([jax.tree.map(np.asarray, w)] * 2)
+    bad = {
+        "in": (x[:, :100], w, bias, a, b),
+        "bias": (x, w, bias[:5], a, b),
+        "a without b": (x, w, bias, a, None),
+        "r": (x, w, bias, a, b[:3]),
+        "out": (x, w, bias, a, b[:, :20]),
+        "stacked": (x, stacked, bias, a, b),
+        "dtype": (x.astype(jnp.int32), w, bias, a, b),
+    }
+    for name, args in bad.items():
+        with pytest.raises(ValueError, match=r"x\.shape=\(4, 1(00|28)\) w\.shape=\(24, 128\)"):
+            fn(*args, scaling)
+    x96, w96, *_ = make_inputs(4, 96, 24, 0, jnp.float32)  # 96 % 64 != 0: NF4 blocks cross rows
+    with pytest.raises(ValueError, match=r"needs in_features % 64 == 0; got w\.shape=\(24, 96\)"):
+        fn(x96, w96, implementation="pallas")
+    assert rel_err(fn(x96, w96, implementation="xla"), reference.nf4_linear_reference(x96, w96)) < 1e-5
