@@ -61,6 +61,7 @@ def build_model(config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], 
     for path, var in flat:
         var.value = arrays[path]
     model = nnx.merge(graphdef, state)
+    model.model.mesh = mesh
     if collector is not None:
         from fastlora_jax.nf4 import NF4Array, NF4Linear
 

@@ -48,6 +48,20 @@ class AttentionInputs(NamedTuple):
     write_index: jax.Array | None  # [] int32 cache slot of the first query token (generation), else None
     causal: bool = True  # query t attends keys <= t on top of `mask` (False against a cache: the mask says it all)
     mlp_chunk: int | None = None  # tokens per MLP chunk (None: all at once)
+    batch_sharding: object = None  # a jax.sharding.Mesh under FSDP/data parallelism: activations stay batch-sharded
+
+
+def constrain_batch(x: jax.Array, mesh) -> jax.Array:
+    """Pins an activation [B, ...] to batch sharding over ("data", "fsdp") on `mesh` (no-op without a mesh).
+
+    Under FSDP the weights are sharded on their input features; without this pin XLA may shard activations on a
+    feature axis instead, which cuDNN attention's partitioner rejects. Pinned, each weight is gathered (FSDP).
+    """
+    if mesh is None:
+        return x
+    from fastlora_jax.sharding import batch_sharding
+
+    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
 
 
 class RMSNorm(nnx.Module):
@@ -92,6 +106,7 @@ class Attention(nnx.Module):
         k = checkpoint_name(_call(self.k_proj, x, rngs[1]), "k_proj").reshape(B, T, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(_call(self.v_proj, x, rngs[2]), "v_proj").reshape(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)  # [B, T, N|K, H]
+        q, k, v = (constrain_batch(t, inputs.batch_sharding) for t in (q, k, v))
         if cache_kv is not None:  # generation: write this step's keys/values, attend over the whole cache
             k_cache, v_cache = cache_kv  # [B, S, K, H]
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), inputs.write_index, axis=1)
@@ -135,7 +150,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, inputs: AttentionInputs, cache_kv=None, rng=None):  # x [B, T, D]
         rngs = (None,) * 7 if rng is None else tuple(jax.random.split(rng, 7))
-        x = checkpoint_name(x, "layer_input")
+        x = checkpoint_name(constrain_batch(x, inputs.batch_sharding), "layer_input")
         attn_out, cache_kv = self.self_attn(self.input_layernorm(x), inputs, cache_kv, rngs[:4])
         x = x + attn_out
         return x + self._mlp_block(x, rngs[4:], inputs.mlp_chunk), cache_kv
@@ -168,6 +183,7 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.gradient_checkpointing: bool | str = False  # a fastlora_jax.remat mode
         self.mlp_chunk_size: int | None = None  # tokens per MLP chunk; None: the checkpointing mode's default
+        self.mesh = None  # set by fastlora_jax.sharding.shard_model / from_pretrained(mesh=...)
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
                  cache: KVCache | None = None, dropout_rng=None):
@@ -176,7 +192,7 @@ class LlamaModel(nnx.Module):
         inputs, positions = _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache)
         inputs = inputs._replace(**dict(zip(("cos", "sin"), rope_angles(positions, inverse_frequencies(self.config)))))
         mode = self.gradient_checkpointing
-        inputs = inputs._replace(mlp_chunk=self.mlp_chunk_size or remat.mlp_chunk_size(mode))
+        inputs = inputs._replace(mlp_chunk=self.mlp_chunk_size or remat.mlp_chunk_size(mode), batch_sharding=self.mesh)
         graphdef, state = nnx.split(self.layers)
         L = self.config.num_hidden_layers
         layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, L)

@@ -81,6 +81,7 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
         value = var[...]
         var.value = jax.device_put(value, leaf_sharding(path, value.shape, mesh))
     nnx.update(model, state)
+    model.model.mesh = mesh  # the forward pins activations to batch sharding on it
     return model
 
 
