@@ -17,10 +17,8 @@ from fastlora_jax.loading import random_model
 from fastlora_jax.lora import get_peft_model
 from fastlora_jax.trainer import SFTConfig, SFTTrainer
 from fastlora_jax.training import AdamW, TrainStep, make_schedule
-from helpers import TINY
+from helpers import TINY, tiny_chat_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 FACTS = [("Color of the sky on Zorb?", "Green."), ("Who rules Zorb?", "Queen Ib."), ("Zorb's moon?", "Tiko."),
          ("Capital of Zorb?", "Yul."), ("Zorb's sea?", "The Ash Sea."), ("Zorb's song?", "La la."),
          ("Zorb's food?", "Kelp."), ("Zorb's sport?", "Skyball.")]
@@ -28,20 +26,7 @@ FACTS = [("Color of the sky on Zorb?", "Green."), ("Who rules Zorb?", "Queen Ib.
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level tokenizer (one token per byte) with ChatML specials and template, as SmolLM2's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab.update({s: 256 + i for i, s in enumerate(specials)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf.chat_template = CHATML
-    return hf
+    return tiny_chat_tokenizer()
 
 
 def lora_model(r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
