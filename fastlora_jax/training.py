@@ -86,6 +86,11 @@ def _split(model):
     return graphdef, trainable, frozen
 
 
+def _committed(x):
+    """x placed explicitly where it already lives (a committed array, as jit outputs are)."""
+    return jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x
+
+
 def _microbatches(batch: dict, n: int) -> dict:
     """[n * b, T] arrays -> [n, b, T] (gradient accumulation over the leading axis)."""
     rows = batch["input_ids"].shape[0]
@@ -129,7 +134,11 @@ class TrainStep:
         self.rng = jax.random.PRNGKey(seed)  # uint32 [2]
         self.step = 0
         graphdef, trainable, _ = _split(model)
-        self.opt_state = tx.init(trainable)
+        # Commit the state the step donates and returns to its device(s) now: the step's outputs are committed, so
+        # uncommitted inputs on the first call would make the second call compile the step again.
+        trainable = jax.tree.map(_committed, trainable)
+        nnx.update(model, trainable)
+        self.opt_state = jax.tree.map(_committed, tx.init(trainable))
         self._statics = _StepStatics(graphdef, tx, loss_fn or _default_loss_fn(), gradient_accumulation_steps,
                                      None if max_grad_norm is None else float(max_grad_norm))
         self._dropout = has_dropout(model)
