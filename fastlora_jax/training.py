@@ -86,9 +86,20 @@ def _split(model):
     return graphdef, trainable, frozen
 
 
-def _committed(x):
-    """x placed explicitly where it already lives (a committed array, as jit outputs are)."""
-    return jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x
+def _committed(tree, mesh=None):
+    """Every array of `tree` committed to its device(s), as jit outputs are. Without a mesh each array stays where it
+    is; under a mesh (fastlora_jax.sharding) arrays that do not span it (e.g. Adam's step count) are replicated."""
+    if mesh is None:
+        return jax.tree.map(lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x, tree)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        if not isinstance(x, jax.Array):
+            return x
+        spans = len(x.sharding.device_set) == mesh.size
+        return jax.device_put(x, x.sharding if spans else replicated)
+
+    return jax.tree.map(place, tree)
 
 
 def _microbatches(batch: dict, n: int) -> dict:
@@ -136,9 +147,10 @@ class TrainStep:
         graphdef, trainable, _ = _split(model)
         # Commit the state the step donates and returns to its device(s) now: the step's outputs are committed, so
         # uncommitted inputs on the first call would make the second call compile the step again.
-        trainable = jax.tree.map(_committed, trainable)
+        mesh = getattr(getattr(model, "model", None), "mesh", None)
+        trainable = _committed(trainable, mesh)
         nnx.update(model, trainable)
-        self.opt_state = jax.tree.map(_committed, tx.init(trainable))
+        self.opt_state = _committed(tx.init(trainable), mesh)
         self._statics = _StepStatics(graphdef, tx, loss_fn or _default_loss_fn(), gradient_accumulation_steps,
                                      None if max_grad_norm is None else float(max_grad_norm))
         self._dropout = has_dropout(model)

@@ -12,10 +12,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from fastlora_jax import TRAINABLE, FastLanguageModel, sharding
 from fastlora_jax.loss import causal_lm_loss
+from fastlora_jax.training import make_train_step
 
 
 def loss_and_grads(model, ids):
@@ -61,8 +63,16 @@ def main(directory, load_in_4bit):
         if value.ndim and not value.sharding.is_fully_replicated:
             shard = value.addressable_shards[0].data
             fractions[".".join(map(str, path))] = shard.size / value.size
+    # The train step runs unchanged under the mesh: two AdamW steps give the single-device losses.
+    step_losses = []
+    for model, batch in ((make(directory, load_in_4bit, None), ids),
+                         (make(directory, load_in_4bit, mesh), sharding.shard_batch(ids, mesh))):
+        step = make_train_step(model, optax.adamw(1e-2))
+        step_losses.append([float(step({"input_ids": batch, "labels": batch})["loss"]) for _ in range(2)])
+    step_err = max(abs(a - b) / abs(a) for a, b in zip(*step_losses))
     print(json.dumps(dict(loss_rel_err=abs(float(loss1) - float(loss8)) / abs(float(loss1)),
-                          grad_rel_err=errors, shard_fraction=fractions, devices=jax.device_count())))
+                          grad_rel_err=errors, shard_fraction=fractions, devices=jax.device_count(),
+                          train_step_loss_rel_err=step_err)))
 
 
 if __name__ == "__main__":
