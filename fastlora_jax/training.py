@@ -102,6 +102,17 @@ def _committed(tree, mesh=None):
     return jax.tree.map(place, tree)
 
 
+def _device_batch(batch: dict, model) -> dict:
+    """The batch's arrays on the device; under a mesh (fastlora_jax.sharding) rows split over ("data", "fsdp")."""
+    batch = {k: v for k, v in batch.items() if v is not None}
+    mesh = getattr(getattr(model, "model", None), "mesh", None)
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    from fastlora_jax.sharding import shard_batch
+
+    return shard_batch(batch, mesh)
+
+
 def _microbatches(batch: dict, n: int) -> dict:
     """[n * b, T] arrays -> [n, b, T] (gradient accumulation over the leading axis)."""
     rows = batch["input_ids"].shape[0]
@@ -159,7 +170,7 @@ class TrainStep:
         graphdef, trainable, frozen = _split(self.model)
         if graphdef != self._statics.graphdef:
             raise ValueError("the model's structure changed since the train step was made; make a new one")
-        batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+        batch = _device_batch(batch, self.model)
         rng = jax.random.fold_in(self.rng, self.step) if self._dropout else None
         trainable, self.opt_state, metrics = _train_update(trainable, self.opt_state, frozen, batch, rng,
                                                            statics=self._statics)
@@ -223,7 +234,7 @@ class EvalStep:
 
     def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         graphdef, trainable, frozen = _split(self.model)
-        batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+        batch = _device_batch(batch, self.model)
         return _eval_loss(trainable, frozen, batch, graphdef=graphdef, loss_fn=self.loss_fn)
 
     def mean_loss(self, batches: Iterable[dict]) -> float:

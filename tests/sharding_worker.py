@@ -66,13 +66,18 @@ def main(directory, load_in_4bit):
     # The train step runs unchanged under the mesh: two AdamW steps give the single-device losses.
     step_losses = []
     for model, batch in ((make(directory, load_in_4bit, None), ids),
-                         (make(directory, load_in_4bit, mesh), sharding.shard_batch(ids, mesh))):
+                         (make(directory, load_in_4bit, mesh), np.asarray(ids))):  # the step shards the batch
         step = make_train_step(model, optax.adamw(1e-2))
         step_losses.append([float(step({"input_ids": batch, "labels": batch})["loss"]) for _ in range(2)])
     step_err = max(abs(a - b) / abs(a) for a, b in zip(*step_losses))
+    # Generation runs unchanged under the mesh: the same greedy tokens as on one device.
+    prompts = np.asarray(ids[:, :5])
+    generated = [np.asarray(make(directory, load_in_4bit, m).generate(prompts, max_new_tokens=4, eos_token_id=[]))
+                 for m in (None, mesh)]
     print(json.dumps(dict(loss_rel_err=abs(float(loss1) - float(loss8)) / abs(float(loss1)),
                           grad_rel_err=errors, shard_fraction=fractions, devices=jax.device_count(),
-                          train_step_loss_rel_err=step_err)))
+                          train_step_loss_rel_err=step_err,
+                          generate_equal=bool(np.array_equal(*generated)), generated_shape=generated[0].shape)))
 
 
 if __name__ == "__main__":
