@@ -117,7 +117,8 @@ def emit(record: dict, sink) -> None:
 
 def run_check(sink) -> None:
     """The kernel tests, compiled on this machine's GPU."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_lora.py",
+    # -P: the repo root must not go on sys.path, where kernels/ would shadow Hugging Face's `kernels` package.
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_lora.py",
            "tests/test_kernels_nf4.py"]
     try:  # several test processes compile Triton kernels at once; they share the GPU, so none preallocates
         import xdist  # noqa: F401

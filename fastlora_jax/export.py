@@ -298,9 +298,6 @@ def unmerge(model):
     (no merge happened, or an NF4 base was requantized)."""
     from fastlora_jax import lora
     from fastlora_jax.linear import LoraLinear
-    from fastlora_jax.modules_to_save import SavedEmbed, SavedLinear
-    from fastlora_jax.variables import TrainableBias
-
     config = getattr(model, "merged_peft_config", None)
     if model.peft_config is not None:
         raise ValueError("unmerge: the model's adapters are not merged (it still has its LoRA layers)")
@@ -318,15 +315,7 @@ def unmerge(model):
         del base.merged_lora_a, base.merged_lora_b, base.merged_layer_scale
         setattr(parent, name, LoraLinear(base, r=config.r, scaling=config.scaling, dropout=float(config.lora_dropout),
                                          lora_a=a, lora_b=b, layer_scale=scale))
-    for parent, name, module in _linear_slots(model):
-        path = _slot_path(model, parent, name)
-        if path in the_plan.biases:
-            base = module.base if isinstance(module, LoraLinear) else module
-            base.bias = TrainableBias(base.bias[...].astype(jnp.float32))
-    if "embed_tokens" in the_plan.saved:
-        model.model.embed_tokens = SavedEmbed(model.model.embed_tokens)
-    if "lm_head" in the_plan.saved:
-        model.lm_head = SavedLinear(model.lm_head)
+    lora.train_biases_and_saved_modules(model, the_plan)
     model.peft_config = config
     model.merged_peft_config = None
     return model

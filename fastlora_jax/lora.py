@@ -361,7 +361,14 @@ def _apply(model, config: LoraConfig, the_plan: Plan) -> None:
         parent = getattr(layers, parent_name)
         mask = jnp.zeros((L,), bool).at[jnp.asarray(targeted)].set(True)
         setattr(parent, name, _lora_layer(getattr(parent, name), config, key, mask))
-    for path, _ in the_plan.biases.items():
+    train_biases_and_saved_modules(model, the_plan)
+
+
+def train_biases_and_saved_modules(model, the_plan: Plan) -> None:
+    """Makes the plan's biases trainable (float32 `TrainableBias`) and wraps its modules_to_save in trainable
+    copies, in place, starting from their current values (get_peft_model, and export.unmerge after a merge)."""
+    layers = model.model.layers
+    for path in the_plan.biases:
         parent_name, name = path.split(".")
         layer = getattr(getattr(layers, parent_name), name)
         base = layer.base if isinstance(layer, LoraLinear) else layer

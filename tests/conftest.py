@@ -25,3 +25,10 @@ def hf_llama(tmp_path):
         return str(directory), model
 
     return make
+
+
+@pytest.fixture
+def full_float32_matmuls():
+    """No TF32 on a GPU: float32 products (references included) at full precision, as on CPU."""
+    with jax.default_matmul_precision("highest"):
+        yield

@@ -12,22 +12,13 @@ import pytest
 
 from fastlora_jax import kernels
 from fastlora_jax.kernels import api, lora, reference
+from helpers import rel_err
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Small tiles so the test shapes (none a multiple of them) need several row, column and contraction tiles.
 SMALL = lora.BlockSizes(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2)
 
-
-@pytest.fixture(autouse=True)
-def full_float32_matmuls():
-    """No TF32 on a GPU: float32 products (references included) at full precision, as on CPU."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def rel_err(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
 
 def make_inputs(m, k, n, r, dtype, seed=0):

@@ -14,23 +14,14 @@ from fastlora_jax import kernels
 from fastlora_jax.kernels import nf4 as knf4
 from fastlora_jax.kernels import reference
 from fastlora_jax.nf4 import quantize_nf4, stack_nf4
+from helpers import rel_err
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Small tiles: the test shapes need several token, feature and contraction tiles, and padded edges.
 SMALL = knf4.BlockSizes(block_m=16, block_n=16, block_k=16, blocks_per_step=2, num_warps=4, num_stages=2)
 SPLIT = knf4.BlockSizes(block_m=16, block_n=16, block_k=16, blocks_per_step=1, split_k=3, num_warps=4, num_stages=2)
 
-
-@pytest.fixture(autouse=True)
-def full_float32_matmuls():
-    """No TF32 on a GPU: float32 products (references included) at full precision, as on CPU."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def rel_err(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
 
 def make_inputs(m, k, n, r, dtype, seed=0):
