@@ -1,0 +1,156 @@
+"""Where a training step's GPU time goes: trace `benchmarks/train_step.py`'s step, sum kernel time per HLO op.
+
+    python benchmarks/profile_step.py --out DIR -- --model 8b --batch 4 --seq 2048 --mode dots
+    python benchmarks/profile_step.py --summarize TRACE.json.gz      # re-read a trace written earlier
+
+After the usual warm-up, `--trace-steps` steps run under `jax.profiler.trace`; the Perfetto trace's device events
+are grouped by HLO op (a fusion, a cuBLAS gemm, a cuDNN attention call, a Pallas kernel, a copy) and by kind. Writes
+DIR/ops.tsv (every op: total us per step, calls per step, kind, kernel names), DIR/hlo.txt.gz (the optimized HLO,
+to read what each fusion holds) and DIR/perfetto_trace.json.gz, and prints the kinds and the top ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Kernel-name patterns, first match wins: what a device event is.
+KINDS = (
+    ("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|wgmma", re.I)),
+    ("pallas", re.compile(r"pallas|triton|lora|nf4", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+    ("collective", re.compile(r"nccl|all_reduce|all-reduce|all_gather|reduce_scatter", re.I)),
+)
+
+
+def kind_of(kernel: str, op: str) -> str:
+    for kind, pattern in KINDS:
+        if pattern.search(kernel):
+            return kind
+    if op.startswith(("custom-call", "cublas", "gemm")):
+        return "gemm"
+    return "xla fusion"
+
+
+def device_events(trace: dict) -> list[dict]:
+    """Complete ('X') events on GPU device rows (not host threads, not the 'XLA Ops'/'Steps' summary rows)."""
+    pids = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in pids.items() if "/device:GPU" in name}
+    tids = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+            if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
+    keep = {key for key, name in tids.items() if "stream" in name.lower()} or set(tids)
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and (e["pid"], e.get("tid")) in keep]
+
+
+def summarize(trace_path: str, steps: int, out_dir: str | None = None, top: int = 45) -> dict:
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = device_events(trace)
+    if not events:
+        names = sorted({e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"})
+        print(f"no GPU device events in the trace; its processes: {names}", flush=True)
+        return {}
+    ops: dict[str, dict] = collections.defaultdict(lambda: dict(us=0.0, calls=0, kernels=collections.Counter()))
+    for e in events:
+        args = e.get("args", {})
+        op = args.get("hlo_op") or args.get("long_name") or e["name"]
+        rec = ops[op]
+        rec["us"] += e.get("dur", 0.0)
+        rec["calls"] += 1
+        rec["kernels"][e["name"][:90]] += 1
+    kinds = collections.Counter()
+    for op, rec in ops.items():
+        rec["kind"] = kind_of(rec["kernels"].most_common(1)[0][0], op)
+        kinds[rec["kind"]] += rec["us"]
+    busy = sum(kinds.values())
+    start = min(e["ts"] for e in events)
+    end = max(e["ts"] + e.get("dur", 0.0) for e in events)
+    print(f"device busy {busy / steps / 1e3:.1f} ms/step over a {(end - start) / steps / 1e3:.1f} ms/step span "
+          f"({len(events)} kernels, {steps} steps)", flush=True)
+    for kind, us in kinds.most_common():
+        print(f"  {kind:12s} {us / steps / 1e3:8.2f} ms/step  {100 * us / busy:5.1f}%")
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1]["us"])
+    print(f"top {top} ops: ms/step, calls/step, us/call, kind, op, kernel")
+    for op, rec in ranked[:top]:
+        kernel = rec["kernels"].most_common(1)[0][0]
+        print(f"  {rec['us'] / steps / 1e3:7.2f} {rec['calls'] / steps:6.0f} {rec['us'] / rec['calls']:8.1f}  "
+              f"{rec['kind']:10s} {op[:40]:40s} {kernel[:60]}")
+    if out_dir:
+        with open(os.path.join(out_dir, "ops.tsv"), "w") as f:
+            f.write("op\tkind\tms_per_step\tcalls_per_step\tkernels\n")
+            for op, rec in ranked:
+                kernels = ";".join(f"{k}x{n}" for k, n in rec["kernels"].most_common(3))
+                f.write(f"{op}\t{rec['kind']}\t{rec['us'] / steps / 1e3:.4f}\t{rec['calls'] / steps:g}\t{kernels}\n")
+    return dict(busy_ms=busy / steps / 1e3, kinds_ms={k: v / steps / 1e3 for k, v in kinds.items()})
+
+
+def _train_step_module():
+    spec = importlib.util.spec_from_file_location("train_step_bench", os.path.join(HERE, "train_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def profile(out_dir: str, run_argv: list[str], trace_steps: int, warmup: int) -> None:
+    import jax
+
+    bench = _train_step_module()
+    args = bench.run_args(run_argv)
+    model, config = bench.build(args)
+    step, trainable, opt_state, frozen = bench.make_step(model, args)
+    del model
+    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, config.vocab_size)
+    compiled = step.lower(trainable, opt_state, frozen, ids).compile()
+    os.makedirs(out_dir, exist_ok=True)
+    with gzip.open(os.path.join(out_dir, "hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
+    for _ in range(warmup):
+        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, ids)
+    loss.block_until_ready()
+    trace_dir = os.path.join(out_dir, "trace")
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(trace_steps):
+            trainable, opt_state, loss = compiled(trainable, opt_state, frozen, ids)
+        loss.block_until_ready()
+    wall = (time.perf_counter() - t0) / trace_steps
+    print(f"{' '.join(run_argv)}: traced {trace_steps} steps, {wall * 1e3:.1f} ms/step wall under the profiler",
+          flush=True)
+    trace_path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    kept = os.path.join(out_dir, "perfetto_trace.json.gz")
+    shutil.copy(trace_path, kept)
+    shutil.rmtree(trace_dir)
+    summarize(kept, trace_steps, out_dir)
+
+
+def main(argv: list[str]) -> None:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    run_argv = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="profile")
+    p.add_argument("--trace-steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--summarize", metavar="TRACE", help="summarize an existing perfetto_trace.json.gz")
+    ns = p.parse_args(own)
+    if ns.summarize:
+        summarize(ns.summarize, ns.trace_steps)
+    else:
+        profile(ns.out, run_argv, ns.trace_steps, ns.warmup)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
