@@ -4,7 +4,8 @@
     python benchmarks/profile_step.py --summarize TRACE.json.gz      # re-read a trace written earlier
 
 After the usual warm-up, `--trace-steps` steps run under `jax.profiler.trace`; the Perfetto trace's device events
-are grouped by HLO op (a fusion, a cuBLAS gemm, a cuDNN attention call, a Pallas kernel, a copy) and by kind. Writes
+are grouped by kernel (XLA names each after its fusion: a gemm fusion, a cuDNN attention call, a Pallas kernel, a
+copy) and by kind. Writes
 DIR/ops.tsv (every op: total us per step, calls per step, kind, kernel names), DIR/hlo.txt.gz (the optimized HLO,
 to read what each fusion holds) and DIR/perfetto_trace.json.gz, and prints the kinds and the top ops.
 """
@@ -28,16 +29,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Kernel-name patterns, first match wins: what a device event is.
 KINDS = (
     ("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
-    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|wgmma", re.I)),
-    ("pallas", re.compile(r"pallas|triton|lora|nf4", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+    ("pallas", re.compile(r"pallas|lowrank|lora|nf4", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|wgmma|dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|dynamic-slice|dynamic_slice|dynamic-update|dynamic_update", re.I)),
     ("collective", re.compile(r"nccl|all_reduce|all-reduce|all_gather|reduce_scatter", re.I)),
 )
 
 
 def kind_of(kernel: str, op: str) -> str:
     for kind, pattern in KINDS:
-        if pattern.search(kernel):
+        if pattern.search(kernel) or pattern.search(op):
             return kind
     if op.startswith(("custom-call", "cublas", "gemm")):
         return "gemm"
@@ -65,8 +66,7 @@ def summarize(trace_path: str, steps: int, out_dir: str | None = None, top: int 
         return {}
     ops: dict[str, dict] = collections.defaultdict(lambda: dict(us=0.0, calls=0, kernels=collections.Counter()))
     for e in events:
-        args = e.get("args", {})
-        op = args.get("hlo_op") or args.get("long_name") or e["name"]
+        op = e["name"]  # XLA names each kernel after its fusion; inside a CUDA graph "hlo_op" is the graph's name
         rec = ops[op]
         rec["us"] += e.get("dur", 0.0)
         rec["calls"] += 1

@@ -9,8 +9,10 @@ the projection outputs "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 - "unsloth": as True, but the layer input is offloaded to pinned host memory during the forward pass and fetched
   back for the backward pass (the copies overlap with compute), so device memory holds no per-layer activations;
   the MLP runs over token chunks of UNSLOTH_MLP_CHUNK, so its [tokens, intermediate] activations stay small.
-- "dots": save the projection outputs (bf16 matmul results) and recompute only the cheap elementwise work
-  (norms, RoPE, SiLU) and the attention forward: about half of False's activation memory, and the fastest mode.
+- "dots": save the projection outputs (bf16 matmul results; not down_proj's, which only feeds the next layer's
+  input) and, on a GPU, cuDNN attention's output and softmax statistics (so its forward never runs twice);
+  recompute only the cheap elementwise work (norms, RoPE, SiLU): about half of False's activation memory, and the
+  fastest mode.
 - "long_context": for contexts where even one layer input per layer outgrows host memory (8B: 256 KiB per token
   for 32 layers, so 256 GiB at 1M tokens). Layers run in blocks of `layers_per_block`; only each block's input
   is offloaded to pinned host memory; the backward pass recomputes a block's forward keeping its layer inputs on
@@ -30,7 +32,16 @@ BLOCK_INPUT = "block_input"
 LONG_CONTEXT_BLOCK = 4  # layers per offloaded block in "long_context"
 LONG_CONTEXT_MLP_CHUNK = 16384  # tokens per MLP chunk in "long_context"
 UNSLOTH_MLP_CHUNK = 4096  # tokens per MLP chunk in "unsloth" (with 1024-token loss chunks: 8B QLoRA 7.9 not 8.7 GiB)
-PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# "dots" saves these: down_proj's output only feeds the next layer's input, which the scan keeps anyway.
+DOTS_SAVED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+# The primitive cuDNN flash attention's forward binds under jax.grad (jax._src.cudnn.fused_attention_stablehlo):
+# its outputs are the attention output and the softmax statistics the backward kernel needs.
+CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
+
+
+def _save_attention_outputs(prim, *_, **__) -> bool:
+    """Policy: save what cuDNN attention's forward returns (output [B, T, N, H], statistics [B, N, T] float32)."""
+    return prim.name == CUDNN_ATTENTION_FORWARD
 
 
 def validate(mode) -> bool | str:
@@ -51,7 +62,8 @@ def policy(mode):
     if mode is True or mode == "long_context":
         return jax.checkpoint_policies.nothing_saveable
     if mode == "dots":
-        return jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES)
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.save_only_these_names(*DOTS_SAVED), _save_attention_outputs)
     return jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
         offload_src="device", offload_dst="pinned_host")

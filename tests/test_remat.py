@@ -107,6 +107,16 @@ def test_unsloth_compiled_moves_to_host(split_model):
     assert stats.host_temp_size_in_bytes >= L * B * T * D * 4
 
 
+@pytest.mark.gpu
+def test_dots_runs_cudnn_attention_forward_once(split_model):
+    """ "dots" saves cuDNN attention's output and statistics: its forward kernel is not run again in the backward."""
+    graphdef, trainable, frozen, ids = split_model
+    frozen = jax.tree.map(lambda a: a.astype(jnp.bfloat16), frozen)
+    hlo = jax.jit(jax.grad(_loss_fn((graphdef, trainable, frozen, ids), "dots"))).lower(trainable).compile().as_text()
+    assert hlo.count('custom_call_target="__cudnn$fmhaSoftmax"') == 1
+    assert hlo.count('custom_call_target="__cudnn$fmhaSoftmaxBackward"') == 1
+
+
 def test_validate_names_accepted_modes():
     assert remat.validate("True") is True and remat.validate("false") is False
     assert remat.layers_per_block("long_context", 32) == 4 and remat.layers_per_block("long_context", 6) == 3
