@@ -61,10 +61,10 @@ def _pad2(x: jax.Array, rows: int, cols: int) -> jax.Array:
     return jnp.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])))
 
 
-def _dot(a: jax.Array, b: jax.Array, transpose_b: bool) -> jax.Array:
-    """a [m, k] @ b [k, n] (or b [n, k] transposed) -> [m, n] float32, without materializing a transpose."""
+def _dot(a: jax.Array, b: jax.Array, transpose_b: bool, out_dtype=_F32) -> jax.Array:
+    """a [m, k] @ b [k, n] (or b [n, k] transposed) -> [m, n] in out_dtype, without materializing a transpose."""
     dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
 
 
 def _lowrank_matmul_kernel(x_ref, w_ref, u_ref, v_ref, *rest, block_k: int, k_steps: int, transpose: bool,
@@ -164,11 +164,13 @@ def _fused(x, w, u, v, bias, transpose: bool, cfg: _Config) -> jax.Array:
     if cfg.implementation == "pallas":
         return lowrank_matmul(x, w, u, v, bias, transpose=transpose, block_sizes=cfg.block_sizes,
                               interpret=cfg.interpret)
-    dt = x.dtype  # XLA: two dots with x.dtype outputs (f32 accumulation inside), the add fuses into the second
-    y = _dot(x, w.astype(dt), transpose).astype(dt)
+    # XLA: two dots written straight in x.dtype (float32 accumulation inside the GEMM; a float32 output would cost
+    # a [M, N] float32 write and a separate convert pass), then one add.
+    dt = x.dtype
+    y = _dot(x, w.astype(dt), transpose, out_dtype=dt)
     if bias is not None:
         y = y + bias.astype(dt)
-    return y + _dot(u, v.astype(dt), transpose).astype(dt)
+    return y + _dot(u, v.astype(dt), transpose, out_dtype=dt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

@@ -291,7 +291,7 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
 
     "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). The LoRA branch, when given, is the
-    reference formulation (plain XLA, differentiated by JAX), added to the NF4 product in float32 as PEFT does.
+    reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to the NF4 product.
     """
     check_nf4_shapes(x, w, bias, a, b)
     if implementation not in ("xla", "pallas"):
@@ -305,10 +305,10 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
         implementation = "xla"
     cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret)
     y = _nf4_base(x2, w, bias, cfg)  # [M, out]
-    if a is not None:
+    if a is not None:  # in x.dtype throughout, as PEFT's branch runs under autocast (no [M, out] float32 pass)
         dt = x.dtype
-        xa = jnp.dot(x2, a.astype(dt), preferred_element_type=_F32).astype(dt)  # [M, r]
-        delta = jnp.dot(xa, b.astype(dt), preferred_element_type=_F32)  # [M, out]
-        y = (y.astype(_F32) + jnp.asarray(scaling, _F32) * delta).astype(dt)
+        xa = jnp.dot(x2, a.astype(dt), preferred_element_type=dt)  # [M, r]
+        xa_s = (jnp.asarray(scaling, _F32) * xa.astype(_F32)).astype(dt)
+        y = y + jnp.dot(xa_s, b.astype(dt), preferred_element_type=dt)  # [M, out]
     return y.reshape(*lead, out_features)
 
