@@ -150,11 +150,11 @@ def test_auto_is_xla_off_gpu_and_table_is_well_formed():
 
 def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
     monkeypatch.setattr(api._compat, "on_gpu", lambda: True)  # the table's GPU reading, on any backend
-    assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "pallas"
-    assert api.resolve("lora", "auto", 4096, 4096, 8192, 128) == "xla"  # rank above the measured ones
-    assert api.resolve("lora", "auto", 4096, 4096, 8192, 8) == "xla"  # rank below the measured ones
+    assert api.resolve("lora", "auto", 4096, 1024, 16, 16) == "pallas"
+    assert api.resolve("lora", "auto", 4096, 1024, 16, 128) == "xla"  # rank above the measured ones
+    assert api.resolve("lora", "auto", 4096, 1024, 16, 8) == "xla"  # rank below the measured ones
     assert api.resolve("lora", "auto", 4096, 4096, 16, 64) == "pallas"
-    assert api.resolve("lora", "auto", 4096, 4096, 16, 16) == "xla"
-    assert api.resolve("lora", "auto", 4096, 4096, 4096, 16) == "xla"  # token count not measured
-    assert api.resolve("lora", "auto", 4096, 1024, 8192, 64) == "xla"  # measured, not faster
+    assert api.resolve("lora", "auto", 4096, 4096, 16, 16) == "xla"  # measured, not faster
+    assert api.resolve("lora", "auto", 4096, 1024, 4096, 16) == "xla"  # token count not measured
+    assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # the whole step is faster with XLA
     assert api.resolve("nf4", "auto", 4096, 4096, 16) == "xla"
