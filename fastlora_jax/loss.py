@@ -8,7 +8,7 @@ computed when the head is differentiated (a `modules_to_save` copy); a frozen he
 
 `causal_lm_loss` follows transformers' `ForCausalLMLoss`: labels [B, T] aligned with input_ids, position t predicts
 labels[t + 1], label -100 is ignored; it returns (loss_sum, n_tokens) and the mean is loss_sum / n_tokens.
-Axis letters: B batch, T tokens, N flattened tokens, C chunk, D hidden, V vocab.
+Axis letters: B batch, T tokens, N flattened tokens, n chunks, C tokens per chunk, D hidden, V vocab.
 """
 
 from __future__ import annotations
@@ -49,9 +49,8 @@ def causal_lm_loss(model, input_ids: jax.Array, labels: jax.Array, *, attention_
                             segment_ids=segment_ids, dropout_rng=dropout_rng)  # [B, T, D]
     head, layout, bias = output_head(model, hidden.dtype)
     targets = shift_labels(labels, segment_ids, ignore_index)  # [B, T]
-    D = hidden.shape[-1]
-    return chunked_cross_entropy(hidden.reshape(-1, D), head, targets.reshape(-1), bias=bias,
-                                 head_layout=layout, chunk_size=chunk_size, ignore_index=ignore_index)
+    return chunked_cross_entropy(hidden, head, targets, bias=bias, head_layout=layout, chunk_size=chunk_size,
+                                 ignore_index=ignore_index, mesh=getattr(model.model, "mesh", None))
 
 
 def output_head(model, dtype) -> tuple[jax.Array, str, jax.Array | None]:
@@ -72,31 +71,40 @@ def output_head(model, dtype) -> tuple[jax.Array, str, jax.Array | None]:
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, *, bias: jax.Array | None = None,
                           head_layout: str = "dv", chunk_size: int = DEFAULT_CHUNK_SIZE,
-                          ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
+                          ignore_index: int = IGNORE_INDEX, mesh=None) -> tuple[jax.Array, jax.Array]:
     """(loss_sum f32 [], n_tokens i32 []) of softmax cross-entropy of `hidden @ head` against `labels`.
 
-    hidden [N, D]; head [D, V] (head_layout="dv") or [V, D] ("vd"); labels [N] int, already the targets of each
-    row (no shift here), `ignore_index` ignored; bias [V] or None. Logits exist one [chunk_size, V] block at a time,
-    computed with float32 accumulation.
+    hidden [N, D] with labels [N], or [B, T, D] with labels [B, T]; head [D, V] (head_layout="dv") or [V, D]
+    ("vd"); labels are already the targets of each row (no shift here), `ignore_index` ignored; bias [V] or None.
+    Logits exist one chunk of about `chunk_size` tokens at a time, computed with float32 accumulation. A [B, T]
+    batch is chunked along T (each chunk [B, chunk_size // B] tokens), so a batch sharded over devices stays
+    sharded in every chunk; `mesh` (a jax.sharding.Mesh, or None) pins that sharding.
     """
     if head_layout not in HEAD_LAYOUTS:
         raise ValueError(f"head_layout={head_layout!r}; accepted: {', '.join(HEAD_LAYOUTS)}")
-    if hidden.ndim != 2 or labels.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be [N, D] and labels [N]; got {hidden.shape=} {labels.shape=}")
+    if hidden.ndim not in (2, 3) or labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"hidden must be [N, D] with labels [N], or [B, T, D] with labels [B, T]; got "
+                         f"{hidden.shape=} {labels.shape=}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    N, D = hidden.shape
+    if hidden.ndim == 2:
+        hidden, labels = hidden[None], labels[None]
+    B, T, D = hidden.shape
     valid = labels != ignore_index
     n_tokens = jnp.sum(valid, dtype=jnp.int32)
-    chunk = min(chunk_size, N)
-    n_chunks = -(-N // chunk)
-    pad = n_chunks * chunk - N
+    chunk = min(max(1, chunk_size // B), T)  # tokens of each row per chunk
+    n_chunks = -(-T // chunk)
+    pad = n_chunks * chunk - T
     safe = jnp.where(valid, labels, -1).astype(jnp.int32)  # -1: ignored (matches no vocab index)
     if pad:
-        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-        safe = jnp.pad(safe, (0, pad), constant_values=-1)
-    h = hidden.reshape(n_chunks, chunk, D)  # [n, C, D]
-    lab = safe.reshape(n_chunks, chunk)  # [n, C]
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        safe = jnp.pad(safe, ((0, 0), (0, pad)), constant_values=-1)
+    h = hidden.reshape(B, n_chunks, chunk, D).transpose(1, 0, 2, 3).reshape(n_chunks, B * chunk, D)  # [n, C, D]
+    lab = safe.reshape(B, n_chunks, chunk).transpose(1, 0, 2).reshape(n_chunks, B * chunk)  # [n, C]
+    if mesh is not None:  # C is row-major over (B, chunk): its B part keeps the batch's devices
+        from fastlora_jax.sharding import chunk_sharding
+
+        h, lab = (jax.lax.with_sharding_constraint(a, chunk_sharding(mesh, a.ndim)) for a in (h, lab))
     bias = jnp.zeros((0,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     loss_sum = _fused_ce(h, head, bias, lab, head_layout)
     return loss_sum, n_tokens

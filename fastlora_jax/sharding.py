@@ -90,6 +90,11 @@ def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (rank - 1))))
 
 
+def chunk_sharding(mesh: Mesh, rank: int) -> NamedSharding:
+    """Sharding of token chunks [n, C, ...] (a scan over n): C over ("data", "fsdp"), the rest replicated."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (rank - 2))))
+
+
 def shard_batch(batch, mesh: Mesh):
     """Places every array of a batch pytree with its leading axis over ("data", "fsdp")."""
     n = math.prod(mesh.shape[a] for a in BATCH_AXES)

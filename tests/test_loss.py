@@ -49,6 +49,23 @@ def test_chunked_equals_reference_with_gradients(layout, chunk_size, with_bias):
     assert int(n) == int(jnp.sum(labels != IGNORE_INDEX))
 
 
+@pytest.mark.parametrize("rows, chunk_size", [(3, 8), (4, 1), (2, 100)])
+def test_batched_rows_chunked_along_tokens(rows, chunk_size):
+    """[B, T, D] input (chunks of [B, chunk_size // B] tokens, T padded) equals the reference on the flat rows."""
+    hidden, head, bias, labels = _inputs(N=rows * 13, seed=2)
+
+    def batched(h, w):
+        return chunked_cross_entropy(h.reshape(rows, 13, -1), w, labels.reshape(rows, 13), bias=bias,
+                                     chunk_size=chunk_size)[0]
+
+    def reference(h, w):
+        return cross_entropy_reference(h, w, labels, bias=bias)[0]
+
+    assert rel_err(batched(hidden, head), reference(hidden, head)) < 1e-6
+    for o, r in zip(jax.jit(jax.grad(batched, (0, 1)))(hidden, head), jax.grad(reference, (0, 1))(hidden, head)):
+        assert o.shape == r.shape and rel_err(o, r) < 1e-5
+
+
 def test_hidden_only_gradient_and_bf16():
     hidden, head, _, labels = _inputs(N=64, D=32, V=96, seed=1)
     h16, w16 = hidden.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
