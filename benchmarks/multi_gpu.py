@@ -12,6 +12,7 @@ during the timed steps.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import json
 import os
@@ -22,8 +23,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _train_step_module():
-    spec = importlib.util.spec_from_file_location("train_step_bench", os.path.join(HERE, "train_step.py"))
+def _load(name: str):
+    """A sibling benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", os.path.join(HERE, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -36,7 +38,7 @@ def run(ns) -> dict:
 
     from fastlora_jax import sharding
 
-    bench = _train_step_module()
+    bench = _load("train_step")
     n_gpus = ns.data * ns.fsdp
     batch = ns.per_gpu_batch * n_gpus
     args = bench.run_args(["--model", ns.model, "--batch", str(batch), "--seq", str(ns.seq), "--mode", ns.mode])
@@ -63,6 +65,15 @@ def run(ns) -> dict:
         loss.block_until_ready()
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times[ns.warmup:]))
+    if ns.profile:  # two more steps under the profiler; GPU 0's kernels summed per kind and per kernel
+        os.makedirs(ns.profile, exist_ok=True)
+        with jax.profiler.trace(os.path.join(ns.profile, "trace"), create_perfetto_trace=True):
+            for _ in range(2):
+                trainable, opt_state, loss = step(trainable, opt_state, frozen, ids)
+            loss.block_until_ready()
+        profile_step = _load("profile_step")
+        trace = sorted(glob.glob(os.path.join(ns.profile, "trace", "**", "perfetto_trace.json.gz"), recursive=True))
+        profile_step.summarize(trace[-1], 2, ns.profile)
     peaks = [round((d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2) for d in jax.devices()[:n_gpus]]
     return dict(system="fastlora-jax", model=ns.model, gpus=n_gpus, data=ns.data, fsdp=ns.fsdp, batch=batch,
                 per_gpu_batch=ns.per_gpu_batch, seq=ns.seq, mode=ns.mode, step_s=round(step_s, 4),
@@ -80,6 +91,7 @@ def parse(argv):
     p.add_argument("--mode", default="dots")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", metavar="DIR", help="trace two more steps; summarize GPU 0's kernels into DIR")
     return p.parse_args(argv)
 
 

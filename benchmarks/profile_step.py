@@ -45,11 +45,11 @@ def kind_of(kernel: str, op: str) -> str:
     return "xla fusion"
 
 
-def device_events(trace: dict) -> list[dict]:
-    """Complete ('X') events on GPU device rows (not host threads, not the 'XLA Ops'/'Steps' summary rows)."""
+def device_events(trace: dict, device: str = "/device:GPU:0") -> list[dict]:
+    """Complete ('X') events on `device`'s stream rows (not host threads, not the 'XLA Ops'/'Steps' summary rows)."""
     pids = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, name in pids.items() if "/device:GPU" in name}
+    gpu = {pid for pid, name in pids.items() if name == device}
     tids = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
             if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
     keep = {key for key, name in tids.items() if "stream" in name.lower()} or set(tids)
