@@ -14,6 +14,8 @@ from fastlora_jax.loss import (IGNORE_INDEX, causal_lm_loss, chunked_cross_entro
 
 from helpers import rel_err
 
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")  # float32 tolerances hold on a GPU too (no TF32)
+
 
 def _inputs(N=37, D=16, V=50, seed=0):
     k = jax.random.split(jax.random.key(seed), 4)
