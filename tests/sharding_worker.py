@@ -1,12 +1,14 @@
 """Run by tests/test_sharding.py in a subprocess with 8 virtual CPU devices (XLA_FLAGS must precede jax's start).
 
-Prints one JSON line: loss and LoRA-gradient relative errors of a (data=2, fsdp=4) mesh against one device, and the
-fraction of each sharded weight that one device holds.
+Prints one JSON line: loss and LoRA-gradient relative errors of a (data=2, fsdp=4) mesh against one device, the
+fraction of each sharded weight that one device holds, the train step's, SFTTrainer's and generation's agreement with
+one device, and the all-gathers in a data=8 gradient.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
@@ -15,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fastlora_jax import TRAINABLE, FastLanguageModel, sharding
+from fastlora_jax import TRAINABLE, FastLanguageModel, SFTConfig, SFTTrainer, sharding
 from fastlora_jax.loss import causal_lm_loss
 from fastlora_jax.training import make_train_step
 
@@ -70,6 +72,16 @@ def main(directory, load_in_4bit):
         step = make_train_step(model, optax.adamw(1e-2))
         step_losses.append([float(step({"input_ids": batch, "labels": batch})["loss"]) for _ in range(2)])
     step_err = max(abs(a - b) / abs(a) for a, b in zip(*step_losses))
+    # SFTTrainer runs unchanged under the mesh (its steps shard each batch; it saves an orbax checkpoint at the end).
+    rows = [{"input_ids": row} for row in ids.tolist()]
+    trainer_losses = []
+    for i, m in enumerate((None, mesh)):
+        config = SFTConfig(output_dir=f"{directory}/trainer_{i}", max_steps=3, per_device_train_batch_size=8,
+                           learning_rate=1e-2, logging_steps=1, save_steps=3, disable_tqdm=True)
+        out = SFTTrainer(make(directory, load_in_4bit, m), None, rows, args=config).train()
+        trainer_losses.append([loss for _, loss in out.loss_history])
+    saved = sorted(os.listdir(out.checkpoint_dir))  # the mesh run's orbax checkpoints
+    trainer_err = max(abs(a - b) / abs(a) for a, b in zip(*trainer_losses))
     # Generation runs unchanged under the mesh: the same greedy tokens as on one device.
     prompts = np.asarray(ids[:, :5])
     generated = [np.asarray(make(directory, load_in_4bit, m).generate(prompts, max_new_tokens=4, eos_token_id=[]))
@@ -89,7 +101,8 @@ def main(directory, load_in_4bit):
     print(json.dumps(dict(loss_rel_err=abs(float(loss1) - float(loss8)) / abs(float(loss1)),
                           data_parallel_all_gathers=hlo.count(" all-gather("),
                           grad_rel_err=errors, shard_fraction=fractions, devices=jax.device_count(),
-                          train_step_loss_rel_err=step_err,
+                          train_step_loss_rel_err=step_err, trainer_loss_rel_err=trainer_err,
+                          trainer_steps=len(trainer_losses[1]), trainer_checkpoints=saved,
                           generate_equal=bool(np.array_equal(*generated)), generated_shape=generated[0].shape)))
 
 

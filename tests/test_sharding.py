@@ -25,6 +25,8 @@ def test_mesh_matches_single_device(hf_llama, base):
     assert result["loss_rel_err"] < 1e-5
     assert result["grad_rel_err"] and max(result["grad_rel_err"].values()) < 1e-5, result["grad_rel_err"]
     assert result["train_step_loss_rel_err"] < 1e-5
+    assert result["trainer_steps"] == 3 and result["trainer_loss_rel_err"] < 1e-5  # SFTTrainer under the mesh
+    assert result["trainer_checkpoints"], "the trainer saved no checkpoint under the mesh"
     assert result["generate_equal"] and result["generated_shape"] == [8, 9]
     assert result["data_parallel_all_gathers"] == 0  # data=8: the loss chunks stay batch-sharded
     # Every large weight is split four ways over fsdp: one device holds a quarter of it.
