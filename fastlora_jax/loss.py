@@ -76,9 +76,10 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array,
 
     hidden [N, D] with labels [N], or [B, T, D] with labels [B, T]; head [D, V] (head_layout="dv") or [V, D]
     ("vd"); labels are already the targets of each row (no shift here), `ignore_index` ignored; bias [V] or None.
-    Logits exist one chunk of about `chunk_size` tokens at a time, computed with float32 accumulation. A [B, T]
+    Logits exist one chunk of at most `chunk_size` tokens at a time, computed with float32 accumulation. A [B, T]
     batch is chunked along T (each chunk [B, chunk_size // B] tokens), so a batch sharded over devices stays
-    sharded in every chunk; `mesh` (a jax.sharding.Mesh, or None) pins that sharding.
+    sharded in every chunk; `mesh` (a jax.sharding.Mesh, or None) pins that sharding. Without a mesh, B >
+    chunk_size rows are chunked as flat tokens; with one, each chunk then holds one token of every row.
     """
     if head_layout not in HEAD_LAYOUTS:
         raise ValueError(f"head_layout={head_layout!r}; accepted: {', '.join(HEAD_LAYOUTS)}")
@@ -87,8 +88,8 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array,
                          f"{hidden.shape=} {labels.shape=}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    if hidden.ndim == 2:
-        hidden, labels = hidden[None], labels[None]
+    if hidden.ndim == 2 or (hidden.shape[0] > chunk_size and mesh is None):  # rows wider than a chunk: flat tokens
+        hidden, labels = hidden.reshape(1, -1, hidden.shape[-1]), labels.reshape(1, -1)
     B, T, D = hidden.shape
     valid = labels != ignore_index
     n_tokens = jnp.sum(valid, dtype=jnp.int32)

@@ -305,7 +305,7 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
         implementation = "xla"
     cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret)
     y = _nf4_base(x2, w, bias, cfg)  # [M, out]
-    if a is not None:  # in x.dtype throughout, as PEFT's branch runs under autocast (no [M, out] float32 pass)
+    if a is not None:  # GEMM outputs in x.dtype as in kernels/lora.py's XLA path (no [M, out] float32 pass)
         dt = x.dtype
         xa = jnp.dot(x2, a.astype(dt), preferred_element_type=dt)  # [M, r]
         xa_s = (jnp.asarray(scaling, _F32) * xa.astype(_F32)).astype(dt)

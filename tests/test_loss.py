@@ -51,9 +51,10 @@ def test_chunked_equals_reference_with_gradients(layout, chunk_size, with_bias):
     assert int(n) == int(jnp.sum(labels != IGNORE_INDEX))
 
 
-@pytest.mark.parametrize("rows, chunk_size", [(3, 8), (4, 1), (2, 100)])
+@pytest.mark.parametrize("rows, chunk_size", [(3, 8), (4, 1), (2, 100), (5, 3)])
 def test_batched_rows_chunked_along_tokens(rows, chunk_size):
-    """[B, T, D] input (chunks of [B, chunk_size // B] tokens, T padded) equals the reference on the flat rows."""
+    """[B, T, D] input (chunks of [B, chunk_size // B] tokens, T padded; flat tokens when B > chunk_size) equals the
+    reference on the flat rows."""
     hidden, head, bias, labels = _inputs(N=rows * 13, seed=2)
 
     def batched(h, w):
