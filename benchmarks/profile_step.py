@@ -1,13 +1,13 @@
-"""Where a training step's GPU time goes: trace `benchmarks/train_step.py`'s step, sum kernel time per HLO op.
+"""Where a training step's GPU time goes: trace `benchmarks/train_step.py`'s step, sum the time of each kernel.
 
     python benchmarks/profile_step.py --out DIR -- --model 8b --batch 4 --seq 2048 --mode dots
     python benchmarks/profile_step.py --summarize TRACE.json.gz      # re-read a trace written earlier
 
-After the usual warm-up, `--trace-steps` steps run under `jax.profiler.trace`; the Perfetto trace's device events
-are grouped by kernel (XLA names each after its fusion: a gemm fusion, a cuDNN attention call, a Pallas kernel, a
-copy) and by kind. Writes
-DIR/ops.tsv (every op: total us per step, calls per step, kind, kernel names), DIR/hlo.txt.gz (the optimized HLO,
-to read what each fusion holds) and DIR/perfetto_trace.json.gz, and prints the kinds and the top ops.
+After the usual warm-up, `--trace-steps` steps run under `jax.profiler.trace`; GPU 0's kernels in the Perfetto
+trace are summed by name (XLA names each kernel after its fusion, so a name is an HLO op: a GEMM, a cuDNN attention
+call, a Pallas kernel, a copy) and by kind. Writes DIR/ops.tsv (every kernel: kind, ms per step, calls per step),
+DIR/hlo.txt.gz (the optimized HLO, to read what each fusion holds) and DIR/perfetto_trace.json.gz, and prints the
+kinds and the top kernels.
 """
 
 from __future__ import annotations
@@ -36,13 +36,8 @@ KINDS = (
 )
 
 
-def kind_of(kernel: str, op: str) -> str:
-    for kind, pattern in KINDS:
-        if pattern.search(kernel) or pattern.search(op):
-            return kind
-    if op.startswith(("custom-call", "cublas", "gemm")):
-        return "gemm"
-    return "xla fusion"
+def kind_of(kernel: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(kernel)), "xla fusion")
 
 
 def device_events(trace: dict, device: str = "/device:GPU:0") -> list[dict]:
@@ -64,16 +59,14 @@ def summarize(trace_path: str, steps: int, out_dir: str | None = None, top: int 
         names = sorted({e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"})
         print(f"no GPU device events in the trace; its processes: {names}", flush=True)
         return {}
-    ops: dict[str, dict] = collections.defaultdict(lambda: dict(us=0.0, calls=0, kernels=collections.Counter()))
+    # By kernel name, not by the "hlo_op" argument: inside a CUDA graph that is the graph's name.
+    ops: dict[str, dict] = collections.defaultdict(lambda: dict(us=0.0, calls=0))
     for e in events:
-        op = e["name"]  # XLA names each kernel after its fusion; inside a CUDA graph "hlo_op" is the graph's name
-        rec = ops[op]
-        rec["us"] += e.get("dur", 0.0)
-        rec["calls"] += 1
-        rec["kernels"][e["name"][:90]] += 1
+        ops[e["name"]]["us"] += e.get("dur", 0.0)
+        ops[e["name"]]["calls"] += 1
     kinds = collections.Counter()
-    for op, rec in ops.items():
-        rec["kind"] = kind_of(rec["kernels"].most_common(1)[0][0], op)
+    for name, rec in ops.items():
+        rec["kind"] = kind_of(name)
         kinds[rec["kind"]] += rec["us"]
     busy = sum(kinds.values())
     start = min(e["ts"] for e in events)
@@ -83,17 +76,15 @@ def summarize(trace_path: str, steps: int, out_dir: str | None = None, top: int 
     for kind, us in kinds.most_common():
         print(f"  {kind:12s} {us / steps / 1e3:8.2f} ms/step  {100 * us / busy:5.1f}%")
     ranked = sorted(ops.items(), key=lambda kv: -kv[1]["us"])
-    print(f"top {top} ops: ms/step, calls/step, us/call, kind, op, kernel")
-    for op, rec in ranked[:top]:
-        kernel = rec["kernels"].most_common(1)[0][0]
+    print(f"top {top} kernels: ms/step, calls/step, us/call, kind, name")
+    for name, rec in ranked[:top]:
         print(f"  {rec['us'] / steps / 1e3:7.2f} {rec['calls'] / steps:6.0f} {rec['us'] / rec['calls']:8.1f}  "
-              f"{rec['kind']:10s} {op[:40]:40s} {kernel[:60]}")
+              f"{rec['kind']:10s} {name[:90]}")
     if out_dir:
         with open(os.path.join(out_dir, "ops.tsv"), "w") as f:
-            f.write("op\tkind\tms_per_step\tcalls_per_step\tkernels\n")
-            for op, rec in ranked:
-                kernels = ";".join(f"{k}x{n}" for k, n in rec["kernels"].most_common(3))
-                f.write(f"{op}\t{rec['kind']}\t{rec['us'] / steps / 1e3:.4f}\t{rec['calls'] / steps:g}\t{kernels}\n")
+            f.write("kernel\tkind\tms_per_step\tcalls_per_step\n")
+            for name, rec in ranked:
+                f.write(f"{name}\t{rec['kind']}\t{rec['us'] / steps / 1e3:.4f}\t{rec['calls'] / steps:g}\n")
     return dict(busy_ms=busy / steps / 1e3, kinds_ms={k: v / steps / 1e3 for k, v in kinds.items()})
 
 
