@@ -12,7 +12,6 @@ during the timed steps.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
@@ -66,14 +65,14 @@ def run(ns) -> dict:
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times[ns.warmup:]))
     if ns.profile:  # two more steps under the profiler; GPU 0's kernels summed per kind and per kernel
-        os.makedirs(ns.profile, exist_ok=True)
-        with jax.profiler.trace(os.path.join(ns.profile, "trace"), create_perfetto_trace=True):
-            for _ in range(2):
-                trainable, opt_state, loss = step(trainable, opt_state, frozen, ids)
+        state = [trainable, opt_state]
+
+        def run_steps(steps: int) -> None:
+            for _ in range(steps):
+                state[0], state[1], loss = step(state[0], state[1], frozen, ids)
             loss.block_until_ready()
-        profile_step = _load("profile_step")
-        trace = sorted(glob.glob(os.path.join(ns.profile, "trace", "**", "perfetto_trace.json.gz"), recursive=True))
-        profile_step.summarize(trace[-1], 2, ns.profile)
+
+        _load("profile_step").trace_and_summarize(ns.profile, run_steps, 2, label=f"data={ns.data} fsdp={ns.fsdp}")
     peaks = [round((d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2) for d in jax.devices()[:n_gpus]]
     return dict(system="fastlora-jax", model=ns.model, gpus=n_gpus, data=ns.data, fsdp=ns.fsdp, batch=batch,
                 per_gpu_batch=ns.per_gpu_batch, seq=ns.seq, mode=ns.mode, step_s=round(step_s, 4),

@@ -51,14 +51,15 @@ def device_events(trace: dict, device: str = "/device:GPU:0") -> list[dict]:
     return [e for e in trace["traceEvents"] if e.get("ph") == "X" and (e["pid"], e.get("tid")) in keep]
 
 
-def summarize(trace_path: str, steps: int, out_dir: str | None = None, top: int = 45) -> dict:
+def summarize(trace_path: str, steps: int, out_dir: str | None = None, top: int = 45) -> None:
+    """Prints GPU 0's busy time per kind and the `top` kernels per step; writes out_dir/ops.tsv when given."""
     with gzip.open(trace_path, "rt") as f:
         trace = json.load(f)
     events = device_events(trace)
     if not events:
         names = sorted({e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"})
         print(f"no GPU device events in the trace; its processes: {names}", flush=True)
-        return {}
+        return
     # By kernel name, not by the "hlo_op" argument: inside a CUDA graph that is the graph's name.
     ops: dict[str, dict] = collections.defaultdict(lambda: dict(us=0.0, calls=0))
     for e in events:
@@ -85,7 +86,6 @@ def summarize(trace_path: str, steps: int, out_dir: str | None = None, top: int 
             f.write("kernel\tkind\tms_per_step\tcalls_per_step\n")
             for name, rec in ranked:
                 f.write(f"{name}\t{rec['kind']}\t{rec['us'] / steps / 1e3:.4f}\t{rec['calls'] / steps:g}\n")
-    return dict(busy_ms=busy / steps / 1e3, kinds_ms={k: v / steps / 1e3 for k, v in kinds.items()})
 
 
 def _train_step_module():
@@ -108,23 +108,34 @@ def profile(out_dir: str, run_argv: list[str], trace_steps: int, warmup: int) ->
     os.makedirs(out_dir, exist_ok=True)
     with gzip.open(os.path.join(out_dir, "hlo.txt.gz"), "wt") as f:
         f.write(compiled.as_text())
-    for _ in range(warmup):
-        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, ids)
-    loss.block_until_ready()
+    state = [trainable, opt_state]  # donated each step: the newest buffers live here
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            state[0], state[1], loss = compiled(state[0], state[1], frozen, ids)
+        loss.block_until_ready()
+
+    run(warmup)
+    trace_and_summarize(out_dir, run, trace_steps, label=" ".join(run_argv))
+
+
+def trace_and_summarize(out_dir: str, run, steps: int, label: str = "") -> None:
+    """Calls `run(steps)` (which blocks on its last result) under the profiler, keeps the Perfetto trace as
+    out_dir/perfetto_trace.json.gz and summarizes it (see `summarize`)."""
+    import jax
+
+    os.makedirs(out_dir, exist_ok=True)
     trace_dir = os.path.join(out_dir, "trace")
     t0 = time.perf_counter()
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(trace_steps):
-            trainable, opt_state, loss = compiled(trainable, opt_state, frozen, ids)
-        loss.block_until_ready()
-    wall = (time.perf_counter() - t0) / trace_steps
-    print(f"{' '.join(run_argv)}: traced {trace_steps} steps, {wall * 1e3:.1f} ms/step wall under the profiler",
-          flush=True)
+        run(steps)
+    wall = (time.perf_counter() - t0) / steps
+    print(f"{label}: traced {steps} steps, {wall * 1e3:.1f} ms/step wall under the profiler", flush=True)
     trace_path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
     kept = os.path.join(out_dir, "perfetto_trace.json.gz")
     shutil.copy(trace_path, kept)
     shutil.rmtree(trace_dir)
-    summarize(kept, trace_steps, out_dir)
+    summarize(kept, steps, out_dir)
 
 
 def main(argv: list[str]) -> None:

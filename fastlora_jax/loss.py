@@ -50,7 +50,7 @@ def causal_lm_loss(model, input_ids: jax.Array, labels: jax.Array, *, attention_
     head, layout, bias = output_head(model, hidden.dtype)
     targets = shift_labels(labels, segment_ids, ignore_index)  # [B, T]
     return chunked_cross_entropy(hidden, head, targets, bias=bias, head_layout=layout, chunk_size=chunk_size,
-                                 ignore_index=ignore_index, mesh=getattr(model.model, "mesh", None))
+                                 ignore_index=ignore_index, mesh=model.model.mesh)
 
 
 def output_head(model, dtype) -> tuple[jax.Array, str, jax.Array | None]:
