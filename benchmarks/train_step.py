@@ -118,6 +118,7 @@ def build(args):
     get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                    use_gradient_checkpointing=args.mode)
     model.model.mlp_chunk_size = args.mlp_chunk
+    model.model.scan_layers = not args.layer_loop
     return model, config
 
 
@@ -188,7 +189,8 @@ def run(args) -> dict:
     compile_s = time.perf_counter() - t0
     result = dict(system="fastlora-jax", model=args.model, layers=config.num_hidden_layers, batch=args.batch,
                   seq=args.seq, mode=str(args.mode), qlora=args.qlora, implementation=args.implementation,
-                  chunk=args.chunk, mlp_chunk=args.mlp_chunk, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  chunk=args.chunk, mlp_chunk=args.mlp_chunk,
+                  layer_loop=args.layer_loop, xla_flags=os.environ.get("XLA_FLAGS", ""),
                   compile_s=round(compile_s, 1), init_s=round(init_s, 1), **_memory(compiled))
     if args.compile_only:
         return result
@@ -221,6 +223,7 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--implementation", default="auto", choices=["auto", "xla", "pallas"])
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="cross-entropy chunk (tokens)")
     p.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk (default: the mode's)")
+    p.add_argument("--layer-loop", action="store_true", help="scan_layers=False: a Python loop over the layers")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-only", action="store_true")

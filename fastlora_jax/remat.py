@@ -89,6 +89,17 @@ def checkpoint_block(body: Callable) -> Callable:
     return jax.checkpoint(body, policy=p, prevent_cse=False)
 
 
+def _keep_all_but_slices(prim, *_, **__) -> bool:
+    """Policy for False in a Python loop of layers: save everything except the weight slices (redone instead)."""
+    return prim.name not in ("slice", "squeeze", "reshape")
+
+
+def checkpoint_loop_layer(layer: Callable, mode) -> Callable:
+    """Wraps one layer of a Python loop of layers in jax.checkpoint: the mode's policy (False: save all but the
+    weight slices). CSE is prevented, else XLA merges the backward pass's recomputation with the forward pass."""
+    return jax.checkpoint(layer, policy=policy(mode) or _keep_all_but_slices, prevent_cse=True)
+
+
 def checkpoint_layer(body: Callable, mode) -> Callable:
     """Wraps a scan body (one decoder layer) in jax.checkpoint with the mode's policy (unchanged for False)."""
     p = policy(mode)

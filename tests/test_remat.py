@@ -16,6 +16,8 @@ from fastlora_jax.variables import TRAINABLE
 
 from helpers import rel_err
 
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")  # float32 tolerances hold on a GPU too (no TF32)
+
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8)
 B, T = 2, 24
@@ -34,13 +36,14 @@ def split_model():
     return graphdef, trainable, frozen, ids
 
 
-def _loss_fn(split_model, mode, mlp_chunk=None):
+def _loss_fn(split_model, mode, mlp_chunk=None, scan_layers=True):
     graphdef, _, frozen, ids = split_model
 
     def mean_loss(trainable):
         model = nnx.merge(graphdef, trainable, frozen)
         model.model.gradient_checkpointing = mode
         model.model.mlp_chunk_size = mlp_chunk
+        model.model.scan_layers = scan_layers
         loss_sum, n = causal_lm_loss(model, ids, ids, chunk_size=16)
         return loss_sum / n
 
@@ -49,13 +52,18 @@ def _loss_fn(split_model, mode, mlp_chunk=None):
 
 @pytest.fixture(scope="module")
 def reference(split_model):
-    return jax.jit(jax.value_and_grad(_loss_fn(split_model, False)))(split_model[1])
+    with jax.default_matmul_precision("highest"):  # module-scoped: set up before the function-scoped fixture
+        return jax.jit(jax.value_and_grad(_loss_fn(split_model, False)))(split_model[1])
 
 
-@pytest.mark.parametrize("mode, mlp_chunk", [(True, None), ("unsloth", None), ("dots", None),
-                                             ("long_context", None), ("long_context", 20), (False, 16)])
-def test_mode_matches_no_checkpointing(split_model, reference, mode, mlp_chunk):
-    loss, grads = jax.jit(jax.value_and_grad(_loss_fn(split_model, mode, mlp_chunk)))(split_model[1])
+@pytest.mark.parametrize("mode, mlp_chunk, scan_layers", [
+    (True, None, True), ("unsloth", None, True), ("dots", None, True), ("long_context", None, True),
+    ("long_context", 20, True), (False, 16, True), (False, None, False), (True, None, False), ("dots", None, False),
+    ("unsloth", 16, False)])
+def test_mode_matches_no_checkpointing(split_model, reference, mode, mlp_chunk, scan_layers):
+    """Every mode, with the layers scanned or as a Python loop, gives no-remat's loss and gradients."""
+    loss, grads = jax.jit(jax.value_and_grad(_loss_fn(split_model, mode, mlp_chunk, scan_layers)))(
+        split_model[1])
     ref_loss, ref_grads = reference
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     leaves, ref_leaves = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
@@ -63,6 +71,22 @@ def test_mode_matches_no_checkpointing(split_model, reference, mode, mlp_chunk):
     for g, r in zip(leaves, ref_leaves):
         assert float(jnp.linalg.norm(r)) > 0
         assert rel_err(g, r) < 1e-5
+
+
+def _residual_shapes(split_model, mode, scan_layers) -> set[tuple[int, ...]]:
+    """Shapes of the values the backward pass reads (the linearization's residuals)."""
+    _, pullback = jax.linearize(_loss_fn(split_model, mode, scan_layers=scan_layers), split_model[1])
+    return {tuple(leaf.shape) for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "shape")}
+
+
+@pytest.mark.parametrize("mode", [False, "dots"])
+def test_layer_loop_keeps_no_weight_slices(split_model, mode):
+    """scan_layers=False: no layer's weight slice is kept for the backward pass (it is sliced again), and the
+    saved activations are per layer, never stacked [L, ...] as a scan's residuals are."""
+    D, F, L = CONFIG.hidden_size, CONFIG.intermediate_size, CONFIG.num_hidden_layers
+    looped, scanned = _residual_shapes(split_model, mode, False), _residual_shapes(split_model, mode, True)
+    assert not looped & {(D, F), (F, D), (D, CONFIG.q_size), (D, CONFIG.kv_size)}
+    assert (L, B, T, F) in scanned and (B, T, F) in looped and (L, B, T, F) not in looped  # gate_proj's output
 
 
 def _host_shapes(jaxpr) -> list[tuple[int, ...]]:
