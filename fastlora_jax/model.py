@@ -1,7 +1,8 @@
 """The Llama model in flax.nnx: module tree and names mirror transformers' LlamaForCausalLM.
 
 Decoder layers are one `DecoderLayer` module whose variables carry a leading [L] axis; `LlamaModel` scans it with
-`jax.lax.scan`, so compile time does not grow with depth. Axis letters: B batch, T query tokens, S key tokens,
+`jax.lax.scan`, so compile time does not grow with depth (or, with `scan_layers=False`, runs it as a Python loop over
+the layers, each slicing its weights out of the stacked arrays). Axis letters: B batch, T query tokens, S key tokens,
 D hidden, N query heads, K key/value heads, H head_dim, V vocab, L layers.
 """
 
