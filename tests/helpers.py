@@ -28,6 +28,22 @@ def make_hf_llama(path, seed: int = 0, torch_dtype=None, **overrides):
     return model
 
 
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr, including those inside sub-jaxprs (jit, scan, custom_vjp, checkpoint, Pallas)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from all_eqns(inner)
+
+
+def dot_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in a jaxpr and its sub-jaxprs."""
+    return [tuple(e.outvars[0].aval.shape) for e in all_eqns(jaxpr) if e.primitive.name == "dot_general"]
+
+
 def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))

@@ -12,7 +12,7 @@ import pytest
 
 from fastlora_jax import kernels
 from fastlora_jax.kernels import api, lora, reference
-from helpers import rel_err
+from helpers import dot_shapes, rel_err
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Small tiles so the test shapes (none a multiple of them) need several row, column and contraction tiles.
@@ -76,20 +76,6 @@ def test_api_leading_axes_and_default_tiles(implementation):
     assert y.shape == (2, 19, 80) and rel_err(y, ref) < 1e-5
 
 
-def _dots(jaxpr) -> list[tuple[int, ...]]:
-    """Output shapes of every dot_general in a jaxpr, including those inside sub-jaxprs (jit, custom_vjp, Pallas)."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    shapes += _dots(inner)
-    return shapes
-
-
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 def test_no_weight_gradient_is_computed(implementation):
     x, w, a, b, bias, scaling, _ = make_inputs(24, 48, 80, 8, jnp.float32)
@@ -98,11 +84,11 @@ def test_no_weight_gradient_is_computed(implementation):
         return jnp.sum(lora.lora_linear(x, w, a, b, scaling, bias, implementation=implementation) ** 2)
 
     weight_shapes = {(48, 80), (80, 48)}
-    dots = _dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, a, b, w).jaxpr)
+    dots = dot_shapes(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, a, b, w).jaxpr)
     assert dots and not weight_shapes & set(dots), dots
     # The detector sees a weight gradient where one is computed: the reference differentiated w.r.t. w.
     ref_loss = lambda x, a, b, w: jnp.sum(reference.lora_linear_reference(x, w, a, b, scaling, bias) ** 2)
-    assert weight_shapes & set(_dots(jax.make_jaxpr(jax.grad(ref_loss, argnums=3))(x, a, b, w).jaxpr))
+    assert weight_shapes & set(dot_shapes(jax.make_jaxpr(jax.grad(ref_loss, argnums=3))(x, a, b, w).jaxpr))
     # Asked for anyway, w's gradient is zeros (the symbolic zero of a frozen weight), not a computed product.
     assert not np.any(np.asarray(jax.grad(loss, argnums=3)(x, a, b, w)))
 

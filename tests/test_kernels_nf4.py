@@ -14,7 +14,7 @@ from fastlora_jax import kernels
 from fastlora_jax.kernels import nf4 as knf4
 from fastlora_jax.kernels import reference
 from fastlora_jax.nf4 import quantize_nf4, stack_nf4
-from helpers import rel_err
+from helpers import dot_shapes, rel_err
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Small tiles: the test shapes need several token, feature and contraction tiles, and padded edges.
@@ -86,19 +86,6 @@ def test_api_leading_axes_and_auto():
         assert y.shape == (2, 7, 48) and rel_err(y, ref) < 1e-5
 
 
-def _dots(jaxpr) -> list[tuple[int, ...]]:
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    shapes += _dots(inner)
-    return shapes
-
-
 def _float_residual_shapes(fn, *args) -> set[tuple[int, ...]]:
     """Shapes of the floating-point arrays the vjp keeps alive between the forward and the backward pass."""
     _, vjp = jax.vjp(fn, *args)
@@ -113,7 +100,7 @@ def test_no_16bit_weight_kept_and_no_weight_gradient(implementation):
     assert not weight_shapes & _float_residual_shapes(f, x)
     # The check sees a kept weight where there is one: plain autodiff of the reference keeps the dequantized weight.
     assert weight_shapes & _float_residual_shapes(lambda x: reference.nf4_linear_reference(x, w, bias), x)
-    dots = _dots(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2)))(x).jaxpr)
+    dots = dot_shapes(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2)))(x).jaxpr)
     assert dots and not weight_shapes & set(dots), dots
 
 

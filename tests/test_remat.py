@@ -14,7 +14,7 @@ from fastlora_jax.loss import causal_lm_loss
 from fastlora_jax.model import Llama
 from fastlora_jax.variables import TRAINABLE
 
-from helpers import rel_err
+from helpers import all_eqns, rel_err
 
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")  # float32 tolerances hold on a GPU too (no TF32)
 
@@ -91,17 +91,8 @@ def test_layer_loop_keeps_no_weight_slices(split_model, mode):
 
 def _host_shapes(jaxpr) -> list[tuple[int, ...]]:
     """Shapes of every value the jaxpr (and its sub-jaxprs) places in host memory."""
-    found = []
-    for eqn in jaxpr.eqns:
-        found += [tuple(v.aval.shape) for v in eqn.outvars
-                  if "host" in str(getattr(v.aval, "memory_space", "")).lower()]
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else [param]:
-                if hasattr(sub, "eqns"):
-                    found += _host_shapes(sub)
-                elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-                    found += _host_shapes(sub.jaxpr)
-    return found
+    return [tuple(v.aval.shape) for eqn in all_eqns(jaxpr) for v in eqn.outvars
+            if "host" in str(getattr(v.aval, "memory_space", "")).lower()]
 
 
 @pytest.mark.parametrize("mode, stacked", [("unsloth", CONFIG.num_hidden_layers),
