@@ -199,18 +199,18 @@ class LlamaModel(nnx.Module):
         inputs = inputs._replace(**dict(zip(("cos", "sin"), rope_angles(positions, inverse_frequencies(self.config)))))
         mode = self.gradient_checkpointing
         inputs = inputs._replace(mlp_chunk=self.mlp_chunk_size or remat.mlp_chunk_size(mode), batch_sharding=self.mesh)
-        graphdef, state = nnx.split(self.layers)
         L = self.config.num_hidden_layers
         layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, L)
+        k = remat.layers_per_block(mode, L)
+        if cache is None and k == 1 and not self.scan_layers:
+            return self.norm(self._layer_loop(x, inputs, layer_rngs)), None
+        graphdef, state = nnx.split(self.layers)
 
         def body(x, per_layer):
             layer_state, cache_kv, rng = per_layer
             y, cache_kv = nnx.merge(graphdef, layer_state)(x, inputs, cache_kv, rng)
             return y, cache_kv
 
-        k = remat.layers_per_block(mode, L)
-        if cache is None and k == 1 and not self.scan_layers:
-            return self.norm(self._layer_loop(x, inputs, layer_rngs)), None
         body = remat.checkpoint_layer(body, mode)
         if cache is None and k > 1:  # blocks of k layers: only each block's input is offloaded
             def block(x, per_block):

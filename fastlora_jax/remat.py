@@ -90,8 +90,9 @@ def checkpoint_block(body: Callable) -> Callable:
 
 
 def _keep_all_but_slices(prim, *_, **__) -> bool:
-    """Policy for False in a Python loop of layers: save everything except the weight slices (redone instead)."""
-    return prim.name not in ("slice", "squeeze", "reshape")
+    """Policy for False in a Python loop of layers: save everything except the weight slices (redone instead);
+    `jax.lax.index_in_dim` is a slice and a squeeze."""
+    return prim.name not in ("slice", "squeeze")
 
 
 def checkpoint_loop_layer(layer: Callable, mode) -> Callable:
