@@ -233,6 +233,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="IN x OUT")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the NF4 forward and input-gradient halves alone at the token counts <= 64")
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new measurement after this long")
     parser.add_argument("--tune-reserve-s", type=float, default=25.0, help="of the budget, kept for --tune")
@@ -260,6 +262,10 @@ def main(argv=None) -> None:
                     if time.perf_counter() > main_deadline:
                         continue
                     records.append(measure(path, k, n, m, r, sink, args.batches))
+    if args.parts:
+        for m in [m for m in args.tokens if m <= 64]:
+            for k, n in shapes:
+                time_parts(sink, args.batches, m, k, n)
     if args.tune:
         small = [m for m in args.tokens if m <= 64]
         tune(sink, args.batches, deadline, *shapes[0], max(args.tokens), max(small, default=min(args.tokens)))

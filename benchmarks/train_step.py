@@ -142,13 +142,24 @@ def make_step(model, args):
         loss_sum, n = causal_lm_loss(m, ids, ids, chunk_size=args.chunk)
         return loss_sum / n
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=xla_options(args))
     def step(trainable, opt_state, frozen, ids):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     return step, trainable, opt_state, frozen
+
+
+def xla_options(args) -> dict:
+    """--xla-option NAME=VALUE pairs as jax.jit compiler_options (this step's compilation only, not the process)."""
+    options = {}
+    for item in args.xla_option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--xla-option {item!r}: expected NAME=VALUE")
+        options[name] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
 
 
 def useful_flops(config, batch: int, seq: int) -> float:
@@ -173,6 +184,12 @@ def _memory(compiled) -> dict:
     return out
 
 
+def _count_slice_fusions(compiled) -> int:
+    """How many GEMMs read their operand as a slice of a larger buffer (XLA's dynamic-slice fusion)."""
+    text = compiled.as_text() or ""
+    return text.count("dynamic_slice_fusion") + text.count("address_computation")
+
+
 def run(args) -> dict:
     import jax
     import numpy as np
@@ -191,6 +208,7 @@ def run(args) -> dict:
                   seq=args.seq, mode=str(args.mode), qlora=args.qlora, implementation=args.implementation,
                   chunk=args.chunk, mlp_chunk=args.mlp_chunk,
                   layer_loop=args.layer_loop, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  xla_options=args.xla_option, dynamic_slice_fusions=_count_slice_fusions(compiled),
                   compile_s=round(compile_s, 1), init_s=round(init_s, 1), **_memory(compiled))
     if args.compile_only:
         return result
@@ -224,6 +242,8 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="cross-entropy chunk (tokens)")
     p.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk (default: the mode's)")
     p.add_argument("--layer-loop", action="store_true", help="scan_layers=False: a Python loop over the layers")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an XLA option for this step's compilation (jax.jit compiler_options); repeatable")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-only", action="store_true")
