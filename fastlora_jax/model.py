@@ -187,7 +187,7 @@ class LlamaModel(nnx.Module):
         # True: the layers run under one jax.lax.scan (compile time flat in depth). False: a Python loop of per-layer
         # checkpoints (training forward only; generation and "long_context" always scan): compiles 3-5x longer, but
         # no copies of saved activations into the scan's stacked residuals ("dots": 8B +3%, 1B +4.6%; "unsloth"
-        # measured slower with it; benchmarks/RESULTS.md, session 3).
+        # no faster with it and 25.2 instead of 17.6 GiB on 8B; benchmarks/RESULTS.md, sessions 3 and 4).
         self.scan_layers = True
         self.mesh = None  # set by fastlora_jax.sharding.shard_model / from_pretrained(mesh=...)
 
