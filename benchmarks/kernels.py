@@ -262,12 +262,12 @@ def main(argv=None) -> None:
                     if time.perf_counter() > main_deadline:
                         continue
                     records.append(measure(path, k, n, m, r, sink, args.batches))
+    small = [m for m in args.tokens if m <= 64]
     if args.parts:
-        for m in [m for m in args.tokens if m <= 64]:
+        for m in small:
             for k, n in shapes:
                 time_parts(sink, args.batches, m, k, n)
     if args.tune:
-        small = [m for m in args.tokens if m <= 64]
         tune(sink, args.batches, deadline, *shapes[0], max(args.tokens), max(small, default=min(args.tokens)))
     print(table(records, shapes, args.tokens), flush=True)
     if sink is not None:

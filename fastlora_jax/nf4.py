@@ -331,7 +331,8 @@ def dequantize_absmax(t: NF4Array) -> jax.Array:
 @functools.cache
 def _nf4_byte_values() -> np.ndarray:
     """[256, 2] float32: the NF4 values of a packed byte's (high, low) nibbles. Decoding by byte is one 8-byte
-    gather per two codes, and needs no nibble split or interleave: 2.5x faster on an H200 than per code."""
+    gather per two codes, and needs no nibble split or interleave: 2.5x faster on an H200 than per code
+    (benchmarks/RESULTS.md, session 4)."""
     table = np.stack([np.repeat(NF4_CODE, 16), np.tile(NF4_CODE, 16)], axis=-1)  # byte b -> (b >> 4, b & 15)
     table.setflags(write=False)
     return table
