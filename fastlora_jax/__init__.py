@@ -1,5 +1,6 @@
 """fastlora-jax: fast LoRA and QLoRA fine-tuning of Llama models in JAX / Flax NNX."""
 
+from fastlora_jax.xla_options import compiler_options
 from fastlora_jax.config import LlamaConfig, preset
 from fastlora_jax.fast_language_model import FastLanguageModel
 from fastlora_jax.lora import LoraConfig, get_peft_model
@@ -11,4 +12,4 @@ from fastlora_jax.variables import TRAINABLE, Frozen, TrainableBias, TrainableCo
 
 __all__ = ["FastLanguageModel", "LlamaConfig", "preset", "Llama", "LoraConfig", "get_peft_model", "SFTConfig",
            "SFTTrainer", "AdamW", "make_train_step", "make_eval_step", "causal_lm_loss", "chunked_cross_entropy",
-           "TRAINABLE", "Frozen", "TrainableBias", "TrainableCopy", "trainable_mask"]
+           "TRAINABLE", "Frozen", "TrainableBias", "TrainableCopy", "trainable_mask", "compiler_options"]
