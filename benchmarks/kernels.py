@@ -14,6 +14,7 @@ full list goes to $OUT/kernels.jsonl when $OUT is set; a table of ratios to the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from fastlora_jax import kernels
+from fastlora_jax import compiler_options, kernels
 from fastlora_jax.kernels import lora, nf4
 from fastlora_jax.nf4 import NF4Array, nf4_sizes
 
@@ -55,11 +56,13 @@ def random_nf4(key, n: int, k: int) -> NF4Array:
         jnp.asarray(0.02, jnp.float32), shape=(n, k), dtype=jnp.bfloat16)
 
 
-def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles=None):
+def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles=None, options=None):
     """(jitted function, its arguments) computing `path`'s forward and gradients for `layers` layers.
 
     Each layer's weights are separate buffers (as a model's parameters are), so no slice copies are timed.
+    `options` are the jit's compiler_options (default: fastlora_jax.compiler_options(), as the train step's).
     """
+    jit = functools.partial(jax.jit, compiler_options=compiler_options() if options is None else options)
     keys = jax.random.split(jax.random.key(k * 7 + n * 3 + m + r), 3 + 3 * layers)
     x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)  # [M, in]
     g = jax.random.normal(keys[1], (m, n), jnp.float32).astype(jnp.bfloat16)  # [M, out] output cotangent
@@ -72,14 +75,14 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles=None):
             y, vjp = jax.vjp(lambda x: nf4.nf4_linear(x, w, implementation=impl, block_sizes=tiles), x)
             return y, vjp(g)[0]
 
-        return jax.jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
+        return jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
     ws = [(jax.random.normal(lkeys[i, 0], (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16) for i in range(layers)]
     if path == "bf16":
         def layer(x, g, w):
             y, vjp = jax.vjp(lambda x: x @ w, x)
             return y, vjp(g)[0]
 
-        return jax.jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
+        return jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
     impl = path.split("_")[1]
     abs_ = [(jax.random.normal(lkeys[i, 1], (k, r), jnp.float32) * k ** -0.5,
              jax.random.normal(lkeys[i, 2], (r, n), jnp.float32) * 0.01) for i in range(layers)]
@@ -89,7 +92,7 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles=None):
         y, vjp = jax.vjp(f, x, a, b)
         return y, *vjp(g)
 
-    return jax.jit(lambda x, g, ws, abs_: [layer(x, g, w, a, b) for w, (a, b) in zip(ws, abs_)]), (x, g, ws, abs_)
+    return jit(lambda x, g, ws, abs_: [layer(x, g, w, a, b) for w, (a, b) in zip(ws, abs_)]), (x, g, ws, abs_)
 
 
 def time_us(fn, args, layers: int, batches: int, per_batch: int = 3):
@@ -182,13 +185,13 @@ def tune(sink, batches: int, deadline: float, k: int, n: int, m_large: int, m_sm
 _XLA_OUTPUTS: dict[tuple, tuple] = {}  # the XLA path's first-layer outputs, to check the Pallas path against
 
 
-def measure(path, k, n, m, r, sink, batches, tiles=None, tag=None) -> dict:
+def measure(path, k, n, m, r, sink, batches, tiles=None, tag=None, options=None) -> dict:
     layers = layers_for(k, n, m)
     record = {"path": path, "in": k, "out": n, "tokens": m, "r": r if path.startswith("lora") else None,
               "layers": layers, **(tag or {})}
     family = (path.split("_")[0], k, n, m, r)
     try:
-        fn, args = build(path, k, n, m, r, layers, tiles)
+        fn, args = build(path, k, n, m, r, layers, tiles, options)
         median, times, compile_s, outputs = time_us(fn, args, layers, batches)
         record.update(median_us=round(median, 2), batches_us=[round(t, 2) for t in times],
                       compile_s=round(compile_s, 2))
@@ -236,9 +239,12 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", action="store_true",
                         help="also time the NF4 forward and input-gradient halves alone at the token counts <= 64")
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an XLA option for the timed jits, over fastlora_jax.compiler_options(); repeatable")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new measurement after this long")
     parser.add_argument("--tune-reserve-s", type=float, default=25.0, help="of the budget, kept for --tune")
     args = parser.parse_args(argv)
+    options = compiler_options(*args.xla_option)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     deadline = time.perf_counter() + args.budget_s
     out_dir = os.environ.get("OUT")
@@ -247,7 +253,7 @@ def main(argv=None) -> None:
         run_check(sink)
     device = jax.devices()[0]
     emit({"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:],
+          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:], "xla_options": options,
           "auto_table": {op: list(v) for op, v in kernels.PALLAS_FASTER_ON_GPU.items()}}, sink)
     main_deadline = deadline - (args.tune_reserve_s if args.tune else 0.0)
     records = []
@@ -261,7 +267,7 @@ def main(argv=None) -> None:
                         continue  # at one token the rank changes nothing measurable
                     if time.perf_counter() > main_deadline:
                         continue
-                    records.append(measure(path, k, n, m, r, sink, args.batches))
+                    records.append(measure(path, k, n, m, r, sink, args.batches, options=options))
     small = [m for m in args.tokens if m <= 64]
     if args.parts:
         for m in small:

@@ -152,14 +152,11 @@ def make_step(model, args):
 
 
 def xla_options(args) -> dict:
-    """--xla-option NAME=VALUE pairs as jax.jit compiler_options (this step's compilation only, not the process)."""
-    options = {}
-    for item in args.xla_option:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--xla-option {item!r}: expected NAME=VALUE")
-        options[name] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
+    """The step's jax.jit compiler_options: fastlora_jax.compiler_options() (what make_train_step compiles with),
+    updated by the --xla-option NAME=VALUE pairs (this step's compilation only, not the process)."""
+    from fastlora_jax import compiler_options
+
+    return compiler_options(*args.xla_option)
 
 
 def useful_flops(config, batch: int, seq: int) -> float:
@@ -209,23 +206,24 @@ def run(args) -> dict:
                   seq=args.seq, mode=str(args.mode), qlora=args.qlora, implementation=args.implementation,
                   chunk=args.chunk, mlp_chunk=args.mlp_chunk,
                   layer_loop=args.layer_loop, xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  xla_options=args.xla_option, dynamic_slice_fusions=_count_slice_fusions(compiled),
+                  xla_options=xla_options(args), dynamic_slice_fusions=_count_slice_fusions(compiled),
                   compile_s=round(compile_s, 1), init_s=round(init_s, 1), **_memory(compiled))
     if args.compile_only:
         return result
-    times = []
+    times, losses = [], []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
         trainable, opt_state, loss = compiled(trainable, opt_state, frozen, ids)
         loss.block_until_ready()
         times.append(time.perf_counter() - t)
+        losses.append(loss)
     step_s = float(np.median(times[args.warmup:]))
     tokens = args.batch * args.seq
     stats = jax.devices()[0].memory_stats() or {}
     result.update(step_s=round(step_s, 4), tokens_per_s=round(tokens / step_s),
                   peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
                   useful_tflops=round(useful_flops(config, args.batch, args.seq) / step_s / 1e12, 1),
-                  loss=round(float(loss), 3), first_step_s=round(times[0], 3))
+                  first_loss=round(float(losses[0]), 4), loss=round(float(loss), 3), first_step_s=round(times[0], 3))
     return result
 
 
@@ -244,7 +242,8 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk (default: the mode's)")
     p.add_argument("--layer-loop", action="store_true", help="scan_layers=False: a Python loop over the layers")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="an XLA option for this step's compilation (jax.jit compiler_options); repeatable")
+                   help="an XLA option for this step's compilation (jax.jit compiler_options), over the library's "
+                        "fastlora_jax.compiler_options(); repeatable")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-only", action="store_true")
