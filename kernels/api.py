@@ -26,6 +26,8 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas")
 # runs XLA; the NF4 kernels never measured faster. At 8192 tokens the kernel alone still wins on 4096->4096 and
 # 4096->1024 (2026-11-30), but the whole 8B training step is faster with XLA everywhere (15,869 vs 15,752 tokens/s,
 # same call): XLA merges the q/k/v matmuls into one GEMM, which a custom call in their place prevents.
+# These XLA timings used XLA's default Triton GEMMs; the train step now compiles with cuBLAS for every matmul
+# (fastlora_jax.compiler_options(), 2026-12-02), under which the 16-token rows were not re-measured.
 PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]] = {
     "lora": (
         (4096, 1024, 16, 16, 16, 64),  # 62 / 60 vs 78 / 76 us (r16 / r64)
