@@ -1,6 +1,5 @@
 """fastlora-jax: fast LoRA and QLoRA fine-tuning of Llama models in JAX / Flax NNX."""
 
-from fastlora_jax.xla_options import compiler_options
 from fastlora_jax.config import LlamaConfig, preset
 from fastlora_jax.fast_language_model import FastLanguageModel
 from fastlora_jax.lora import LoraConfig, get_peft_model
@@ -9,6 +8,7 @@ from fastlora_jax.model import Llama
 from fastlora_jax.trainer import SFTConfig, SFTTrainer
 from fastlora_jax.training import AdamW, make_eval_step, make_train_step
 from fastlora_jax.variables import TRAINABLE, Frozen, TrainableBias, TrainableCopy, trainable_mask
+from fastlora_jax.xla_options import compiler_options
 
 __all__ = ["FastLanguageModel", "LlamaConfig", "preset", "Llama", "LoraConfig", "get_peft_model", "SFTConfig",
            "SFTTrainer", "AdamW", "make_train_step", "make_eval_step", "causal_lm_loss", "chunked_cross_entropy",

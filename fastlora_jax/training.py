@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fastlora_jax.xla_options import compiler_options
 from fastlora_jax.variables import TRAINABLE, TrainableBias
+from fastlora_jax.xla_options import compiler_options
 
 SCHEDULES = ("linear", "cosine", "constant")
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
