@@ -1,4 +1,5 @@
-"""Linear-kernel benchmark on Llama-3.1-8B shapes: the bf16 floor, LoRA (XLA, Pallas) and NF4 (XLA, Pallas).
+"""Linear-kernel benchmark on Llama-3.1-8B shapes: the bf16 floor, LoRA (XLA, Pallas) and NF4 (XLA, Pallas, and the
+gather-free XLA formulations of benchmarks/nf4_formulations.py: nf4_split, nf4_concat, nf4_select).
 
     pip install -e . --no-deps --no-build-isolation -q; python3 benchmarks/kernels.py [--check] [--tune]
 
@@ -31,10 +32,13 @@ from fastlora_jax import compiler_options, kernels
 from fastlora_jax.kernels import lora, nf4
 from fastlora_jax.nf4 import NF4Array, nf4_sizes
 
+import nf4_formulations  # benchmarks/, beside this script
+
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (in, out): q/o, k/v, gate/up, down
 TOKENS = (8192, 16, 1)
 RANKS = (16, 64)
-PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas")
+NF4_FORMULATION_PATHS = tuple(f"nf4_{f}" for f in nf4_formulations.FORMULATIONS)  # gather-free decodes
+PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas", *NF4_FORMULATION_PATHS)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -70,6 +74,11 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles=None, op
     if path.startswith("nf4"):
         impl = path.split("_")[1]
         ws = [random_nf4(lkeys[i, 0], n, k) for i in range(layers)]
+        if path in NF4_FORMULATION_PATHS:  # y and dx written out: what the custom_vjp's two halves compute
+            def layer(x, g, w):
+                return nf4_formulations.forward(x, w, impl), nf4_formulations.input_gradient(g, w, impl)
+
+            return jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
 
         def layer(x, g, w):
             y, vjp = jax.vjp(lambda x: nf4.nf4_linear(x, w, implementation=impl, block_sizes=tiles), x)
@@ -197,7 +206,7 @@ def measure(path, k, n, m, r, sink, batches, tiles=None, tag=None, options=None)
                       compile_s=round(compile_s, 2))
         if path.endswith("_xla"):
             _XLA_OUTPUTS[family] = outputs
-        elif path.endswith("_pallas") and family in _XLA_OUTPUTS:  # same inputs (same keys): compare y and grads
+        elif family in _XLA_OUTPUTS:  # same inputs (same keys): compare y and grads with the XLA path's
             record["rel_err_vs_xla"] = [float(jnp.linalg.norm((o.astype(jnp.float32) - w.astype(jnp.float32)))
                                               / jnp.linalg.norm(w.astype(jnp.float32)))
                                         for o, w in zip(outputs, _XLA_OUTPUTS[family])]
@@ -209,7 +218,8 @@ def measure(path, k, n, m, r, sink, batches, tiles=None, tag=None, options=None)
 
 
 def table(records: list[dict], shapes, tokens) -> str:
-    cols = ["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas")] + ["nf4_xla", "nf4_pallas"]
+    cols = (["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas")] + ["nf4_xla", "nf4_pallas"]
+            + list(NF4_FORMULATION_PATHS))
     rows = [f"{'in->out':>12} {'tokens':>6} " + " ".join(f"{c:>16}" for c in cols)]
     for k, n in shapes:
         for m in tokens:
