@@ -60,13 +60,13 @@ def random_nf4(key, n: int, k: int) -> NF4Array:
         jnp.asarray(0.02, jnp.float32), shape=(n, k), dtype=jnp.bfloat16)
 
 
-def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles=None, options=None):
+def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options: dict):
     """(jitted function, its arguments) computing `path`'s forward and gradients for `layers` layers.
 
     Each layer's weights are separate buffers (as a model's parameters are), so no slice copies are timed.
-    `options` are the jit's compiler_options (default: fastlora_jax.compiler_options(), as the train step's).
+    `options` are the jit's compiler_options (main: fastlora_jax.compiler_options() and the --xla-option pairs).
     """
-    jit = functools.partial(jax.jit, compiler_options=compiler_options() if options is None else options)
+    jit = functools.partial(jax.jit, compiler_options=options)
     keys = jax.random.split(jax.random.key(k * 7 + n * 3 + m + r), 3 + 3 * layers)
     x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)  # [M, in]
     g = jax.random.normal(keys[1], (m, n), jnp.float32).astype(jnp.bfloat16)  # [M, out] output cotangent
@@ -156,7 +156,7 @@ TUNE = {  # alternative Pallas tiles, tried on the first shape with --tune (afte
 }
 
 
-def time_parts(sink, batches: int, m: int = 16, k: int = 4096, n: int = 4096) -> None:
+def time_parts(sink, batches: int, options: dict, m: int = 16, k: int = 4096, n: int = 4096) -> None:
     """The NF4 forward (x @ W.T) and input-gradient (g @ W) products alone: Pallas kernels against XLA's
     dequantize-then-matmul, to see which half costs what."""
     from fastlora_jax.nf4 import dequantize_nf4
@@ -174,27 +174,27 @@ def time_parts(sink, batches: int, m: int = 16, k: int = 4096, n: int = 4096) ->
         "absmax_xla": lambda x, g, w: nf4._operands(w, n)[1],
     }
     for name, part in parts.items():
-        fn = jax.jit(lambda x, g, ws, part=part: [part(x, g, w) for w in ws])
+        fn = jax.jit(lambda x, g, ws, part=part: [part(x, g, w) for w in ws], compiler_options=options)
         median, times, compile_s, _ = time_us(fn, (x, g, ws), layers, batches)
         emit({"part": f"nf4_{name}", "in": k, "out": n, "tokens": m, "layers": layers, "median_us": round(median, 2),
               "batches_us": [round(t, 2) for t in times], "compile_s": round(compile_s, 2)}, sink)
 
 
-def tune(sink, batches: int, deadline: float, k: int, n: int, m_large: int, m_small: int) -> None:
-    time_parts(sink, batches, m_small, k, n)
+def tune(sink, batches: int, options: dict, deadline: float, k: int, n: int, m_large: int, m_small: int) -> None:
+    time_parts(sink, batches, options, m_small, k, n)
     for label, tiles_list in TUNE.items():
         path = label.removesuffix("_small")
         m = m_small if label.endswith("_small") else m_large
         for tiles in tiles_list:
             if time.perf_counter() > deadline:
                 return
-            measure(path, k, n, m, 16, sink, batches, tiles=tiles, tag={"tune": repr(tiles)})
+            measure(path, k, n, m, 16, sink, batches, tiles=tiles, tag={"tune": repr(tiles)}, options=options)
 
 
 _XLA_OUTPUTS: dict[tuple, tuple] = {}  # the XLA path's first-layer outputs, to check the Pallas path against
 
 
-def measure(path, k, n, m, r, sink, batches, tiles=None, tag=None, options=None) -> dict:
+def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=None) -> dict:
     layers = layers_for(k, n, m)
     record = {"path": path, "in": k, "out": n, "tokens": m, "r": r if path.startswith("lora") else None,
               "layers": layers, **(tag or {})}
@@ -282,9 +282,9 @@ def main(argv=None) -> None:
     if args.parts:
         for m in small:
             for k, n in shapes:
-                time_parts(sink, args.batches, m, k, n)
+                time_parts(sink, args.batches, options, m, k, n)
     if args.tune:
-        tune(sink, args.batches, deadline, *shapes[0], max(args.tokens), max(small, default=min(args.tokens)))
+        tune(sink, args.batches, options, deadline, *shapes[0], max(args.tokens), max(small, default=min(args.tokens)))
     print(table(records, shapes, args.tokens), flush=True)
     if sink is not None:
         sink.close()
