@@ -7,10 +7,11 @@ the projection outputs "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 - False: no remat; the backward pass reads everything the forward saved (most memory).
 - True: keep each decoder layer's input, recompute the rest of the layer in the backward pass.
 - "unsloth": as True, but the layer input is offloaded to pinned host memory during the forward pass and fetched
-  back for the backward pass (the copies overlap with compute), so device memory holds no per-layer activations;
-  the MLP runs over token chunks of UNSLOTH_MLP_CHUNK, so its [tokens, intermediate] activations stay small.
+  back for the backward pass (the copies overlap with compute), so device memory holds no per-layer activations
+  but the small LoRA products x @ A ([tokens, r]); the MLP runs over token chunks of UNSLOTH_MLP_CHUNK, so its
+  [tokens, intermediate] activations stay small.
 - "dots": save the projection outputs (bf16 matmul results; not down_proj's, which only feeds the next layer's
-  input) and, on a GPU, cuDNN attention's output and softmax statistics (so its forward never runs twice);
+  input), the LoRA products x @ A and, on a GPU, cuDNN attention's output and softmax statistics (so its forward never runs twice);
   recompute only the cheap elementwise work (norms, RoPE, SiLU): about half of False's activation memory, and the
   fastest mode.
 - "long_context": for contexts where even one layer input per layer outgrows host memory (8B: 256 KiB per token
@@ -26,14 +27,20 @@ from typing import Callable
 
 import jax
 
+from fastlora_jax.kernels.lora import XA_NAME
+
 MODES = (False, True, "unsloth", "dots", "long_context")
 LAYER_INPUT = "layer_input"
 BLOCK_INPUT = "block_input"
 LONG_CONTEXT_BLOCK = 4  # layers per offloaded block in "long_context"
 LONG_CONTEXT_MLP_CHUNK = 16384  # tokens per MLP chunk in "long_context"
 UNSLOTH_MLP_CHUNK = 4096  # tokens per MLP chunk in "unsloth" (with 1024-token loss chunks: 8B QLoRA 7.9 not 8.7 GiB)
+# x @ A of every LoRA layer ([tokens, r], tagged in fastlora_jax.kernels): "dots" and "unsloth" keep it on the
+# device (8B, r=16: 58 MiB for the 7 projections of 32 layers at 8192 tokens), so the backward pass does not read
+# each projection's input again to recompute it.
+LORA_XA = XA_NAME
 # "dots" saves these: down_proj's output only feeds the next layer's input, which the scan keeps anyway.
-DOTS_SAVED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+DOTS_SAVED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", LORA_XA)
 # The primitive cuDNN flash attention's forward binds under jax.grad (jax._src.cudnn.fused_attention_stablehlo):
 # its outputs are the attention output and the softmax statistics the backward kernel needs.
 CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"
@@ -65,7 +72,7 @@ def policy(mode):
         return jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.save_only_these_names(*DOTS_SAVED), _save_attention_outputs)
     return jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        names_which_can_be_saved=[LORA_XA], names_which_can_be_offloaded=[LAYER_INPUT],
         offload_src="device", offload_dst="pinned_host")
 
 

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from fastlora_jax.kernels import _compat
+from fastlora_jax.kernels.lora import XA_NAME
 
 if TYPE_CHECKING:
     from fastlora_jax.nf4 import NF4Array
@@ -307,7 +309,7 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     y = _nf4_base(x2, w, bias, cfg)  # [M, out]
     if a is not None:  # GEMM outputs in x.dtype as in kernels/lora.py's XLA path (no [M, out] float32 pass)
         dt = x.dtype
-        xa = jnp.dot(x2, a.astype(dt), preferred_element_type=dt)  # [M, r]
+        xa = checkpoint_name(jnp.dot(x2, a.astype(dt), preferred_element_type=dt), XA_NAME)  # [M, r]
         xa_s = (jnp.asarray(scaling, _F32) * xa.astype(_F32)).astype(dt)
         y = y + jnp.dot(xa_s, b.astype(dt), preferred_element_type=dt)  # [M, out]
     return y.reshape(*lead, out_features)

@@ -89,6 +89,15 @@ def test_layer_loop_keeps_no_weight_slices(split_model, mode):
     assert (L, B, T, F) in scanned and (B, T, F) in looped and (L, B, T, F) not in looped  # gate_proj's output
 
 
+@pytest.mark.parametrize("mode, saved", [("dots", True), ("unsloth", True), (True, False)])
+def test_lora_xa_saved(split_model, mode, saved):
+    """ "dots" and "unsloth" keep each LoRA layer's x @ A [tokens, r] (stacked [L, tokens, r] by the scan): the
+    backward pass does not read the projection's input again to recompute it; True recomputes it."""
+    r, L = 4, CONFIG.num_hidden_layers
+    assert ((L, B * T, r) in _residual_shapes(split_model, mode, True)) == saved
+    assert ((B * T, r) in _residual_shapes(split_model, mode, False)) == saved
+
+
 def _host_shapes(jaxpr) -> list[tuple[int, ...]]:
     """Shapes of every value the jaxpr (and its sub-jaxprs) places in host memory."""
     return [tuple(v.aval.shape) for eqn in all_eqns(jaxpr) for v in eqn.outvars
