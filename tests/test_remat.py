@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from fastlora_jax import remat
+from fastlora_jax import compiler_options, remat
 from fastlora_jax.config import LlamaConfig
 from fastlora_jax.lora import get_peft_model
 from fastlora_jax.loss import causal_lm_loss
@@ -129,6 +129,20 @@ def test_unsloth_compiled_moves_to_host(split_model):
     assert any(f"f32[{L},{B},{T},{D}]" in line and "S(5)" in line for line in hlo.splitlines())
     stats = compiled.memory_analysis()
     assert stats.host_temp_size_in_bytes >= L * B * T * D * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["unsloth", "long_context"])
+def test_pipelined_host_offloading_keeps_the_gradients(split_model, mode):
+    """fastlora_jax.compiler_options() fetches offloaded layer inputs one scan iteration ahead: the gradients are
+    those of the step compiled without that option (a value fetched too early or too late would change them)."""
+    grad = jax.grad(_loss_fn(split_model, mode))
+    pipelined = jax.jit(grad, compiler_options=compiler_options())(split_model[1])
+    plain = jax.jit(grad, compiler_options=compiler_options("xla_gpu_enable_pipelined_host_offloading=false"))(
+        split_model[1])
+    for g, r in zip(jax.tree.leaves(pipelined), jax.tree.leaves(plain)):
+        assert float(jnp.linalg.norm(r)) > 0
+        assert rel_err(g, r) < 1e-6
 
 
 @pytest.mark.gpu

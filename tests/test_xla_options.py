@@ -11,16 +11,17 @@ import fastlora_jax
 from fastlora_jax.kernels import lora_linear, reference
 
 
-def test_defaults_turn_triton_gemms_off_and_are_a_fresh_dict():
+def test_defaults_turn_triton_gemms_off_pipeline_host_offloading_and_are_a_fresh_dict():
     options = fastlora_jax.compiler_options()
-    assert options == {"xla_gpu_enable_triton_gemm": False}
+    assert options == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_pipelined_host_offloading": True}
     options["other"] = 1
     assert "other" not in fastlora_jax.compiler_options()
 
 
 def test_overrides_parse_booleans_and_keep_text():
     options = fastlora_jax.compiler_options("xla_gpu_enable_triton_gemm=TRUE", "xla_gpu_autotune_level=2")
-    assert options == {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": "2"}
+    assert options == {"xla_gpu_enable_triton_gemm": True, "xla_gpu_enable_pipelined_host_offloading": True,
+                       "xla_gpu_autotune_level": "2"}
 
 
 @pytest.mark.parametrize("bad", ["xla_gpu_enable_triton_gemm", "=true", ""])
