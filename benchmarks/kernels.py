@@ -1,13 +1,15 @@
-"""Linear-kernel benchmark on Llama-3.1-8B shapes: the bf16 floor, LoRA (XLA, Pallas) and NF4 (XLA, Pallas, and the
-gather-free XLA formulations of benchmarks/nf4_formulations.py: nf4_split, nf4_concat, nf4_select).
+"""Linear-kernel benchmark on Llama-3.1-8B shapes: the bf16 floor, LoRA (XLA, Pallas) and NF4 (XLA, Pallas, XLA's
+multiply-and-sum "reduce", and the gather-free formulations of benchmarks/nf4_formulations.py: nf4_split, nf4_concat,
+nf4_select).
 
     pip install -e . --no-deps --no-build-isolation -q; python3 benchmarks/kernels.py [--check] [--tune]
 
 Every path is timed as forward + the gradients training needs: the bf16 floor is y = x @ w and dx; LoRA gives y and
-dx, da, db (w frozen); NF4 gives y and dx. `layers` distinct weights (so the weights do not sit in L2) are run in one
-jitted, unrolled function, as a model's layers would be; a batch of 3 calls is timed after a warm-up call, and the
-median over batches divided by `layers` is reported, in microseconds per layer. One JSON line per measurement; the
-full list goes to $OUT/kernels.jsonl when $OUT is set; a table of ratios to the bf16 floor ends the output.
+dx, da, db (w frozen); NF4 gives y and dx; `--forward-only` times y alone (generation). `layers` distinct weights
+(so the weights do not sit in L2) are run in one jitted, unrolled function, as a model's layers would be; a batch
+of 3 calls is timed after a warm-up call, and the median over batches divided by `layers` is reported, in
+microseconds per layer. One JSON line per measurement; the full list goes to $OUT/kernels.jsonl when $OUT is set;
+a table of ratios to the bf16 floor ends the output.
 `--check` first runs tests/test_kernels_lora.py and tests/test_kernels_nf4.py (compiled on the GPU);
 `--tune` times alternative Pallas tile settings.
 """
@@ -38,7 +40,7 @@ SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (in, out)
 TOKENS = (8192, 16, 1)
 RANKS = (16, 64)
 NF4_FORMULATION_PATHS = tuple(f"nf4_{f}" for f in nf4_formulations.FORMULATIONS)  # gather-free decodes
-PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas", *NF4_FORMULATION_PATHS)
+PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas", "nf4_reduce", *NF4_FORMULATION_PATHS)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -60,8 +62,9 @@ def random_nf4(key, n: int, k: int) -> NF4Array:
         jnp.asarray(0.02, jnp.float32), shape=(n, k), dtype=jnp.bfloat16)
 
 
-def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options: dict):
-    """(jitted function, its arguments) computing `path`'s forward and gradients for `layers` layers.
+def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options: dict, forward_only: bool = False):
+    """(jitted function, its arguments) computing `path`'s forward and gradients (only the forward when
+    `forward_only`) for `layers` layers; each layer gives a tuple of outputs.
 
     Each layer's weights are separate buffers (as a model's parameters are), so no slice copies are timed.
     `options` are the jit's compiler_options (main: fastlora_jax.compiler_options() and the --xla-option pairs).
@@ -76,18 +79,25 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options
         ws = [random_nf4(lkeys[i, 0], n, k) for i in range(layers)]
         if path in NF4_FORMULATION_PATHS:  # y and dx written out: what the custom_vjp's two halves compute
             def layer(x, g, w):
+                if forward_only:
+                    return (nf4_formulations.forward(x, w, impl),)
                 return nf4_formulations.forward(x, w, impl), nf4_formulations.input_gradient(g, w, impl)
 
             return jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
 
         def layer(x, g, w):
-            y, vjp = jax.vjp(lambda x: nf4.nf4_linear(x, w, implementation=impl, block_sizes=tiles), x)
+            f = lambda x: nf4.nf4_linear(x, w, implementation=impl, block_sizes=tiles)
+            if forward_only:
+                return (f(x),)
+            y, vjp = jax.vjp(f, x)
             return y, vjp(g)[0]
 
         return jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
     ws = [(jax.random.normal(lkeys[i, 0], (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16) for i in range(layers)]
     if path == "bf16":
         def layer(x, g, w):
+            if forward_only:
+                return (x @ w,)
             y, vjp = jax.vjp(lambda x: x @ w, x)
             return y, vjp(g)[0]
 
@@ -98,6 +108,8 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options
 
     def layer(x, g, w, a, b):
         f = lambda x, a, b: lora.lora_linear(x, w, a, b, 2.0, implementation=impl, block_sizes=tiles)
+        if forward_only:
+            return (f(x, a, b),)
         y, vjp = jax.vjp(f, x, a, b)
         return y, *vjp(g)
 
@@ -194,13 +206,13 @@ def tune(sink, batches: int, options: dict, deadline: float, k: int, n: int, m_l
 _XLA_OUTPUTS: dict[tuple, tuple] = {}  # the XLA path's first-layer outputs, to check the Pallas path against
 
 
-def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=None) -> dict:
+def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=None, forward_only=False) -> dict:
     layers = layers_for(k, n, m)
     record = {"path": path, "in": k, "out": n, "tokens": m, "r": r if path.startswith("lora") else None,
-              "layers": layers, **(tag or {})}
+              "layers": layers, **({"forward_only": True} if forward_only else {}), **(tag or {})}
     family = (path.split("_")[0], k, n, m, r)
     try:
-        fn, args = build(path, k, n, m, r, layers, tiles, options)
+        fn, args = build(path, k, n, m, r, layers, tiles, options, forward_only)
         median, times, compile_s, outputs = time_us(fn, args, layers, batches)
         record.update(median_us=round(median, 2), batches_us=[round(t, 2) for t in times],
                       compile_s=round(compile_s, 2))
@@ -218,8 +230,8 @@ def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=N
 
 
 def table(records: list[dict], shapes, tokens) -> str:
-    cols = (["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas")] + ["nf4_xla", "nf4_pallas"]
-            + list(NF4_FORMULATION_PATHS))
+    cols = (["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas")]
+            + ["nf4_xla", "nf4_pallas", "nf4_reduce"] + list(NF4_FORMULATION_PATHS))
     rows = [f"{'in->out':>12} {'tokens':>6} " + " ".join(f"{c:>16}" for c in cols)]
     for k, n in shapes:
         for m in tokens:
@@ -249,6 +261,8 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", action="store_true",
                         help="also time the NF4 forward and input-gradient halves alone at the token counts <= 64")
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--forward-only", action="store_true",
+                        help="time the forward alone (generation), not forward + gradients")
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="an XLA option for the timed jits, over fastlora_jax.compiler_options(); repeatable")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new measurement after this long")
@@ -277,7 +291,8 @@ def main(argv=None) -> None:
                         continue  # at one token the rank changes nothing measurable
                     if time.perf_counter() > main_deadline:
                         continue
-                    records.append(measure(path, k, n, m, r, sink, args.batches, options=options))
+                    records.append(measure(path, k, n, m, r, sink, args.batches, options=options,
+                                           forward_only=args.forward_only))
     small = [m for m in args.tokens if m <= 64]
     if args.parts:
         for m in small:

@@ -2,7 +2,8 @@
 
 "xla" is the plain-XLA formulation (with its own custom_vjp), "pallas" the Pallas kernels (compiled on a GPU,
 interpreted elsewhere), and "auto" picks Pallas only on a GPU and only for the (op, in, out, tokens) where the
-benchmark (benchmarks/kernels.py, recorded in benchmarks/RESULTS.md) measured it faster than XLA; XLA everywhere else.
+benchmark (benchmarks/kernels.py, recorded in benchmarks/RESULTS.md) measured it faster than XLA, and for NF4 at one
+token on a GPU XLA's multiply-and-sum form ("reduce"); XLA everywhere else.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]]
     ),
     "nf4": (),
 }
+# NF4 at one token on a GPU: the forward as a multiply-and-sum that reads only the 4-bit codes ("reduce") was measured
+# faster than dequantize-then-matmul on all four 8B shapes (benchmarks/kernels.py --forward-only, 2026-12-02: 1.35-1.55x
+# the bf16 matmul against 2.4-3.0x under XLA's default options, 0.60-1.20x against 0.85-3.07x under the training
+# options); at 16 tokens it was 8-14x slower (each token decodes the weight again), so one token only.
+NF4_REDUCE_MAX_TOKENS = 1
 
 
 def _check_implementation(implementation: str) -> str:
@@ -45,7 +51,7 @@ def _check_implementation(implementation: str) -> str:
 
 def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int, rank: int = 0) -> str:
     """The implementation that runs: "auto" becomes "pallas" only on a GPU and where PALLAS_FASTER_ON_GPU lists the
-    shape, token count and rank."""
+    shape, token count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU up to NF4_REDUCE_MAX_TOKENS tokens."""
     if _check_implementation(implementation) != "auto":
         return implementation
     if not _compat.on_gpu():
@@ -53,6 +59,8 @@ def resolve(op: str, implementation: str, in_features: int, out_features: int, t
     for k, n, lo, hi, min_rank, max_rank in PALLAS_FASTER_ON_GPU[op]:
         if (k, n) == (in_features, out_features) and lo <= tokens <= hi and min_rank <= rank <= max_rank:
             return "pallas"
+    if op == "nf4" and tokens <= NF4_REDUCE_MAX_TOKENS:
+        return "reduce"
     return "xla"
 
 

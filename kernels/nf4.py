@@ -10,7 +10,10 @@ multiplies at once.
 The high/low nibbles hold even/odd input columns, so x is read with stride 2 (forward) and dx is written with
 stride 2 (backward). Few programs per output tile would leave the GPU idle at few tokens, so the contraction is
 split over `split_k` programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
-calls one matmul. Both share a custom_vjp whose only residuals are the NF4 arrays: the backward dequantizes again.
+calls one matmul; its "reduce" variant writes the forward as a multiply-and-sum, which XLA fuses with the decoding
+into one reduction kernel that reads only the codes (no 16-bit weight written; each token decodes the weight again,
+so it pays at one token only). All share a custom_vjp whose only residuals are the NF4 arrays: the backward
+dequantizes again.
 """
 
 from __future__ import annotations
@@ -226,7 +229,7 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Config:
-    implementation: str  # "xla" | "pallas"
+    implementation: str  # "xla" | "pallas" | "reduce"
     block_sizes: BlockSizes | None
     interpret: bool | None
 
@@ -237,10 +240,12 @@ def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
     from fastlora_jax.nf4 import dequantize_nf4
 
     weight = dequantize_nf4(w, x.dtype)  # [out, in], alive only inside this call
+    if cfg.implementation == "reduce":  # [M, 1, in] * [out, in] summed over in: XLA fuses the decoding into the sum
+        return jnp.sum(x.astype(_F32)[:, None, :] * weight.astype(_F32), axis=-1).astype(x.dtype)
     return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ()))).astype(x.dtype)
 
 
-def _matmul(g, w, cfg: _Config):  # g [M, out] @ W -> [M, in]
+def _matmul(g, w, cfg: _Config):  # g [M, out] @ W -> [M, in] ("reduce" too: only its forward was measured faster)
     if cfg.implementation == "pallas":
         return nf4_matmul(g, w, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
     from fastlora_jax.nf4 import dequantize_nf4
@@ -292,12 +297,13 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
                block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
     """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
 
-    "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). The LoRA branch, when given, is the
-    reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to the NF4 product.
+    "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). "reduce" is XLA with the forward product
+    as a multiply-and-sum instead of a matmul (what "auto" runs for one token on a GPU; see `api`). The LoRA branch,
+    when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to the NF4 product.
     """
     check_nf4_shapes(x, w, bias, a, b)
-    if implementation not in ("xla", "pallas"):
-        raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas'")
+    if implementation not in ("xla", "pallas", "reduce"):
+        raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'reduce'")
     out_features, in_features = w.shape
     if implementation == "pallas" and in_features % _BLOCK:
         raise ValueError(f"nf4_linear(implementation='pallas') needs in_features % 64 == 0; got w.shape={w.shape}")

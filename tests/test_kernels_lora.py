@@ -130,6 +130,8 @@ def test_auto_is_xla_off_gpu_and_table_is_well_formed():
         assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # listed for GPUs only
     assert api.resolve("lora", "pallas", 4096, 4096, 8192) == "pallas"
     assert api.resolve("nf4", "xla", 4096, 4096, 1) == "xla"
+    if jax.default_backend() != "gpu":
+        assert api.resolve("nf4", "auto", 4096, 4096, 1) == "xla"  # "reduce" is for GPUs only
     with pytest.raises(ValueError, match="implementation='triton'; accepted: auto, xla, pallas"):
         api.resolve("lora", "triton", 8, 8, 8)
 
@@ -143,4 +145,7 @@ def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
     assert api.resolve("lora", "auto", 4096, 4096, 16, 16) == "xla"  # measured, not faster
     assert api.resolve("lora", "auto", 4096, 1024, 4096, 16) == "xla"  # token count not measured
     assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # the whole step is faster with XLA
+    assert api.resolve("nf4", "auto", 4096, 14336, 1) == "reduce"  # one token: the multiply-and-sum form
+    assert api.resolve("nf4", "auto", 4096, 14336, 16) == "xla"
+    assert api.resolve("nf4", "xla", 4096, 14336, 1) == "xla"  # asked for: kept
     assert api.resolve("nf4", "auto", 4096, 4096, 16) == "xla"

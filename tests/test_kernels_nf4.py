@@ -54,8 +54,9 @@ CASES = [  # (tokens, in, out, r, dtype): in a multiple of 64 (NF4 blocks in row
 ]
 
 
-@pytest.mark.parametrize("implementation, blocks", [("xla", None), ("pallas", SMALL), ("pallas", None)],
-                         ids=["xla", "pallas", "default_tiles"])
+@pytest.mark.parametrize("implementation, blocks", [("xla", None), ("reduce", None), ("pallas", SMALL),
+                                                     ("pallas", None)],
+                         ids=["xla", "reduce", "pallas", "default_tiles"])
 @pytest.mark.parametrize("m, k, n, r, dtype", CASES)
 def test_matches_reference(implementation, blocks, m, k, n, r, dtype):
     check_case(implementation, blocks, m, k, n, r, dtype)
@@ -92,7 +93,7 @@ def _float_residual_shapes(fn, *args) -> set[tuple[int, ...]]:
     return {leaf.shape for leaf in jax.tree.leaves(vjp) if jnp.issubdtype(leaf.dtype, jnp.floating)}
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("implementation", ["xla", "reduce", "pallas"])
 def test_no_16bit_weight_kept_and_no_weight_gradient(implementation):
     x, w, bias, _, _, _, _ = make_inputs(6, 128, 48, 0, jnp.bfloat16)
     weight_shapes = {(48, 128), (128, 48)}
