@@ -36,10 +36,13 @@ PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]]
     ),
     "nf4": (),
 }
-# NF4 at one token on a GPU: the forward as a multiply-and-sum that reads only the 4-bit codes ("reduce") was measured
-# faster than dequantize-then-matmul on all four 8B shapes (benchmarks/kernels.py --forward-only, 2026-12-02: 1.35-1.55x
-# the bf16 matmul against 2.4-3.0x under XLA's default options, 0.60-1.20x against 0.85-3.07x under the training
-# options); at 16 tokens it was 8-14x slower (each token decodes the weight again), so one token only.
+# NF4 at one token on a GPU: the forward as a multiply-and-sum that reads only the 4-bit codes ("reduce") against
+# dequantize-then-matmul (benchmarks/kernels.py --forward-only, 2026-12-02, us per layer under XLA's default options /
+# the training options): 4096->4096 28.0 vs 43.1 / 22.5 vs 44.0, 4096->14336 61.4 vs 126.8 / 50.9 vs 130.0,
+# 14336->4096 53.8 vs 120.7 / 49.2 vs 131.2, but 4096->1024 16.2 vs 13.3 / 15.7 vs 22.3 (not faster under the
+# defaults generation compiles with). At 16 tokens it was 2-5x slower (each token decodes the weight again).
+# (in, out) where "auto" runs it, for NF4_REDUCE_MAX_TOKENS tokens at most:
+NF4_REDUCE_FASTER_ON_GPU = ((4096, 4096), (4096, 14336), (14336, 4096))
 NF4_REDUCE_MAX_TOKENS = 1
 
 
@@ -51,7 +54,8 @@ def _check_implementation(implementation: str) -> str:
 
 def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int, rank: int = 0) -> str:
     """The implementation that runs: "auto" becomes "pallas" only on a GPU and where PALLAS_FASTER_ON_GPU lists the
-    shape, token count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU up to NF4_REDUCE_MAX_TOKENS tokens."""
+    shape, token count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU for the NF4_REDUCE_FASTER_ON_GPU
+    shapes at up to NF4_REDUCE_MAX_TOKENS tokens."""
     if _check_implementation(implementation) != "auto":
         return implementation
     if not _compat.on_gpu():
@@ -59,7 +63,7 @@ def resolve(op: str, implementation: str, in_features: int, out_features: int, t
     for k, n, lo, hi, min_rank, max_rank in PALLAS_FASTER_ON_GPU[op]:
         if (k, n) == (in_features, out_features) and lo <= tokens <= hi and min_rank <= rank <= max_rank:
             return "pallas"
-    if op == "nf4" and tokens <= NF4_REDUCE_MAX_TOKENS:
+    if op == "nf4" and tokens <= NF4_REDUCE_MAX_TOKENS and (in_features, out_features) in NF4_REDUCE_FASTER_ON_GPU:
         return "reduce"
     return "xla"
 

@@ -147,5 +147,6 @@ def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
     assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # the whole step is faster with XLA
     assert api.resolve("nf4", "auto", 4096, 14336, 1) == "reduce"  # one token: the multiply-and-sum form
     assert api.resolve("nf4", "auto", 4096, 14336, 16) == "xla"
+    assert api.resolve("nf4", "auto", 4096, 1024, 1) == "xla"  # measured, not faster
     assert api.resolve("nf4", "xla", 4096, 14336, 1) == "xla"  # asked for: kept
     assert api.resolve("nf4", "auto", 4096, 4096, 16) == "xla"
