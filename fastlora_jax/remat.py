@@ -7,7 +7,8 @@ the projection outputs "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 - False: no remat; the backward pass reads everything the forward saved (most memory).
 - True: keep each decoder layer's input, recompute the rest of the layer in the backward pass.
 - "unsloth": as True, but the layer input is offloaded to pinned host memory during the forward pass and fetched
-  back for the backward pass (the copies overlap with compute), so device memory holds no per-layer activations
+  back for the backward pass (the copies overlap with compute; the fetches only when compiled with
+  `fastlora_jax.compiler_options()`, which fetches one layer ahead), so device memory holds no per-layer activations
   but the small LoRA products x @ A ([tokens, r]); the MLP runs over token chunks of UNSLOTH_MLP_CHUNK, so its
   [tokens, intermediate] activations stay small.
 - "dots": save the projection outputs (bf16 matmul results; not down_proj's, which only feeds the next layer's
