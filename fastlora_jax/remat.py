@@ -12,9 +12,9 @@ the projection outputs "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
   but the small LoRA products x @ A ([tokens, r]); the MLP runs over token chunks of UNSLOTH_MLP_CHUNK, so its
   [tokens, intermediate] activations stay small.
 - "dots": save the projection outputs (bf16 matmul results; not down_proj's, which only feeds the next layer's
-  input), the LoRA products x @ A and, on a GPU, cuDNN attention's output and softmax statistics (so its forward never runs twice);
-  recompute only the cheap elementwise work (norms, RoPE, SiLU): about half of False's activation memory, and the
-  fastest mode.
+  input), the LoRA products x @ A and, on a GPU, cuDNN attention's output and softmax statistics (so its forward
+  never runs twice); recompute only the cheap elementwise work (norms, RoPE, SiLU): about half of False's
+  activation memory, and the fastest mode.
 - "long_context": for contexts where even one layer input per layer outgrows host memory (8B: 256 KiB per token
   for 32 layers, so 256 GiB at 1M tokens). Layers run in blocks of `layers_per_block`; only each block's input
   is offloaded to pinned host memory; the backward pass recomputes a block's forward keeping its layer inputs on

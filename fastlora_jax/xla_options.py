@@ -16,7 +16,7 @@ offloading XLA fetches it one iteration ahead on a copy stream, behind the previ
 "unsloth" ran 3.0% faster with it (12,282 against 11,924 tokens/s in one call; QLoRA 12,122 against 11,756), for
 0.12 GiB more device memory (the buffer fetched ahead).
 
-Both are GPU debug options; other backends ignore them. Use it in your own loop as `fastlora_jax.make_train_step`
+Both are GPU debug options; other backends ignore them. Use them in your own loop as `fastlora_jax.make_train_step`
 does::
 
     step = jax.jit(train_step, compiler_options=fastlora_jax.compiler_options())
