@@ -14,7 +14,7 @@ scan fetches each layer's input from pinned host memory at the top of that layer
 stream, so every transfer (64 MiB per 8B layer at 4 x 2048 tokens, 1.2 ms) stalls the GPU; with pipelined host
 offloading XLA fetches it one iteration ahead on a copy stream, behind the previous layer's backward pass. 8B
 "unsloth" ran 3.0% faster with it (12,282 against 11,924 tokens/s in one call; QLoRA 12,122 against 11,756), for
-0.12 GiB more device memory (the buffer fetched ahead).
+0.12 GiB more device memory (presumably the buffers fetched ahead).
 
 Both are GPU debug options; other backends ignore them. Use them in your own loop as `fastlora_jax.make_train_step`
 does::
