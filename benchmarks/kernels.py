@@ -163,8 +163,8 @@ TUNE = {  # alternative Pallas tiles, tried on the first shape with --tune (afte
     "lora_pallas": [lora.BlockSizes(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4),
                     lora.BlockSizes(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
                     lora.BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)],
-    "nf4_pallas_small": [nf4.BlockSizes(block_n=16), nf4.BlockSizes(split_k=1), nf4.BlockSizes(blocks_per_step=1),
-                         nf4.BlockSizes(block_k=32, num_warps=2)],
+    "nf4_pallas_small": [nf4.BlockSizes(decode="gather"), nf4.BlockSizes(split_k=1),
+                         nf4.BlockSizes(block_n=32, blocks_per_step=2), nf4.BlockSizes(block_k=32, num_warps=8)],
 }
 
 

@@ -5,11 +5,11 @@ the high nibble), one double-quantized absmax per 64 consecutive elements. With 
 in one row, so the codes view as [out, in / 2] bytes and the absmax as [out, in / 64].
 
 The Pallas kernels read only the 4-bit codes and the float32 block absmax (double-dequantized by XLA first: 1/64
-of the elements): each program dequantizes its tile in registers (the NF4 table by a gather from 16 values) and
-multiplies at once.
-The high/low nibbles hold even/odd input columns, so x is read with stride 2 (forward) and dx is written with
-stride 2 (backward). Few programs per output tile would leave the GPU idle at few tokens, so the contraction is
-split over `split_k` programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
+of the elements): each program decodes a tile of codes in registers (each nibble's NF4 value by a tree of selects
+on its four bits, or a gather from the 16-entry table; times its block's absmax in float32, then x's dtype), puts
+the two nibbles of each byte back into column order (high first), and multiplies the tile with one dot. Few
+programs per output tile would leave the GPU idle at few tokens, so the contraction is split over `split_k`
+programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
 calls one matmul; its "reduce" variant writes the forward as a multiply-and-sum, which XLA fuses with the decoding
 into one reduction kernel that reads only the codes (no 16-bit weight written; each token decodes the weight again,
 so it pays at one token only). All share a custom_vjp whose only residuals are the NF4 arrays: the backward
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
@@ -36,25 +37,52 @@ if TYPE_CHECKING:
 _F32 = jnp.float32
 _BLOCK = 64  # bitsandbytes' NF4 blocksize
 _TARGET_PROGRAMS = 264  # two per H200 multiprocessor
+DECODES = ("gather", "select")  # how the kernels turn a 4-bit code into its NF4 value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSizes:
-    """Tiles of the fused NF4 kernels and their Triton launch settings (block sizes powers of two, >= 16)."""
+    """Tiles of one fused NF4 kernel and its Triton launch settings (block sizes powers of two).
 
-    block_m: int = 16  # token rows per program
-    block_n: int = 32  # forward: output features per program
-    block_k: int = 64  # backward: output features (contraction rows) per loop step
+    The defaults per kernel (`for_forward`, `for_backward`) are the fastest of a sweep on an H200 at 16 tokens over
+    the four Llama-3.1-8B shapes (benchmarks/RESULTS.md, "## Kernels", session 8): decoding by a select tree, which
+    beat the table gather by 1.3-2.6x in these kernels.
+    """
+
+    block_m: int = 16  # token rows per program (>= 16)
+    block_n: int = 64  # forward: output features per program (>= 16)
+    block_k: int = 64  # backward: output features (contraction rows) per loop step (>= 32)
     blocks_per_step: int = 2  # 64-element NF4 blocks of input features per step (fwd) / per program (bwd)
     split_k: int | None = None  # programs sharing one contraction; None: enough for ~2 programs per SM
     num_warps: int = 4
     num_stages: int = 3
+    decode: str = "select"  # NF4 values by a tree of selects, or "gather" (from the [16] table in memory)
+
+    def __post_init__(self):
+        if self.decode not in DECODES:
+            raise ValueError(f"BlockSizes(decode={self.decode!r}); accepted: {', '.join(map(repr, DECODES))}")
+        # At block_k=16 the compiled backward kernel gave wrong bf16 products on an H200 (JAX 0.11.2's Triton,
+        # relative error ~1.5 against XLA; float32 was right), while 32 and 64 were right: 16 is refused.
+        if self.block_k < 32 or self.block_m < 16 or self.block_n < 16:
+            raise ValueError(f"BlockSizes(block_m={self.block_m}, block_n={self.block_n}, block_k={self.block_k}): "
+                             "accepted block_m >= 16, block_n >= 16, block_k >= 32")
 
     @classmethod
-    def for_shape(cls, m: int, out_features: int, in_features: int) -> BlockSizes:
-        bm = 16 if m <= 16 else min(64, _pow2_at_least(m))
-        return cls(block_m=bm, block_n=min(32, _pow2_at_least(out_features)),
-                   block_k=min(64, _pow2_at_least(out_features)), blocks_per_step=2)
+    def for_forward(cls, m: int, out_features: int, in_features: int) -> BlockSizes:
+        """x @ W.T: 64 output rows, 4 NF4 blocks (256 input features) per step, 8 warps."""
+        return cls(block_m=_token_block(m), block_n=min(64, _pow2_at_least(out_features)), blocks_per_step=4,
+                   num_warps=8)
+
+    @classmethod
+    def for_backward(cls, m: int, out_features: int, in_features: int) -> BlockSizes:
+        """g @ W: 64 contraction rows per step; one NF4 block of input features per program, two when the
+        contraction is short (out <= 1024: fewer, longer programs measured 1.35x faster)."""
+        return cls(block_m=_token_block(m), block_k=min(64, _pow2_at_least(out_features, 32)),
+                   blocks_per_step=2 if out_features <= 1024 else 1)
+
+
+def _token_block(m: int) -> int:
+    return 16 if m <= 16 else min(64, _pow2_at_least(m))
 
 
 def _pow2_at_least(n: int, minimum: int = 16) -> int:
@@ -81,55 +109,57 @@ def _code_table() -> jax.Array:
     return jnp.asarray(NF4_CODE, _F32)  # [16]
 
 
-def _dequant(codes, am, code_ref, dtype):  # bitsandbytes' order: NF4_CODE[code] * absmax in float32, then dtype
-    """codes [R, C] uint8, am [R, 1] -> (high-nibble values, low-nibble values) [R, C] in dtype."""
-    c = codes.astype(jnp.int32)
-    return (code_ref[c >> 4] * am).astype(dtype), (code_ref[c & 15] * am).astype(dtype)
+def _select_code(ints):
+    """NF4_CODE[ints] for int32 codes 0..15 by a tree of selects on the four bits (no memory access)."""
+    from fastlora_jax.nf4 import NF4_CODE
+
+    level = [np.float32(v) for v in NF4_CODE]  # 16 leaves, then 8, 4, 2, 1 after each bit
+    for bit in range(4):
+        set_ = (ints & (1 << bit)) != 0
+        level = [jnp.where(set_, level[i + 1], level[i]) for i in range(0, len(level), 2)]
+    return level[0]
 
 
-def _xwt_kernel(x_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, steps: int):
+def _decode_tile(codes, am, code_ref, dtype, decode: str):
+    """codes [R, C] uint8 (two per byte, high nibble first), am [R, C / 32] float32 -> the weight [R, 2C] in dtype,
+    in column order: NF4_CODE[code] * absmax in float32, then dtype (bitsandbytes' order)."""
+    r, c = codes.shape
+    ints = codes.astype(jnp.int32)
+    scale = jnp.broadcast_to(am[:, :, None], (r, c // (_BLOCK // 2), _BLOCK // 2)).reshape(r, c)  # [R, C]
+    value = _select_code if decode == "select" else (lambda i: code_ref[i])  # "gather": from the [16] table
+    hi = (value(ints >> 4) * scale).astype(dtype)  # even columns
+    lo = (value(ints & 15) * scale).astype(dtype)  # odd columns
+    return jnp.concatenate([hi[..., None], lo[..., None]], axis=-1).reshape(r, 2 * c)
+
+
+def _xwt_kernel(x_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, steps: int, decode: str):
     # x_ref [bm, in], codes_ref [bn, in / 2] uint8, absmax_ref [bn, in / 64] float32, code_ref [16];
     # o_ref [bm, bn] (or float32 partial sums of this program's share of the contraction)
     s = pl.program_id(2)
 
-    def body(t, acc):  # acc [bm, bn] float32
-        for u in range(bps):
-            kb = (s * steps + t) * bps + u  # the 64-block column
-            x_even = x_ref[:, pl.ds(kb * _BLOCK, _BLOCK // 2, stride=2)]  # [bm, 32]
-            x_odd = x_ref[:, pl.ds(kb * _BLOCK + 1, _BLOCK // 2, stride=2)]  # [bm, 32]
-            am = absmax_ref[:, pl.ds(kb, 1)]  # [bn, 1]
-            w_hi, w_lo = _dequant(codes_ref[:, pl.ds(kb * (_BLOCK // 2), _BLOCK // 2)], am, code_ref, x_ref.dtype)
-            acc = acc + _dot_t(x_even, w_hi) + _dot_t(x_odd, w_lo)  # [bm, bn]
-        return acc
+    def body(t, acc):  # acc [bm, bn] float32; one step covers bps 64-blocks of input features
+        kb = pl.multiple_of((s * steps + t) * bps, bps)  # the step's first 64-block
+        codes = codes_ref[:, pl.ds(kb * (_BLOCK // 2), bps * (_BLOCK // 2))]  # [bn, 32 bps]
+        w = _decode_tile(codes, absmax_ref[:, pl.ds(kb, bps)], code_ref, x_ref.dtype, decode)  # [bn, 64 bps]
+        return acc + _dot_t(x_ref[:, pl.ds(kb * _BLOCK, bps * _BLOCK)], w)  # [bm, bn]
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], _F32))
     o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
-def _xw_kernel(g_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, steps: int, block_k: int):
+def _xw_kernel(g_ref, codes_ref, absmax_ref, code_ref, o_ref, *, steps: int, block_k: int, decode: str):
     # g_ref [bm, out], codes_ref [out, 32 * bps] uint8, absmax_ref [out, bps] float32, code_ref [16];
     # o_ref [bm, 64 * bps] (or float32 partial sums of this program's share of the contraction)
     s = pl.program_id(2)
-    bm = g_ref.shape[0]
 
-    def body(t, accs):  # accs: 2 * bps arrays [bm, 32] float32 (even, odd input columns of each 64-block)
+    def body(t, acc):  # acc [bm, 64 bps] float32; one step covers block_k output features (contraction rows)
         r0 = pl.multiple_of((s * steps + t) * block_k, block_k)
-        g = g_ref[:, pl.ds(r0, block_k)]  # [bm, bk]
-        new = []
-        for u in range(bps):
-            am = absmax_ref[pl.ds(r0, block_k), pl.ds(u, 1)]  # [bk, 1]
-            codes = codes_ref[pl.ds(r0, block_k), pl.ds(u * (_BLOCK // 2), _BLOCK // 2)]  # [bk, 32]
-            w_hi, w_lo = _dequant(codes, am, code_ref, g_ref.dtype)
-            new += [accs[2 * u] + _dot(g, w_hi), accs[2 * u + 1] + _dot(g, w_lo)]
-        return tuple(new)
+        w = _decode_tile(codes_ref[pl.ds(r0, block_k), :], absmax_ref[pl.ds(r0, block_k), :], code_ref,
+                         g_ref.dtype, decode)  # [bk, 64 bps]
+        return acc + _dot(g_ref[:, pl.ds(r0, block_k)], w)
 
-    zeros = tuple(jnp.zeros((bm, _BLOCK // 2), _F32) for _ in range(2 * bps))
-    accs = jax.lax.fori_loop(0, steps, body, zeros)
-    lead = (slice(None),) * (len(o_ref.shape) - 2)
-    for u in range(bps):
-        for parity in range(2):
-            value = accs[2 * u + parity].reshape(o_ref.shape[:-1] + (_BLOCK // 2,))
-            o_ref[(*lead, slice(None), pl.ds(u * _BLOCK + parity, _BLOCK // 2, stride=2))] = value.astype(o_ref.dtype)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], _F32))
+    o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
 def _dot(a, b):  # a [m, k] @ b [k, n] -> [m, n] float32
@@ -172,7 +202,7 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
                  interpret: bool | None = None) -> jax.Array:
     """x [M, in] @ dequantize(w).T -> [M, out] in x.dtype, reading only the NF4 codes (needs in % 64 == 0)."""
     (m, k), (n, _) = x.shape, w.shape
-    bs = block_sizes or BlockSizes.for_shape(m, n, k)
+    bs = block_sizes or BlockSizes.for_forward(m, n, k)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
@@ -180,7 +210,7 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
     split = _split(nkb // bps, grid_m * grid_n, bs.split_k)
     codes, absmax = _operands(w, np_)
     x_p = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split)
+    kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split, decode=bs.decode)
     in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((bs.block_n, k // 2), lambda i, j, s: (j, 0)),
                 pl.BlockSpec((bs.block_n, nkb), lambda i, j, s: (j, 0)), _full((16,))]
@@ -201,7 +231,7 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
                interpret: bool | None = None) -> jax.Array:
     """g [M, out] @ dequantize(w) -> [M, in] in g.dtype (the input gradient), reading only the NF4 codes."""
     (m, n), (_, k) = g.shape, w.shape
-    bs = block_sizes or BlockSizes.for_shape(m, n, k)
+    bs = block_sizes or BlockSizes.for_backward(m, n, k)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_k)
@@ -209,7 +239,7 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
     split = _split(np_ // bs.block_k, grid_m * grid_n, bs.split_k)
     codes, absmax = _operands(w, np_)
     g_p = jnp.pad(g, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else g
-    kernel = functools.partial(_xw_kernel, bps=bps, steps=np_ // bs.block_k // split, block_k=bs.block_k)
+    kernel = functools.partial(_xw_kernel, steps=np_ // bs.block_k // split, block_k=bs.block_k, decode=bs.decode)
     width = _BLOCK * bps
     in_specs = [pl.BlockSpec((bs.block_m, np_), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((np_, width // 2), lambda i, j, s: (0, j)),
@@ -230,13 +260,14 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Config:
     implementation: str  # "xla" | "pallas" | "reduce"
-    block_sizes: BlockSizes | None
+    forward_blocks: BlockSizes | None  # None: BlockSizes.for_forward
+    backward_blocks: BlockSizes | None  # None: BlockSizes.for_backward
     interpret: bool | None
 
 
 def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
     if cfg.implementation == "pallas":
-        return nf4_matmul_t(x, w, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+        return nf4_matmul_t(x, w, block_sizes=cfg.forward_blocks, interpret=cfg.interpret)
     from fastlora_jax.nf4 import dequantize_nf4
 
     weight = dequantize_nf4(w, x.dtype)  # [out, in], alive only inside this call
@@ -247,7 +278,7 @@ def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
 
 def _matmul(g, w, cfg: _Config):  # g [M, out] @ W -> [M, in] ("reduce" too: only its forward was measured faster)
     if cfg.implementation == "pallas":
-        return nf4_matmul(g, w, block_sizes=cfg.block_sizes, interpret=cfg.interpret)
+        return nf4_matmul(g, w, block_sizes=cfg.backward_blocks, interpret=cfg.interpret)
     from fastlora_jax.nf4 import dequantize_nf4
 
     return jnp.dot(g, dequantize_nf4(w, g.dtype)).astype(g.dtype)
@@ -294,9 +325,12 @@ def check_nf4_shapes(x, w, bias, a, b) -> None:
 
 def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
                b: jax.Array | None = None, scaling: float | jax.Array = 0.0, *, implementation: str = "xla",
-               block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+               block_sizes: BlockSizes | tuple[BlockSizes, BlockSizes] | None = None,
+               interpret: bool | None = None) -> jax.Array:
     """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
 
+    `block_sizes` ("pallas"): one BlockSizes for both kernels, a (forward, backward) pair, or None for each
+    kernel's default.
     "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). "reduce" is XLA with the forward product
     as a multiply-and-sum instead of a matmul (what "auto" runs for one token on a GPU; see `api`). The LoRA branch,
     when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to the NF4 product.
@@ -311,7 +345,9 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     x2 = x.reshape(-1, in_features)  # [M, in]
     if x2.shape[0] == 0:
         implementation = "xla"
-    cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret)
+    forward_blocks, backward_blocks = block_sizes if isinstance(block_sizes, tuple) else (block_sizes,) * 2
+    cfg = _Config(implementation=implementation, forward_blocks=forward_blocks, backward_blocks=backward_blocks,
+                  interpret=interpret)
     y = _nf4_base(x2, w, bias, cfg)  # [M, out]
     if a is not None:  # GEMM outputs in x.dtype as in kernels/lora.py's XLA path (no [M, out] float32 pass)
         dt = x.dtype

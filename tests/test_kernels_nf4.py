@@ -18,8 +18,10 @@ from helpers import dot_shapes, rel_err
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Small tiles: the test shapes need several token, feature and contraction tiles, and padded edges.
-SMALL = knf4.BlockSizes(block_m=16, block_n=16, block_k=16, blocks_per_step=2, num_warps=4, num_stages=2)
-SPLIT = knf4.BlockSizes(block_m=16, block_n=16, block_k=16, blocks_per_step=1, split_k=3, num_warps=4, num_stages=2)
+SMALL = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=2, num_warps=4, num_stages=2)
+SPLIT = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=1, split_k=3, num_warps=4, num_stages=2)
+GATHER = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=4, num_warps=4, num_stages=2,
+                         decode="gather")
 
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
@@ -55,16 +57,28 @@ CASES = [  # (tokens, in, out, r, dtype): in a multiple of 64 (NF4 blocks in row
 
 
 @pytest.mark.parametrize("implementation, blocks", [("xla", None), ("reduce", None), ("pallas", SMALL),
-                                                     ("pallas", None)],
-                         ids=["xla", "reduce", "pallas", "default_tiles"])
+                                                     ("pallas", GATHER), ("pallas", None)],
+                         ids=["xla", "reduce", "pallas", "gather", "default_tiles"])
 @pytest.mark.parametrize("m, k, n, r, dtype", CASES)
 def test_matches_reference(implementation, blocks, m, k, n, r, dtype):
     check_case(implementation, blocks, m, k, n, r, dtype)
 
 
-@pytest.mark.parametrize("m, k, n, r, dtype", [c for c in CASES if c[1] == 192])  # 3 blocks per row: split_k=3
+# 3 NF4 blocks per row (forward) and 3 steps of 32 output rows (backward): split_k=3 divides both contractions
+@pytest.mark.parametrize("m, k, n, r, dtype", [(1, 192, 96, 0, jnp.float32), (5, 192, 96, 0, jnp.bfloat16)])
 def test_split_contraction_matches_reference(m, k, n, r, dtype):
     check_case("pallas", SPLIT, m, k, n, r, dtype)
+
+
+def test_separate_forward_and_backward_tiles():
+    check_case("pallas", (GATHER, SPLIT), 5, 192, 96, 0, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(decode="lut"), r"decode='lut'\); accepted: 'gather', 'select'"),
+                                        (dict(block_k=16), r"block_k=16\): accepted block_m >= 16")])
+def test_bad_tiles_raise_naming_the_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        knf4.BlockSizes(**bad)
 
 
 def check_case(implementation, blocks, m, k, n, r, dtype):
