@@ -15,6 +15,11 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def on_nvidia_gpu() -> bool:
+    """True when the default backend's first device is an NVIDIA GPU (where PTX inline assembly compiles)."""
+    return on_gpu() and jax.devices()[0].device_kind.upper().startswith("NVIDIA")
+
+
 def default_interpret() -> bool:
     """Interpret mode is decided by the backend: compiled on GPU, interpreted everywhere else."""
     return not on_gpu()

@@ -5,8 +5,9 @@ the high nibble), one double-quantized absmax per 64 consecutive elements. With 
 in one row, so the codes view as [out, in / 2] bytes and the absmax as [out, in / 64].
 
 The Pallas kernels read only the 4-bit codes and the float32 block absmax (double-dequantized by XLA first: 1/64
-of the elements): each program decodes a tile of codes in registers (each nibble's NF4 value by a tree of selects
-on its four bits, or a gather from the 16-entry table; times its block's absmax in float32, then x's dtype), puts
+of the elements): each program decodes a tile of codes in registers (each nibble's NF4 value by byte permutes in
+PTX on an NVIDIA GPU, kernels/nf4_ptx.py, else by a tree of selects on its four bits, or a gather from the 16-entry
+table; times its block's absmax in float32, then x's dtype), puts
 the two nibbles of each byte back into column order (high first), and multiplies the tile with one dot. Few
 programs per output tile would leave the GPU idle at few tokens, so the contraction is split over `split_k`
 programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
@@ -28,7 +29,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
-from fastlora_jax.kernels import _compat
+from fastlora_jax.kernels import _compat, nf4_ptx
 from fastlora_jax.kernels.lora import XA_NAME
 
 if TYPE_CHECKING:
@@ -37,16 +38,18 @@ if TYPE_CHECKING:
 _F32 = jnp.float32
 _BLOCK = 64  # bitsandbytes' NF4 blocksize
 _TARGET_PROGRAMS = 264  # two per H200 multiprocessor
-DECODES = ("gather", "select")  # how the kernels turn a 4-bit code into its NF4 value
+DECODES = ("auto", "select", "gather", "prmt")  # how the kernels turn a 4-bit code into its NF4 value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSizes:
     """Tiles of one fused NF4 kernel and its Triton launch settings (block sizes powers of two).
 
-    The defaults per kernel (`for_forward`, `for_backward`) are the fastest of a sweep on an H200 at 16 tokens over
-    the four Llama-3.1-8B shapes (benchmarks/RESULTS.md, "## Kernels", session 8): decoding by a select tree, which
-    beat the table gather by 1.3-2.6x in these kernels.
+    The select-tree defaults per kernel (`for_forward`, `for_backward`) are the fastest of a sweep on an H200 at
+    16 tokens over the four Llama-3.1-8B shapes (benchmarks/RESULTS.md, "## Kernels", session 8), where the select
+    tree beat the table gather by 1.3-2.6x. The PTX decode's tiles (4 warps; backward 32 rows x 2 blocks) come from
+    a later H200 sweep whose records were lost; with them the PTX forward ran 1.4-1.7x faster than the select tree
+    on the three large shapes on an H100 (session 9; on 4096->1024 within 3%, or slower at one token).
     """
 
     block_m: int = 16  # token rows per program (>= 16)
@@ -56,7 +59,9 @@ class BlockSizes:
     split_k: int | None = None  # programs sharing one contraction; None: enough for ~2 programs per SM
     num_warps: int = 4
     num_stages: int = 3
-    decode: str = "select"  # NF4 values by a tree of selects, or "gather" (from the [16] table in memory)
+    # NF4 values by a tree of selects, "gather" (from the [16] table in memory) or "prmt" (byte permutes in PTX,
+    # kernels/nf4_ptx.py: compiled on an NVIDIA GPU only); "auto": "prmt" compiled on an NVIDIA GPU, else "select"
+    decode: str = "auto"
 
     def __post_init__(self):
         if self.decode not in DECODES:
@@ -68,17 +73,34 @@ class BlockSizes:
                              "accepted block_m >= 16, block_n >= 16, block_k >= 32")
 
     @classmethod
-    def for_forward(cls, m: int, out_features: int, in_features: int) -> BlockSizes:
-        """x @ W.T: 64 output rows, 4 NF4 blocks (256 input features) per step, 8 warps."""
+    def for_forward(cls, m: int, out_features: int, in_features: int, decode: str = "select") -> BlockSizes:
+        """x @ W.T: 64 output rows, 4 NF4 blocks (256 input features) per step; 8 warps for the select tree, 4 for
+        the PTX decode (each the faster for it)."""
         return cls(block_m=_token_block(m), block_n=min(64, _pow2_at_least(out_features)), blocks_per_step=4,
-                   num_warps=8)
+                   num_warps=4 if decode == "prmt" else 8, decode=decode)
 
     @classmethod
-    def for_backward(cls, m: int, out_features: int, in_features: int) -> BlockSizes:
-        """g @ W: 64 contraction rows per step; one NF4 block of input features per program, two when the
-        contraction is short (out <= 1024: fewer, longer programs measured 1.35x faster)."""
+    def for_backward(cls, m: int, out_features: int, in_features: int, decode: str = "select") -> BlockSizes:
+        """g @ W. PTX decode: 32 contraction rows per step, two NF4 blocks of input features per program. Select
+        tree: 64 rows; one block per program, two when the contraction is short (out <= 1024: fewer, longer
+        programs measured 1.35x faster)."""
+        if decode == "prmt":
+            return cls(block_m=_token_block(m), block_k=32, blocks_per_step=2, decode=decode)
         return cls(block_m=_token_block(m), block_k=min(64, _pow2_at_least(out_features, 32)),
-                   blocks_per_step=2 if out_features <= 1024 else 1)
+                   blocks_per_step=2 if out_features <= 1024 else 1, decode=decode)
+
+
+def _decode_that_runs(requested: BlockSizes | None, interpret: bool) -> str:
+    """The decode of `requested` ("auto" when None) for this call: "auto" is "prmt" compiled on an NVIDIA GPU and
+    "select" elsewhere (the same weights bit for bit); "prmt" anywhere else raises."""
+    decode = requested.decode if requested is not None else "auto"
+    nvidia = not interpret and _compat.on_nvidia_gpu()
+    if decode == "auto":
+        return "prmt" if nvidia else "select"
+    if decode == "prmt" and not nvidia:
+        raise ValueError(f"BlockSizes(decode='prmt') is PTX and runs compiled on an NVIDIA GPU only; got "
+                         f"interpret={interpret} on backend {jax.default_backend()!r} (use decode='select' or 'auto')")
+    return decode
 
 
 def _token_block(m: int) -> int:
@@ -124,11 +146,14 @@ def _decode_tile(codes, am, code_ref, dtype, decode: str):
     """codes [R, C] uint8 (two per byte, high nibble first), am [R, C / 32] float32 -> the weight [R, 2C] in dtype,
     in column order: NF4_CODE[code] * absmax in float32, then dtype (bitsandbytes' order)."""
     r, c = codes.shape
-    ints = codes.astype(jnp.int32)
     scale = jnp.broadcast_to(am[:, :, None], (r, c // (_BLOCK // 2), _BLOCK // 2)).reshape(r, c)  # [R, C]
-    value = _select_code if decode == "select" else (lambda i: code_ref[i])  # "gather": from the [16] table
-    hi = (value(ints >> 4) * scale).astype(dtype)  # even columns
-    lo = (value(ints & 15) * scale).astype(dtype)  # odd columns
+    if decode == "prmt":
+        hi, lo = nf4_ptx.decode(codes, scale)  # [R, C] float32 each
+    else:
+        ints = codes.astype(jnp.int32)
+        value = _select_code if decode == "select" else (lambda i: code_ref[i])  # "gather": from the [16] table
+        hi, lo = value(ints >> 4) * scale, value(ints & 15) * scale
+    hi, lo = hi.astype(dtype), lo.astype(dtype)  # even, odd columns
     return jnp.concatenate([hi[..., None], lo[..., None]], axis=-1).reshape(r, 2 * c)
 
 
@@ -187,9 +212,9 @@ def _operands(w: NF4Array, rows: int):
     return codes, absmax
 
 
-def _compiled(kernel, grid, in_specs, out_spec, out_shape, bs: BlockSizes, interpret: bool | None, name: str):
+def _compiled(kernel, grid, in_specs, out_spec, out_shape, bs: BlockSizes, interpret: bool, name: str):
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
-                          interpret=_compat.default_interpret() if interpret is None else interpret,
+                          interpret=interpret,
                           compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
                           name=name)
 
@@ -202,7 +227,9 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
                  interpret: bool | None = None) -> jax.Array:
     """x [M, in] @ dequantize(w).T -> [M, out] in x.dtype, reading only the NF4 codes (needs in % 64 == 0)."""
     (m, k), (n, _) = x.shape, w.shape
-    bs = block_sizes or BlockSizes.for_forward(m, n, k)
+    interpret = _compat.default_interpret() if interpret is None else interpret
+    decode = _decode_that_runs(block_sizes, interpret)
+    bs = dataclasses.replace(block_sizes or BlockSizes.for_forward(m, n, k, decode), decode=decode)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
@@ -231,7 +258,9 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
                interpret: bool | None = None) -> jax.Array:
     """g [M, out] @ dequantize(w) -> [M, in] in g.dtype (the input gradient), reading only the NF4 codes."""
     (m, n), (_, k) = g.shape, w.shape
-    bs = block_sizes or BlockSizes.for_backward(m, n, k)
+    interpret = _compat.default_interpret() if interpret is None else interpret
+    decode = _decode_that_runs(block_sizes, interpret)
+    bs = dataclasses.replace(block_sizes or BlockSizes.for_backward(m, n, k, decode), decode=decode)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_k)

@@ -22,6 +22,8 @@ SMALL = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=2, n
 SPLIT = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=1, split_k=3, num_warps=4, num_stages=2)
 GATHER = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=4, num_warps=4, num_stages=2,
                          decode="gather")
+PRMT = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=2, num_warps=4, num_stages=2,
+                       decode="prmt")
 
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
@@ -56,9 +58,10 @@ CASES = [  # (tokens, in, out, r, dtype): in a multiple of 64 (NF4 blocks in row
 ]
 
 
-@pytest.mark.parametrize("implementation, blocks", [("xla", None), ("reduce", None), ("pallas", SMALL),
-                                                     ("pallas", GATHER), ("pallas", None)],
-                         ids=["xla", "reduce", "pallas", "gather", "default_tiles"])
+@pytest.mark.parametrize("implementation, blocks", [
+    pytest.param("xla", None, id="xla"), pytest.param("reduce", None, id="reduce"),
+    pytest.param("pallas", SMALL, id="pallas"), pytest.param("pallas", GATHER, id="gather"),
+    pytest.param("pallas", PRMT, id="prmt", marks=pytest.mark.gpu), pytest.param("pallas", None, id="default_tiles")])
 @pytest.mark.parametrize("m, k, n, r, dtype", CASES)
 def test_matches_reference(implementation, blocks, m, k, n, r, dtype):
     check_case(implementation, blocks, m, k, n, r, dtype)
@@ -74,11 +77,34 @@ def test_separate_forward_and_backward_tiles():
     check_case("pallas", (GATHER, SPLIT), 5, 192, 96, 0, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("bad, match", [(dict(decode="lut"), r"decode='lut'\); accepted: 'gather', 'select'"),
-                                        (dict(block_k=16), r"block_k=16\): accepted block_m >= 16")])
+@pytest.mark.parametrize("bad, match", [
+    (dict(decode="lut"), r"decode='lut'\); accepted: 'auto', 'select', 'gather', 'prmt'"),
+    (dict(block_k=16), r"block_k=16\): accepted block_m >= 16")])
 def test_bad_tiles_raise_naming_the_value(bad, match):
     with pytest.raises(ValueError, match=match):
         knf4.BlockSizes(**bad)
+
+
+def test_prmt_decode_scheme_gives_every_nf4_value():
+    # The PTX's byte operations, replayed: every byte's two codes, in all four positions of a 32-bit word.
+    from fastlora_jax.kernels import nf4_ptx
+    from fastlora_jax.nf4 import NF4_CODE
+
+    table = np.asarray(NF4_CODE, np.float32)
+    for start in range(0, 256, 4):
+        for word in (np.arange(start, start + 4), np.arange(start, start + 4)[::-1]):
+            hi, lo = nf4_ptx.decode_emulated(word)
+            np.testing.assert_array_equal(hi, table[word >> 4])
+            np.testing.assert_array_equal(lo, table[word & 15])
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off an NVIDIA GPU")
+def test_prmt_decode_refused_where_ptx_cannot_run():
+    x, w, *_ = make_inputs(4, 128, 24, 0, jnp.float32)
+    with pytest.raises(ValueError, match=r"decode='prmt'\) is PTX and runs compiled on an NVIDIA GPU only"):
+        knf4.nf4_linear(x, w, implementation="pallas", block_sizes=PRMT)
+    with pytest.raises(ValueError, match=r"interpret=True"):  # interpreted on a GPU too
+        knf4.nf4_matmul(x[:, :24], w, block_sizes=PRMT, interpret=True)
 
 
 def check_case(implementation, blocks, m, k, n, r, dtype):

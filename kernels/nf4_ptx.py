@@ -1,0 +1,103 @@
+"""NF4 decoding by byte permutes: PTX for the fused NF4 kernels' `decode="prmt"` (NVIDIA GPUs, compiled only).
+
+One instance of the inline assembly takes four code bytes and their four float32 block absmax and returns the four
+weights of the high (or the low) nibbles: NF4_CODE[code] * absmax in float32, which the kernel then rounds to its
+dtype (bitsandbytes' order, so the weights equal the select tree's bit for bit). The table lookup is PRMT: byte j
+of the sixteen float32 NF4 values lies in four registers (four entries each), so two PRMTs pick byte j for four
+codes at once (entries 0-7 and 8-15, by the code's low three bits), a LOP3 keeps the right one by the code's bit 3,
+and eight PRMTs transpose the four byte planes back into four float32 values: about 8 instructions per weight
+against ~20 for the select tree. `decode_emulated` replays the same byte operations in numpy, so the scheme is
+checked on any machine; the PTX itself runs only in a compiled kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_CONSTRAINTS = "=r,=r,=r,=r,r,r,r,r,r"  # four float32 out; the four code bytes (one register), four scales in
+_BLEND = 0xD8  # LOP3 truth table of (a & ~c) | (b & c), with a = 0xF0, b = 0xCC, c = 0xAA
+_TRANSPOSE = ((0, 1, 0x5140), (0, 1, 0x7362), (2, 3, 0x5140), (2, 3, 0x7362))  # byte planes -> pairs
+_GATHER = ((0, 2, 0x5410), (0, 2, 0x7632), (1, 3, 0x5410), (1, 3, 0x7632))  # pairs -> the four float32 words
+
+
+def _table_words() -> list[list[int]]:
+    """[byte j][quarter q]: byte j of NF4_CODE[4q + i] (as float32 bits) in byte i of one 32-bit word."""
+    from fastlora_jax.nf4 import NF4_CODE
+
+    bits = np.asarray(NF4_CODE, np.float32).view(np.uint32)
+    return [[sum(((int(bits[4 * q + i]) >> (8 * j)) & 0xFF) << (8 * i) for i in range(4)) for q in range(4)]
+            for j in range(4)]
+
+
+@functools.cache
+def _assembly(shift: int) -> str:
+    """PTX with outputs $0-$3, the four float32 weights of the codes at bit `shift` of four code bytes (4: the high
+    nibbles, 0: the low ones), and inputs $4 (the four code bytes) and $5-$8 (their float32 scales)."""
+    table = _table_words()
+    lines = ["{", ".reg .b32 x, y, z, sel, s7, s8, m, lo, hi, zero, x80;", ".reg .b32 l<4>, p<4>, v<4>;",
+             ".reg .b32 " + ", ".join(f"t{j}{q}" for j in range(4) for q in range(4)) + ";",
+             "mov.b32 zero, 0;", "mov.b32 x80, 0x80;"]
+    lines += [f"mov.b32 t{j}{q}, {table[j][q]:#010x};" for j in range(4) for q in range(4)]
+    # sel: nibble k = the code in byte k ([z | z >> 4] has codes 0, 1 in byte 0 and 2, 3 in byte 2)
+    lines += [f"shr.u32 x, $4, {shift};", "and.b32 z, x, 0x0F0F0F0F;", "shr.u32 y, z, 4;", "or.b32 y, y, z;",
+              "prmt.b32 sel, y, y, 0x0020;", "and.b32 s7, sel, 0x7777;", "and.b32 s8, sel, 0x8888;",
+              "shr.u32 y, s8, 1;", "or.b32 y, y, s8;", "prmt.b32 m, zero, x80, y;"]  # m: byte k 0xFF if code >= 8
+    for j in range(4):
+        lines += [f"prmt.b32 lo, t{j}0, t{j}1, s7;", f"prmt.b32 hi, t{j}2, t{j}3, s7;",
+                  f"lop3.b32 l{j}, lo, hi, m, {_BLEND:#04x};"]
+    lines += [f"prmt.b32 p{i}, l{a}, l{b}, {s:#06x};" for i, (a, b, s) in enumerate(_TRANSPOSE)]
+    lines += [f"prmt.b32 v{i}, p{a}, p{b}, {s:#06x};" for i, (a, b, s) in enumerate(_GATHER)]
+    lines += [f"mul.rn.f32 ${k}, v{k}, ${5 + k};" for k in range(4)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def decode(codes: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inside a compiled Pallas-Triton kernel: codes [R, C] uint8, scale [R, C] float32 (each byte's block absmax)
+    -> (high-nibble weights, low-nibble weights), each [R, C] float32.
+
+    The outputs are float32 (the caller rounds): with bfloat16 outputs packed two to a register, the compiled
+    kernel gave wrong products on an H200 (JAX 0.11.2; relative error ~1), float32 ones were right. One output per
+    call: JAX 0.11.2's lowering of `elementwise_inline_asm` returns only the first of several results.
+    """
+    from jax.experimental.pallas import triton as pltriton
+
+    shape = jax.ShapeDtypeStruct(codes.shape, jnp.float32)
+    return tuple(pltriton.elementwise_inline_asm(_assembly(shift), args=[codes, scale], constraints=_CONSTRAINTS,
+                                                 pack=4, result_shape_dtypes=[shape])[0] for shift in (4, 0))
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for k in range(4):
+        s = (c >> (4 * k)) & 0xF
+        byte = src[s & 7] if not s & 8 else (0xFF if src[s & 7] & 0x80 else 0)  # bit 3: replicate the sign bit
+        out |= byte << (8 * k)
+    return out
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i for i in range(32))
+
+
+def decode_emulated(four_bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The PTX's byte operations replayed in Python for four code bytes -> (NF4 values of the high nibbles, of the
+    low nibbles), float32 [4] each, before the scale."""
+    table, code = _table_words(), sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
+    values = []
+    for shift in (4, 0):
+        z = (code >> shift) & 0x0F0F0F0F
+        sel = _prmt(z | (z >> 4), z | (z >> 4), 0x0020)
+        s7, s8 = sel & 0x7777, sel & 0x8888
+        m = _prmt(0, 0x80, s8 | (s8 >> 1))
+        planes = [_lop3(_prmt(table[j][0], table[j][1], s7), _prmt(table[j][2], table[j][3], s7), m, _BLEND)
+                  for j in range(4)]
+        pairs = [_prmt(planes[a], planes[b], s) for a, b, s in _TRANSPOSE]
+        words = [_prmt(pairs[a], pairs[b], s) for a, b, s in _GATHER]
+        values.append(np.asarray(words, np.uint32).view(np.float32))
+    return values[0], values[1]
