@@ -22,8 +22,9 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 _ANY_RANK = 1 << 30
 
-# Where Pallas was measured faster than XLA on an NVIDIA H200 (JAX 0.11.2, benchmarks/kernels.py, 2026-11-29; the
-# figures are in benchmarks/RESULTS.md, "## Kernels"), per op: (in, out, min_tokens, max_tokens, min_rank, max_rank).
+# Where Pallas was measured faster than XLA on an NVIDIA H200 (JAX 0.11.2, benchmarks/kernels.py, 2026-11-29; NF4's
+# rows on an H100, 2026-12-06; the figures are in benchmarks/RESULTS.md, "## Kernels"), per op: (in, out,
+# min_tokens, max_tokens, min_rank, max_rank).
 # A call matches when its token count and LoRA rank lie in those ranges, whose ends were all measured (tokens 1, 16,
 # 8192; ranks 16, 64) but NF4's 2 (see there). "Faster": the median by >= 5%, or all three timed batches below XLA's
 # fastest. Anything else runs XLA. At 8192 tokens the LoRA kernel alone still wins on 4096->4096 and 4096->1024
@@ -36,15 +37,18 @@ PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]]
         (4096, 1024, 16, 16, 16, 64),  # 62 / 60 vs 78 / 76 us (r16 / r64)
         (4096, 4096, 16, 16, 64, 64),  # 62 vs 76 (r16: 59 vs 55, not faster)
     ),
-    # NF4 (rank: the LoRA branch is XLA either way): the fused dequant-matmul forward, x @ W.T alone under XLA's
-    # default options, as generation compiles (2026-12-02, session 8), us per layer at 16 tokens, Pallas vs XLA:
-    # 4096->4096 39.0 vs 46.5, 4096->14336 106.0 vs 127.5, 14336->4096 104.3 vs 131.7 (4096->1024: 18.4 vs 18.6, not
-    # faster). The kernel pads the tokens to 16 rows, so 2..16 tokens run the same kernel. Forward + input gradient in
-    # one jit under the training options, 4096->4096 was faster too (61.9 vs 73.3) and the 14336-wide shapes were not
-    # (204.7 vs 162.9, 211.8 vs 162.6: XLA shares one dequantized weight between the two products); few-token calls
-    # are generation, which runs the forward alone. One token stays on "reduce" below (29.6-58.9 vs 38.3-113.0).
+    # NF4 (rank: the LoRA branch is XLA either way): the fused dequant-matmul with the PTX decode, measured on an
+    # NVIDIA H100 (2026-12-06, session 9; no H200 could be had), us per layer at 16 tokens, Pallas vs XLA: forward
+    # alone under XLA's default options (as generation compiles) 4096->4096 22.1 vs 42.5, 4096->1024 13.8 vs 15.2,
+    # 4096->14336 62.7 vs 132.6, 14336->4096 61.4 vs 134.0; forward + input gradient under the training options
+    # 43.1 vs 71.0, 24.2 vs 34.3, 116.4 vs 184.0, 117.5 vs 199.2. The kernel pads the tokens to 16 rows, so 2..16
+    # tokens run the same kernel (2 itself was not timed). One token stays on "reduce" below, measured faster on the
+    # H200 (2026-12-02, forward 29.6, 58.9, 52.9 against the select-tree kernel's 38.3, 105.2, 113.0); on the H100
+    # the PTX kernel tied it on 4096->4096 (22.9 vs 22.9) and beat it on 4096->14336 (64.3 vs 69.0) and 14336->4096
+    # (57.1 vs 67.8).
     "nf4": (
         (4096, 4096, 2, 16, 0, _ANY_RANK),
+        (4096, 1024, 2, 16, 0, _ANY_RANK),
         (4096, 14336, 2, 16, 0, _ANY_RANK),
         (14336, 4096, 2, 16, 0, _ANY_RANK),
     ),
