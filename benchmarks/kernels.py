@@ -11,7 +11,8 @@ of 3 calls is timed after a warm-up call, and the median over batches divided by
 microseconds per layer. One JSON line per measurement; the full list goes to $OUT/kernels.jsonl when $OUT is set;
 a table of ratios to the bf16 floor ends the output.
 `--check` first runs tests/test_kernels_lora.py and tests/test_kernels_nf4.py (compiled on the GPU);
-`--tune` times alternative Pallas tile settings.
+`--tune` times alternative Pallas tile settings; `--nf4-decodes select gather prmt` times the fused NF4 kernels with
+each decode (its default tiles) beside the nf4_pallas path (whose decode is "auto").
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ RANKS = (16, 64)
 NF4_FORMULATION_PATHS = tuple(f"nf4_{f}" for f in nf4_formulations.FORMULATIONS)  # gather-free decodes
 PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas", "nf4_reduce", *NF4_FORMULATION_PATHS)
 REPO = Path(__file__).resolve().parent.parent
+# Decodes of the fused NF4 kernels to time side by side (--nf4-decodes), each with its own default tiles
+NF4_DECODES = ("select", "gather", "prmt")
 
 
 def layers_for(k: int, n: int, m: int) -> int:
@@ -114,6 +117,11 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options
         return y, *vjp(g)
 
     return jit(lambda x, g, ws, abs_: [layer(x, g, w, a, b) for w, (a, b) in zip(ws, abs_)]), (x, g, ws, abs_)
+
+
+def nf4_decode_tiles(decode: str, m: int, k: int, n: int) -> tuple[nf4.BlockSizes, nf4.BlockSizes]:
+    """(forward, backward) default BlockSizes of the fused NF4 kernels with `decode`, for [m, k] x [n, k].T."""
+    return nf4.BlockSizes.for_forward(m, n, k, decode), nf4.BlockSizes.for_backward(m, n, k, decode)
 
 
 def time_us(fn, args, layers: int, batches: int, per_batch: int = 3):
@@ -229,17 +237,25 @@ def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=N
     return record
 
 
+def _column(record: dict) -> str:
+    if "decode" in record:
+        return f"nf4_pallas[{record['decode']}]"
+    return record["path"] + (f" r{record['r']}" if record["r"] else "")
+
+
 def table(records: list[dict], shapes, tokens) -> str:
+    variants = [f"nf4_pallas[{d}]" for d in NF4_DECODES]
     cols = (["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas")]
-            + ["nf4_xla", "nf4_pallas", "nf4_reduce"] + list(NF4_FORMULATION_PATHS))
+            + ["nf4_xla", "nf4_pallas", "nf4_reduce"] + list(NF4_FORMULATION_PATHS) + variants)
+    present = {_column(rec) for rec in records if "tune" not in rec}
+    cols = [c for c in cols if c in present]
     rows = [f"{'in->out':>12} {'tokens':>6} " + " ".join(f"{c:>16}" for c in cols)]
     for k, n in shapes:
         for m in tokens:
             got = {}
             for rec in records:
                 if (rec.get("in"), rec.get("out"), rec.get("tokens")) == (k, n, m) and "tune" not in rec:
-                    name = rec["path"] + (f" r{rec['r']}" if rec["r"] else "")
-                    got[name] = rec.get("median_us")
+                    got[_column(rec)] = rec.get("median_us")
             if not got:
                 continue
             floor = got.get("bf16")
@@ -260,6 +276,8 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--parts", action="store_true",
                         help="also time the NF4 forward and input-gradient halves alone at the token counts <= 64")
+    parser.add_argument("--nf4-decodes", nargs="+", default=[], choices=NF4_DECODES,
+                        help="also time the fused NF4 kernels with these decodes (at <= 1024 tokens; prmt: GPU)")
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--forward-only", action="store_true",
                         help="time the forward alone (generation), not forward + gradients")
@@ -292,6 +310,11 @@ def main(argv=None) -> None:
                     if time.perf_counter() > main_deadline:
                         continue
                     records.append(measure(path, k, n, m, r, sink, args.batches, options=options,
+                                           forward_only=args.forward_only))
+            for decode in args.nf4_decodes if m <= 1024 else ():
+                if time.perf_counter() < main_deadline:
+                    records.append(measure("nf4_pallas", k, n, m, 0, sink, args.batches, options=options,
+                                           tiles=nf4_decode_tiles(decode, m, k, n), tag={"decode": decode},
                                            forward_only=args.forward_only))
     small = [m for m in args.tokens if m <= 64]
     if args.parts:
