@@ -25,11 +25,11 @@ _ANY_RANK = 1 << 30
 # Where Pallas was measured faster than XLA on an NVIDIA H200 (JAX 0.11.2, benchmarks/kernels.py, 2026-11-29; NF4's
 # rows on an H100, 2026-12-06; the figures are in benchmarks/RESULTS.md, "## Kernels"), per op: (in, out,
 # min_tokens, max_tokens, min_rank, max_rank).
-# A call matches when its token count and LoRA rank lie in those ranges, whose ends were all measured (tokens 1, 16,
-# 8192; ranks 16, 64) but NF4's 2 (see there). "Faster": the median by >= 5%, or all three timed batches below XLA's
-# fastest. Anything else runs XLA. At 8192 tokens the LoRA kernel alone still wins on 4096->4096 and 4096->1024
-# (2026-11-30), but the whole 8B training step is faster with XLA everywhere (15,869 vs 15,752 tokens/s, same call):
-# XLA merges the q/k/v matmuls into one GEMM, which a custom call in their place prevents.
+# A call matches when its token count and LoRA rank lie in those ranges, whose ends were all measured (tokens 1, 2,
+# 16, 8192; ranks 16, 64). "Faster": the median by >= 5%, or all three timed batches below XLA's fastest. Anything
+# else runs XLA. At 8192 tokens the LoRA kernel alone still wins on 4096->4096 and 4096->1024 (2026-11-30), but
+# the whole 8B training step is faster with XLA everywhere (15,869 vs 15,752 tokens/s, same call): XLA merges the
+# q/k/v matmuls into one GEMM, which a custom call in their place prevents.
 # These XLA timings used XLA's default Triton GEMMs; the train step now compiles with cuBLAS for every matmul
 # (fastlora_jax.compiler_options(), 2026-12-02), under which the 16-token rows were not re-measured.
 PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]] = {
@@ -38,17 +38,17 @@ PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]]
         (4096, 4096, 16, 16, 64, 64),  # 62 vs 76 (r16: 59 vs 55, not faster)
     ),
     # NF4 (rank: the LoRA branch is XLA either way): the fused dequant-matmul with the PTX decode, measured on an
-    # NVIDIA H100 (2026-12-06, session 9; no H200 could be had), us per layer at 16 tokens, Pallas vs XLA: forward
-    # alone under XLA's default options (as generation compiles) 4096->4096 22.1 vs 42.5, 4096->1024 13.8 vs 15.2,
-    # 4096->14336 62.7 vs 132.6, 14336->4096 61.4 vs 134.0; forward + input gradient under the training options
-    # 43.1 vs 71.0, 24.2 vs 34.3, 116.4 vs 184.0, 117.5 vs 199.2. The kernel pads the tokens to 16 rows, so 2..16
-    # tokens run the same kernel (2 itself was not timed). One token stays on "reduce" below, measured faster on the
-    # H200 (2026-12-02, forward 29.6, 58.9, 52.9 against the select-tree kernel's 38.3, 105.2, 113.0); on the H100
-    # the PTX kernel tied it on 4096->4096 (22.9 vs 22.9) and beat it on 4096->14336 (64.3 vs 69.0) and 14336->4096
-    # (57.1 vs 67.8).
+    # NVIDIA H100 (2026-12-06, session 9; no H200 could be had), us per layer, Pallas vs XLA: forward alone under
+    # XLA's default options (as generation compiles), 16 tokens: 4096->4096 22.1 vs 42.5 (rerun 23.9 vs 44.7),
+    # 4096->14336 62.7 vs 132.6 (59.5 vs 137.6), 14336->4096 61.4 vs 134.0 (58.1 vs 137.6); 2 tokens 24.3 vs 44.0,
+    # 62.9 vs 137.9, 58.7 vs 134.0. Forward + input gradient under the training options, 16 tokens: 43.1 vs 71.0,
+    # 116.4 vs 184.0, 117.5 vs 199.2. 4096->1024 is not listed: 13.8 vs 15.2 in one call, 17.7 vs 16.0 (16 tokens)
+    # and 26.6 vs 17.1 (2 tokens) in the rerun. The kernel pads the tokens to 16 rows. One token stays on "reduce"
+    # below, measured faster on the H200 (2026-12-02, forward 29.6, 58.9, 52.9 against the select-tree kernel's
+    # 38.3, 105.2, 113.0); on the H100 the PTX kernel tied or beat it (4096->4096 22.9 vs 22.9, 4096->14336 64.3 vs
+    # 69.0, 14336->4096 57.1 vs 67.8; the rerun 28.9 vs 41.4, 65.9 vs 77.8, 59.1 vs 67.0).
     "nf4": (
         (4096, 4096, 2, 16, 0, _ANY_RANK),
-        (4096, 1024, 2, 16, 0, _ANY_RANK),
         (4096, 14336, 2, 16, 0, _ANY_RANK),
         (14336, 4096, 2, 16, 0, _ANY_RANK),
     ),
