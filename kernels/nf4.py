@@ -92,7 +92,7 @@ class BlockSizes:
 
 def _decode_that_runs(requested: BlockSizes | None, interpret: bool) -> str:
     """The decode of `requested` ("auto" when None) for this call: "auto" is "prmt" compiled on an NVIDIA GPU and
-    "select" elsewhere (the same weights bit for bit); "prmt" anywhere else raises."""
+    "select" elsewhere (the same float32 products, so the same weights); "prmt" elsewhere raises."""
     decode = requested.decode if requested is not None else "auto"
     nvidia = not interpret and _compat.on_nvidia_gpu()
     if decode == "auto":

@@ -2,11 +2,11 @@
 
 One instance of the inline assembly takes four code bytes and their four float32 block absmax and returns the four
 weights of the high (or the low) nibbles: NF4_CODE[code] * absmax in float32, which the kernel then rounds to its
-dtype (bitsandbytes' order, so the weights equal the select tree's bit for bit). The table lookup is PRMT: byte j
-of the sixteen float32 NF4 values lies in four registers (four entries each), so two PRMTs pick byte j for four
-codes at once (entries 0-7 and 8-15, by the code's low three bits), a LOP3 keeps the right one by the code's bit 3,
-and eight PRMTs transpose the four byte planes back into four float32 values: about 8 instructions per weight
-against ~20 for the select tree. `decode_emulated` replays the same byte operations in numpy, so the scheme is
+dtype (bitsandbytes' order, so the select tree's weights by construction; the GPU tests compare the products within
+tolerance). The table lookup is PRMT: byte j of the sixteen float32 NF4 values lies in four registers (four entries
+each), so two PRMTs pick byte j for four codes at once (entries 0-7 and 8-15, by the code's low three bits), a LOP3
+keeps the right one by the code's bit 3, and eight PRMTs transpose the four byte planes back into four float32
+values: about 8 instructions per weight against ~20 for the select tree. `decode_emulated` replays the same byte operations in numpy, so the scheme is
 checked on any machine; the PTX itself runs only in a compiled kernel.
 """
 
