@@ -6,8 +6,8 @@ dtype (bitsandbytes' order, so the select tree's weights by construction; the GP
 tolerance). The table lookup is PRMT: byte j of the sixteen float32 NF4 values lies in four registers (four entries
 each), so two PRMTs pick byte j for four codes at once (entries 0-7 and 8-15, by the code's low three bits), a LOP3
 keeps the right one by the code's bit 3, and eight PRMTs transpose the four byte planes back into four float32
-values: about 8 instructions per weight against ~20 for the select tree. `decode_emulated` replays the same byte operations in numpy, so the scheme is
-checked on any machine; the PTX itself runs only in a compiled kernel.
+values: about 8 instructions per weight against ~20 for the select tree. `decode_emulated` replays the same byte
+operations in numpy, so the scheme is checked on any machine; the PTX itself runs only in a compiled kernel.
 """
 
 from __future__ import annotations
