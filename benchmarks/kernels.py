@@ -11,8 +11,8 @@ of 3 calls is timed after a warm-up call, and the median over batches divided by
 microseconds per layer. One JSON line per measurement; the full list goes to $OUT/kernels.jsonl when $OUT is set;
 a table of ratios to the bf16 floor ends the output.
 `--check` first runs tests/test_kernels_lora.py and tests/test_kernels_nf4.py (compiled on the GPU);
-`--tune` times alternative Pallas tile settings; `--nf4-decodes select gather prmt` times the fused NF4 kernels with
-each decode (its default tiles) beside the nf4_pallas path (whose decode is "auto").
+`--tune` times alternative Pallas tile settings; `--nf4-decodes select gather prmt prmt_bf16` times the fused NF4
+kernels with each decode (its default tiles) beside the nf4_pallas path (whose decode is "auto").
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ NF4_FORMULATION_PATHS = tuple(f"nf4_{f}" for f in nf4_formulations.FORMULATIONS)
 PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas", "nf4_reduce", *NF4_FORMULATION_PATHS)
 REPO = Path(__file__).resolve().parent.parent
 # Decodes of the fused NF4 kernels to time side by side (--nf4-decodes), each with its own default tiles
-NF4_DECODES = ("select", "gather", "prmt")
+NF4_DECODES = ("select", "gather", "prmt", "prmt_bf16")
 
 
 def layers_for(k: int, n: int, m: int) -> int:

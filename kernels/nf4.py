@@ -7,8 +7,8 @@ in one row, so the codes view as [out, in / 2] bytes and the absmax as [out, in 
 The Pallas kernels read only the 4-bit codes and the float32 block absmax (double-dequantized by XLA first: 1/64
 of the elements): each program decodes a tile of codes in registers (each nibble's NF4 value by byte permutes in
 PTX on an NVIDIA GPU, kernels/nf4_ptx.py, else by a tree of selects on its four bits, or a gather from the 16-entry
-table; times its block's absmax in float32, then x's dtype), puts
-the two nibbles of each byte back into column order (high first), and multiplies the tile with one dot. Few
+table; times its block's absmax in float32, then x's dtype; or, opt-in, bitsandbytes' inference-kernel rounding in
+bfloat16, `BlockSizes(decode="prmt_bf16")`), puts the two nibbles of each byte back into column order (high first), and multiplies the tile with one dot. Few
 programs per output tile would leave the GPU idle at few tokens, so the contraction is split over `split_k`
 programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
 calls one matmul; its "reduce" variant writes the forward as a multiply-and-sum, which XLA fuses with the decoding
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 _F32 = jnp.float32
 _BLOCK = 64  # bitsandbytes' NF4 blocksize
 _TARGET_PROGRAMS = 264  # two per H200 multiprocessor
-DECODES = ("auto", "select", "gather", "prmt")  # how the kernels turn a 4-bit code into its NF4 value
+DECODES = ("auto", "select", "gather", "prmt", "prmt_bf16")  # how the kernels turn a 4-bit code into its weight
+_PTX_DECODES = ("prmt", "prmt_bf16")  # inline PTX: compiled on an NVIDIA GPU only
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,7 +61,13 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 3
     # NF4 values by a tree of selects, "gather" (from the [16] table in memory) or "prmt" (byte permutes in PTX,
-    # kernels/nf4_ptx.py: compiled on an NVIDIA GPU only); "auto": "prmt" compiled on an NVIDIA GPU, else "select"
+    # kernels/nf4_ptx.py: compiled on an NVIDIA GPU only); "auto": "prmt" compiled on an NVIDIA GPU, else "select".
+    # Each weight is NF4_CODE[code] * absmax in float32, rounded to x's dtype (bitsandbytes' dequantize_4bit).
+    # "prmt_bf16" (opt-in; bfloat16 inputs, NVIDIA GPU): byte permutes straight to bfloat16 and the product rounded
+    # in bfloat16, as bitsandbytes' 4-bit inference kernel computes it; each weight may differ from dequantize_4bit's
+    # by one bf16 rounding (products ~3e-3 relative from dequantize_4bit's). The forward ran 1.4-1.5x faster than
+    # "prmt" at 1-16 tokens on the 14336-wide shapes and 1.1-1.3x on 4096->4096 (H100, benchmarks/RESULTS.md,
+    # "## Kernels", session 10). Not chosen by "auto", which keeps dequantize_4bit's weights.
     decode: str = "auto"
 
     def __post_init__(self):
@@ -75,7 +82,11 @@ class BlockSizes:
     @classmethod
     def for_forward(cls, m: int, out_features: int, in_features: int, decode: str = "select") -> BlockSizes:
         """x @ W.T: 64 output rows, 4 NF4 blocks (256 input features) per step; 8 warps for the select tree, 4 for
-        the PTX decode (each the faster for it)."""
+        the PTX decode (each the faster for it). "prmt_bf16": 32 rows, the contraction split 4 ways where it
+        divides (the fastest measured on 4096->14336 and 14336->4096, session 10)."""
+        if decode == "prmt_bf16":  # 4 steps of 4 blocks divide the contraction when in % 1024 == 0
+            return cls(block_m=_token_block(m), block_n=min(32, _pow2_at_least(out_features)), blocks_per_step=4,
+                       split_k=4 if in_features % (16 * _BLOCK) == 0 else None, decode=decode)
         return cls(block_m=_token_block(m), block_n=min(64, _pow2_at_least(out_features)), blocks_per_step=4,
                    num_warps=4 if decode == "prmt" else 8, decode=decode)
 
@@ -84,21 +95,25 @@ class BlockSizes:
         """g @ W. PTX decode: 32 contraction rows per step, two NF4 blocks of input features per program. Select
         tree: 64 rows; one block per program, two when the contraction is short (out <= 1024: fewer, longer
         programs measured 1.35x faster)."""
-        if decode == "prmt":
+        if decode in _PTX_DECODES:
             return cls(block_m=_token_block(m), block_k=32, blocks_per_step=2, decode=decode)
         return cls(block_m=_token_block(m), block_k=min(64, _pow2_at_least(out_features, 32)),
                    blocks_per_step=2 if out_features <= 1024 else 1, decode=decode)
 
 
-def _decode_that_runs(requested: BlockSizes | None, interpret: bool) -> str:
-    """The decode of `requested` ("auto" when None) for this call: "auto" is "prmt" compiled on an NVIDIA GPU and
-    "select" elsewhere (the same float32 products, so the same weights); "prmt" elsewhere raises."""
+def _decode_that_runs(requested: BlockSizes | None, interpret: bool, dtype) -> str:
+    """The decode of `requested` ("auto" when None) for this call with inputs of `dtype`: "auto" is "prmt" compiled
+    on an NVIDIA GPU and "select" elsewhere (the same float32 products, so the same weights); "prmt" and
+    "prmt_bf16" elsewhere raise, and "prmt_bf16" for inputs other than bfloat16."""
     decode = requested.decode if requested is not None else "auto"
+    if decode == "prmt_bf16" and dtype != jnp.bfloat16:
+        raise ValueError(f"BlockSizes(decode='prmt_bf16') makes bfloat16 weights and takes bfloat16 inputs; got "
+                         f"dtype {jnp.dtype(dtype).name} (use decode='prmt' or 'auto')")
     nvidia = not interpret and _compat.on_nvidia_gpu()
     if decode == "auto":
         return "prmt" if nvidia else "select"
-    if decode == "prmt" and not nvidia:
-        raise ValueError(f"BlockSizes(decode='prmt') is PTX and runs compiled on an NVIDIA GPU only; got "
+    if decode in _PTX_DECODES and not nvidia:
+        raise ValueError(f"BlockSizes(decode={decode!r}) is PTX and runs compiled on an NVIDIA GPU only; got "
                          f"interpret={interpret} on backend {jax.default_backend()!r} (use decode='select' or 'auto')")
     return decode
 
@@ -144,10 +159,12 @@ def _select_code(ints):
 
 def _decode_tile(codes, am, code_ref, dtype, decode: str):
     """codes [R, C] uint8 (two per byte, high nibble first), am [R, C / 32] float32 -> the weight [R, 2C] in dtype,
-    in column order: NF4_CODE[code] * absmax in float32, then dtype (bitsandbytes' order)."""
+    in column order: NF4_CODE[code] * absmax in float32, then dtype (bitsandbytes' order; "prmt_bf16": in bf16)."""
     r, c = codes.shape
     scale = jnp.broadcast_to(am[:, :, None], (r, c // (_BLOCK // 2), _BLOCK // 2)).reshape(r, c)  # [R, C]
-    if decode == "prmt":
+    if decode == "prmt_bf16":
+        hi, lo = nf4_ptx.decode_bf16(codes, scale)  # [R, C] bfloat16 each
+    elif decode == "prmt":
         hi, lo = nf4_ptx.decode(codes, scale)  # [R, C] float32 each
     else:
         ints = codes.astype(jnp.int32)
@@ -228,7 +245,7 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
     """x [M, in] @ dequantize(w).T -> [M, out] in x.dtype, reading only the NF4 codes (needs in % 64 == 0)."""
     (m, k), (n, _) = x.shape, w.shape
     interpret = _compat.default_interpret() if interpret is None else interpret
-    decode = _decode_that_runs(block_sizes, interpret)
+    decode = _decode_that_runs(block_sizes, interpret, x.dtype)
     bs = dataclasses.replace(block_sizes or BlockSizes.for_forward(m, n, k, decode), decode=decode)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
@@ -259,7 +276,7 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
     """g [M, out] @ dequantize(w) -> [M, in] in g.dtype (the input gradient), reading only the NF4 codes."""
     (m, n), (_, k) = g.shape, w.shape
     interpret = _compat.default_interpret() if interpret is None else interpret
-    decode = _decode_that_runs(block_sizes, interpret)
+    decode = _decode_that_runs(block_sizes, interpret, g.dtype)
     bs = dataclasses.replace(block_sizes or BlockSizes.for_backward(m, n, k, decode), decode=decode)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)

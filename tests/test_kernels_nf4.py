@@ -5,8 +5,11 @@ On CPU the Pallas kernels run in interpret mode; on a GPU the same tests run the
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -24,6 +27,7 @@ GATHER = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=4, 
                          decode="gather")
 PRMT = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=2, num_warps=4, num_stages=2,
                        decode="prmt")
+PRMT_BF16 = dataclasses.replace(PRMT, decode="prmt_bf16")
 
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
@@ -78,7 +82,7 @@ def test_separate_forward_and_backward_tiles():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(decode="lut"), r"decode='lut'\); accepted: 'auto', 'select', 'gather', 'prmt'"),
+    (dict(decode="lut"), r"decode='lut'\); accepted: 'auto', 'select', 'gather', 'prmt', 'prmt_bf16'"),
     (dict(block_k=16), r"block_k=16\): accepted block_m >= 16")])
 def test_bad_tiles_raise_naming_the_value(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -97,6 +101,56 @@ def test_prmt_decode_scheme_gives_every_nf4_value():
             hi, lo = nf4_ptx.decode_emulated(word)
             np.testing.assert_array_equal(hi, table[word >> 4])
             np.testing.assert_array_equal(lo, table[word & 15])
+
+
+def test_prmt_bf16_decode_scheme_rounds_as_bitsandbytes_inference():
+    # decode_bf16's byte operations, replayed: bf16(NF4 value) * bf16(scale) rounded to bf16, for every byte's two
+    # codes in all four positions of a 32-bit word, with scales that need rounding to bf16 themselves.
+    from fastlora_jax.kernels import nf4_ptx
+    from fastlora_jax.nf4 import NF4_CODE
+
+    bf16 = ml_dtypes.bfloat16
+    table = np.asarray(NF4_CODE, np.float32).astype(bf16).astype(np.float32)
+    scales = np.random.default_rng(0).uniform(0.01, 3.0, (64, 4)).astype(np.float32)
+    for start in range(0, 256, 4):
+        scale = scales[start // 4]
+        want_scale = scale.astype(bf16).astype(np.float32)
+        for shift in range(4):
+            word, sc = np.roll(np.arange(start, start + 4), shift), np.roll(scale, shift)
+            hi, lo = nf4_ptx.decode_bf16_emulated(word, sc)
+            ws = np.roll(want_scale, shift)
+            np.testing.assert_array_equal(hi.view(np.uint16), (table[word >> 4] * ws).astype(bf16).view(np.uint16))
+            np.testing.assert_array_equal(lo.view(np.uint16), (table[word & 15] * ws).astype(bf16).view(np.uint16))
+
+
+def test_prmt_bf16_refuses_other_input_dtypes():
+    x, w, *_ = make_inputs(4, 128, 24, 0, jnp.float32)
+    with pytest.raises(ValueError, match=r"decode='prmt_bf16'\) makes bfloat16 weights .* got dtype float32"):
+        knf4.nf4_linear(x, w, implementation="pallas", block_sizes=PRMT_BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n, r", [(m, k, n, r) for m, k, n, r, dtype in CASES if dtype == jnp.bfloat16])
+def test_prmt_bf16_matches_reference(m, k, n, r):
+    check_case("pallas", PRMT_BF16, m, k, n, r, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+def test_prmt_bf16_forward_uses_bitsandbytes_inference_weights():
+    # Compiled, at the default tiles: the product is x @ W'.T with W' = bf16(NF4 value) * bf16(absmax) rounded in
+    # bf16, not merely near the dequantize_4bit product: against bf16(x @ W'.T) only accumulation order differs
+    # (0 on CPU in numpy's float32), while the dequantize_4bit weights give 3.5e-3 on these inputs.
+    from fastlora_jax.nf4 import NF4_CODE, dequantize_absmax
+
+    x, w, *_ = make_inputs(16, 2048, 96, 0, jnp.bfloat16, seed=3)
+    codes = np.asarray(w.packed).reshape(96, 1024)
+    values = np.asarray(NF4_CODE, np.float32)[np.stack([codes >> 4, codes & 15], -1).reshape(96, 2048)]
+    scale = np.repeat(np.asarray(dequantize_absmax(w)).reshape(96, 32), 64, axis=1)
+    bf = lambda v: np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    weight = bf(bf(values) * bf(scale))  # [96, 2048]
+    want = bf(np.asarray(x, np.float64) @ weight.T.astype(np.float64))
+    got = knf4.nf4_matmul_t(x, w, block_sizes=knf4.BlockSizes.for_forward(16, 96, 2048, "prmt_bf16"))
+    assert rel_err(got, want) < 1e-3
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off an NVIDIA GPU")
