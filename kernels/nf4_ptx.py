@@ -1,4 +1,5 @@
-"""NF4 decoding by byte permutes: PTX for the fused NF4 kernels' `decode="prmt"` (NVIDIA GPUs, compiled only).
+"""NF4 decoding by byte permutes: PTX for the fused NF4 kernels' `decode="prmt"` and `"prmt_bf16"` (NVIDIA GPUs,
+compiled only).
 
 One instance of the inline assembly takes four code bytes and their four float32 block absmax and returns the four
 weights of the high (or the low) nibbles: NF4_CODE[code] * absmax in float32, which the kernel then rounds to its
@@ -11,9 +12,9 @@ operations in numpy, so the scheme is checked on any machine; the PTX itself run
 
 `decode_bf16` (the kernels' `decode="prmt_bf16"`) rounds differently, as bitsandbytes' own 4-bit inference kernel
 (gemm_4bit_inference_naive) does: bf16(NF4_CODE[code]) * bf16(absmax), rounded to bf16. Its table has two byte
-planes (bf16 values), so the lookup and the multiply (bf16x2 FMA) take about half the instructions (the whole
-forward kernel issued 33% fewer, ncu on an H100); each weight can differ from dequantize_4bit's by one bf16
-rounding (the products by ~3e-3 relative on the Llama shapes).
+planes (bf16 values), no transposes and one bf16x2 FMA per two weights: 20 instructions per four weights against 34
+(counted; the whole forward kernel issued 33% fewer, ncu on an H100). Each weight can differ from
+dequantize_4bit's by one bf16 rounding (the products by ~3e-3 relative on the Llama shapes).
 `decode_bf16_emulated` replays it.
 """
 
