@@ -11,8 +11,9 @@ of 3 calls is timed after a warm-up call, and the median over batches divided by
 microseconds per layer. One JSON line per measurement; the full list goes to $OUT/kernels.jsonl when $OUT is set;
 a table of ratios to the bf16 floor ends the output.
 `--check` first runs tests/test_kernels_lora.py and tests/test_kernels_nf4.py (compiled on the GPU);
-`--tune` times alternative Pallas tile settings; `--nf4-decodes select gather prmt prmt_bf16` times the fused NF4
-kernels with each decode (its default tiles) beside the nf4_pallas path (whose decode is "auto").
+`--tune` times alternative Pallas tile settings; `--nf4-decodes select gather prmt prmt_gemv` times the fused NF4
+kernels with each decode (its default tiles) beside the nf4_pallas path (whose decode is "auto"); "prmt_gemv" is
+"prmt" with `rounding="gemv_4bit"` (bitsandbytes' inference-kernel weights, bf16 PTX tables).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ NF4_FORMULATION_PATHS = tuple(f"nf4_{f}" for f in nf4_formulations.FORMULATIONS)
 PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas", "nf4_reduce", *NF4_FORMULATION_PATHS)
 REPO = Path(__file__).resolve().parent.parent
 # Decodes of the fused NF4 kernels to time side by side (--nf4-decodes), each with its own default tiles
-NF4_DECODES = ("select", "gather", "prmt", "prmt_bf16")
+NF4_DECODES = ("select", "gather", "prmt", "prmt_gemv")
 
 
 def layers_for(k: int, n: int, m: int) -> int:
@@ -65,9 +66,10 @@ def random_nf4(key, n: int, k: int) -> NF4Array:
         jnp.asarray(0.02, jnp.float32), shape=(n, k), dtype=jnp.bfloat16)
 
 
-def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options: dict, forward_only: bool = False):
+def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options: dict, forward_only: bool = False,
+          rounding: str = "dequantize_4bit"):
     """(jitted function, its arguments) computing `path`'s forward and gradients (only the forward when
-    `forward_only`) for `layers` layers; each layer gives a tuple of outputs.
+    `forward_only`) for `layers` layers; each layer gives a tuple of outputs. `rounding`: the NF4 paths' weights.
 
     Each layer's weights are separate buffers (as a model's parameters are), so no slice copies are timed.
     `options` are the jit's compiler_options (main: fastlora_jax.compiler_options() and the --xla-option pairs).
@@ -89,7 +91,7 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options
             return jit(lambda x, g, ws: [layer(x, g, w) for w in ws]), (x, g, ws)
 
         def layer(x, g, w):
-            f = lambda x: nf4.nf4_linear(x, w, implementation=impl, block_sizes=tiles)
+            f = lambda x: nf4.nf4_linear(x, w, implementation=impl, block_sizes=tiles, rounding=rounding)
             if forward_only:
                 return (f(x),)
             y, vjp = jax.vjp(f, x)
@@ -119,9 +121,16 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options
     return jit(lambda x, g, ws, abs_: [layer(x, g, w, a, b) for w, (a, b) in zip(ws, abs_)]), (x, g, ws, abs_)
 
 
-def nf4_decode_tiles(decode: str, m: int, k: int, n: int) -> tuple[nf4.BlockSizes, nf4.BlockSizes]:
-    """(forward, backward) default BlockSizes of the fused NF4 kernels with `decode`, for [m, k] x [n, k].T."""
-    return nf4.BlockSizes.for_forward(m, n, k, decode), nf4.BlockSizes.for_backward(m, n, k, decode)
+def nf4_decode_variant(variant: str) -> tuple[str, str]:
+    """(decode, rounding) of an --nf4-decodes name: "prmt_gemv" is "prmt" with rounding "gemv_4bit"."""
+    return ("prmt", "gemv_4bit") if variant == "prmt_gemv" else (variant, "dequantize_4bit")
+
+
+def nf4_decode_tiles(variant: str, m: int, k: int, n: int) -> tuple[nf4.BlockSizes, nf4.BlockSizes]:
+    """(forward, backward) default BlockSizes of the fused NF4 kernels for an --nf4-decodes name, for [m, k] x
+    [n, k].T."""
+    decode, rounding = nf4_decode_variant(variant)
+    return nf4.BlockSizes.for_forward(m, n, k, decode, rounding), nf4.BlockSizes.for_backward(m, n, k, decode)
 
 
 def time_us(fn, args, layers: int, batches: int, per_batch: int = 3):
@@ -214,13 +223,14 @@ def tune(sink, batches: int, options: dict, deadline: float, k: int, n: int, m_l
 _XLA_OUTPUTS: dict[tuple, tuple] = {}  # the XLA path's first-layer outputs, to check the Pallas path against
 
 
-def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=None, forward_only=False) -> dict:
+def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=None, forward_only=False,
+            rounding: str = "dequantize_4bit") -> dict:
     layers = layers_for(k, n, m)
     record = {"path": path, "in": k, "out": n, "tokens": m, "r": r if path.startswith("lora") else None,
               "layers": layers, **({"forward_only": True} if forward_only else {}), **(tag or {})}
     family = (path.split("_")[0], k, n, m, r)
     try:
-        fn, args = build(path, k, n, m, r, layers, tiles, options, forward_only)
+        fn, args = build(path, k, n, m, r, layers, tiles, options, forward_only, rounding)
         median, times, compile_s, outputs = time_us(fn, args, layers, batches)
         record.update(median_us=round(median, 2), batches_us=[round(t, 2) for t in times],
                       compile_s=round(compile_s, 2))
@@ -315,7 +325,8 @@ def main(argv=None) -> None:
                 if time.perf_counter() < main_deadline:
                     records.append(measure("nf4_pallas", k, n, m, 0, sink, args.batches, options=options,
                                            tiles=nf4_decode_tiles(decode, m, k, n), tag={"decode": decode},
-                                           forward_only=args.forward_only))
+                                           forward_only=args.forward_only,
+                                           rounding=nf4_decode_variant(decode)[1]))
     small = [m for m in args.tokens if m <= 64]
     if args.parts:
         for m in small:

@@ -363,8 +363,8 @@ def _requantized(module):
     if not stack:
         return NF4Linear.from_nf4(quantize_nf4(np.asarray(merge.linear_weight(module, None).astype(base.dtype))),
                                   bias=None if base.bias is None else base.bias[...],
-                                  implementation=base.implementation)
+                                  implementation=base.implementation, rounding=base.rounding)
     weights = [quantize_nf4(np.asarray(jax.device_get(merge.linear_weight(module, i).astype(base.dtype))))
                for i in range(stack[0])]
     return NF4Linear.from_nf4(stack_nf4(weights), bias=None if base.bias is None else base.bias[...],
-                              implementation=base.implementation)
+                              implementation=base.implementation, rounding=base.rounding)

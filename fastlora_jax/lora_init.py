@@ -106,7 +106,7 @@ def _requantized(base, residual: jax.Array, mask: jax.Array | None):
         weights = nf4.stack_nf4([_quantize_as(residual[i], base.dtype) if keep[i] else old[i]
                                  for i in range(keep.shape[0])])
     bias = None if base.bias is None else base.bias[...]
-    return nf4.NF4Linear.from_nf4(weights, bias, implementation=base.implementation)
+    return nf4.NF4Linear.from_nf4(weights, bias, implementation=base.implementation, rounding=base.rounding)
 
 
 def _quantize_as(w_in_out: np.ndarray, dtype) -> nf4.NF4Array:

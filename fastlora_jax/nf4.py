@@ -33,6 +33,18 @@ NF4_CODE.setflags(write=False)
 
 _F32 = np.float32
 
+ROUNDINGS = ("dequantize_4bit", "gemv_4bit")
+"""How a weight is rounded to the compute dtype: "dequantize_4bit" (default, bitsandbytes' dequantize_4bit, which
+training and merging use), NF4 value * absmax in float32, then rounded; "gemv_4bit" (bitsandbytes' 4-bit inference
+kernel, which Unsloth's one-token generation uses), the NF4 value and the absmax each rounded to the dtype and their
+product rounded in it. The two differ by at most one rounding per weight, and not at all in float32."""
+
+
+def check_rounding(rounding: str) -> None:
+    """Raises ValueError naming `rounding` unless it is one of ROUNDINGS."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}; accepted: {', '.join(map(repr, ROUNDINGS))}")
+
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     """torch.linspace(start, end, steps, dtype=float32) on CPU: float32 step, one fused multiply-add per value."""
@@ -338,16 +350,22 @@ def _nf4_byte_values() -> np.ndarray:
     return table
 
 
-def dequantize_nf4(t: NF4Array, dtype=None) -> jax.Array:
+def dequantize_nf4(t: NF4Array, dtype=None, rounding: str = "dequantize_4bit") -> jax.Array:
     """The weight [*stack, out, in] in `dtype` (default t.dtype), equal to bitsandbytes' `dequantize_4bit`:
-    NF4_CODE[code] * absmax in float32, then rounded to dtype."""
+    NF4_CODE[code] * absmax in float32, then rounded to dtype; with rounding="gemv_4bit" the NF4 value and the
+    absmax are rounded to dtype first and multiplied in it (see ROUNDINGS)."""
+    check_rounding(rounding)
     dtype = t.dtype if dtype is None else dtype
     values = jnp.asarray(_nf4_byte_values())[t.packed]  # [*stack, bytes, 2]: one gather decodes both nibbles
     values = values.reshape(*values.shape[:-2], -1)  # [*stack, 2 * bytes] float32, the codes in order
     n, nblocks = t.numel, t.nblocks
     values = jnp.pad(values[..., :n], [(0, 0)] * (values.ndim - 1) + [(0, nblocks * BLOCKSIZE - n)])
     values = values.reshape(*values.shape[:-1], nblocks, BLOCKSIZE)  # [*stack, nblocks, 64]
-    out = values * dequantize_absmax(t)[..., None]
+    absmax = dequantize_absmax(t)[..., None]  # [*stack, nblocks, 1]
+    if rounding == "gemv_4bit":  # in dtype: the exact product of two dtype values, rounded once
+        out = values.astype(dtype) * absmax.astype(dtype)
+    else:
+        out = values * absmax
     out = out.reshape(*out.shape[:-2], -1)[..., :n]
     return out.reshape(*out.shape[:-1], *t.shape).astype(dtype)
 
@@ -363,13 +381,17 @@ class NF4Linear(nnx.Module):
 
     Holds one bnb-NF4 weight per stacked layer: NF4State variables [*stack, ...] (see `NF4Array`) and an optional
     `Frozen` bias [*stack, out]. Inside the layer scan each call sees one layer's slice; matmuls go through
-    `fastlora_jax.kernels.nf4_linear`.
+    `fastlora_jax.kernels.nf4_linear`, with the weights rounded as `rounding` says (ROUNDINGS; `set_rounding`
+    switches a whole model).
     """
 
-    def __init__(self, weight: NF4Array, *, bias: jax.Array | None = None, implementation: str = "auto"):
+    def __init__(self, weight: NF4Array, *, bias: jax.Array | None = None, implementation: str = "auto",
+                 rounding: str = "dequantize_4bit"):
+        check_rounding(rounding)
         self.out_features, self.in_features = weight.shape
         self.weight_dtype = np.dtype(weight.dtype).name
         self.implementation = implementation
+        self.rounding = rounding
         self.packed = NF4State(jnp.asarray(weight.packed))
         self.absmax_q = NF4State(jnp.asarray(weight.absmax_q))
         self.nested_absmax = NF4State(jnp.asarray(weight.nested_absmax))
@@ -380,9 +402,10 @@ class NF4Linear(nnx.Module):
         self.bias = None if bias is None else Frozen(jnp.asarray(bias))
 
     @classmethod
-    def from_nf4(cls, weight: NF4Array, bias: jax.Array | None = None, *, implementation: str = "auto") -> NF4Linear:
+    def from_nf4(cls, weight: NF4Array, bias: jax.Array | None = None, *, implementation: str = "auto",
+                 rounding: str = "dequantize_4bit") -> NF4Linear:
         """The layer of a (stacked) NF4Array, e.g. `stack_nf4([quantize_nf4(w) for w in per_layer_weights])`."""
-        return cls(weight, bias=bias, implementation=implementation)
+        return cls(weight, bias=bias, implementation=implementation, rounding=rounding)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -395,12 +418,26 @@ class NF4Linear(nnx.Module):
                         shape=(self.out_features, self.in_features), dtype=self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x [..., in] -> [..., out]
-        return kernels.nf4_linear(x, self.nf4(), read(self.bias), implementation=self.implementation)
+        return kernels.nf4_linear(x, self.nf4(), read(self.bias), implementation=self.implementation,
+                                  rounding=self.rounding)
 
     def with_lora(self, x: jax.Array, a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
         """x @ W.T + bias + scaling * (x @ a) @ b; a [in, r], b [r, out]; no gradient reaches the NF4 weight."""
-        return kernels.nf4_linear(x, self.nf4(), read(self.bias), a, b, scaling, implementation=self.implementation)
+        return kernels.nf4_linear(x, self.nf4(), read(self.bias), a, b, scaling, implementation=self.implementation,
+                                  rounding=self.rounding)
 
     def dense_weight(self) -> jax.Array:
-        """The dequantized weight [*stack, in, out] (for merging and export)."""
+        """The dequantized weight [*stack, in, out] (for merging and export: dequantize_4bit's, whatever
+        `rounding` says, as PEFT merges)."""
         return jnp.swapaxes(dequantize_nf4(self.nf4()), -1, -2)
+
+
+def set_rounding(model: nnx.Module, rounding: str) -> int:
+    """Sets `rounding` (ROUNDINGS) on every NF4Linear in `model`; returns how many. E.g. "gemv_4bit" before
+    generating, as bitsandbytes' inference kernel rounds (faster few-token NF4 kernels on an NVIDIA GPU, bfloat16),
+    and "dequantize_4bit" back for training. Jitted functions retrace: the rounding is static."""
+    check_rounding(rounding)
+    layers = [module for _, module in nnx.iter_graph(model) if isinstance(module, NF4Linear)]
+    for layer in layers:
+        layer.rounding = rounding
+    return len(layers)

@@ -104,14 +104,15 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
 
 def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
                b: jax.Array | None = None, scaling: float | jax.Array = 0.0, *,
-               implementation: str = "auto") -> jax.Array:
+               implementation: str = "auto", rounding: str = "dequantize_4bit") -> jax.Array:
     """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) with w ONE NF4 weight [out, in] (HF layout).
 
     The 16-bit weight exists only inside the call (the backward pass dequantizes again); gradients flow to x, bias
-    and the LoRA factors a [in, r], b [r, out]; none to w.
+    and the LoRA factors a [in, r], b [r, out]; none to w. `rounding`: fastlora_jax.nf4.ROUNDINGS, the same on
+    every implementation.
     """
     nf4.check_nf4_shapes(x, w, bias, a, b)
     out_features, in_features = w.shape
     impl = resolve("nf4", implementation, in_features, out_features, math.prod(x.shape[:-1]),
                    0 if a is None else a.shape[1])
-    return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation=impl)
+    return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation=impl, rounding=rounding)

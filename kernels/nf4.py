@@ -7,8 +7,9 @@ in one row, so the codes view as [out, in / 2] bytes and the absmax as [out, in 
 The Pallas kernels read only the 4-bit codes and the float32 block absmax (double-dequantized by XLA first: 1/64
 of the elements): each program decodes a tile of codes in registers (each nibble's NF4 value by byte permutes in
 PTX on an NVIDIA GPU, kernels/nf4_ptx.py, else by a tree of selects on its four bits, or a gather from the 16-entry
-table; times its block's absmax in float32, then x's dtype; or, opt-in, bitsandbytes' inference-kernel rounding in
-bfloat16, `BlockSizes(decode="prmt_bf16")`), puts the two nibbles of each byte back into column order (high first), and multiplies the tile with one dot. Few
+table; times its block's absmax in float32, then x's dtype; or, with rounding="gemv_4bit", each rounded to x's
+dtype and multiplied in it, in PTX straight from bf16 byte planes), puts the two nibbles of each byte back into
+column order (high first), and multiplies the tile with one dot. Few
 programs per output tile would leave the GPU idle at few tokens, so the contraction is split over `split_k`
 programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
 calls one matmul; its "reduce" variant writes the forward as a multiply-and-sum, which XLA fuses with the decoding
@@ -38,8 +39,7 @@ if TYPE_CHECKING:
 _F32 = jnp.float32
 _BLOCK = 64  # bitsandbytes' NF4 blocksize
 _TARGET_PROGRAMS = 264  # two per H200 multiprocessor
-DECODES = ("auto", "select", "gather", "prmt", "prmt_bf16")  # how the kernels turn a 4-bit code into its weight
-_PTX_DECODES = ("prmt", "prmt_bf16")  # inline PTX: compiled on an NVIDIA GPU only
+DECODES = ("auto", "select", "gather", "prmt")  # how the kernels turn a 4-bit code into its NF4 value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,12 +62,10 @@ class BlockSizes:
     num_stages: int = 3
     # NF4 values by a tree of selects, "gather" (from the [16] table in memory) or "prmt" (byte permutes in PTX,
     # kernels/nf4_ptx.py: compiled on an NVIDIA GPU only); "auto": "prmt" compiled on an NVIDIA GPU, else "select".
-    # Each weight is NF4_CODE[code] * absmax in float32, rounded to x's dtype (bitsandbytes' dequantize_4bit).
-    # "prmt_bf16" (opt-in; bfloat16 inputs, NVIDIA GPU): byte permutes straight to bfloat16 and the product rounded
-    # in bfloat16, as bitsandbytes' 4-bit inference kernel computes it; each weight may differ from dequantize_4bit's
-    # by one bf16 rounding (products ~3e-3 relative from dequantize_4bit's). The forward ran 1.4-1.5x faster than
-    # "prmt" at 1-16 tokens on the 14336-wide shapes and 1.1-1.3x on 4096->4096 (H100, benchmarks/RESULTS.md,
-    # "## Kernels", session 10). Not chosen by "auto", which keeps dequantize_4bit's weights.
+    # The weights are the call's `rounding`'s whatever the decode. With rounding="gemv_4bit" and bfloat16 inputs,
+    # "prmt" looks up bf16 values and multiplies in bf16 (nf4_ptx.decode_bf16): the forward ran 1.4-1.5x faster than
+    # with "dequantize_4bit" at 1-16 tokens on the 14336-wide shapes and 1.1-1.3x on 4096->4096 (H100,
+    # benchmarks/RESULTS.md, "## Kernels", session 10); for float16 inputs "auto" then uses the select tree.
     decode: str = "auto"
 
     def __post_init__(self):
@@ -80,11 +78,13 @@ class BlockSizes:
                              "accepted block_m >= 16, block_n >= 16, block_k >= 32")
 
     @classmethod
-    def for_forward(cls, m: int, out_features: int, in_features: int, decode: str = "select") -> BlockSizes:
+    def for_forward(cls, m: int, out_features: int, in_features: int, decode: str = "select",
+                    rounding: str = "dequantize_4bit") -> BlockSizes:
         """x @ W.T: 64 output rows, 4 NF4 blocks (256 input features) per step; 8 warps for the select tree, 4 for
-        the PTX decode (each the faster for it). "prmt_bf16": 32 rows, the contraction split 4 ways where it
-        divides (the fastest measured on 4096->14336 and 14336->4096, session 10)."""
-        if decode == "prmt_bf16":  # 4 steps of 4 blocks divide the contraction when in % 1024 == 0
+        the PTX decode (each the faster for it). The bf16 PTX decode ("prmt", "gemv_4bit"): 32 rows, the
+        contraction split 4 ways where it divides (the fastest measured on 4096->14336 and 14336->4096, session
+        10)."""
+        if decode == "prmt" and rounding == "gemv_4bit":  # 4 steps of 4 blocks split the contraction: in % 1024 == 0
             return cls(block_m=_token_block(m), block_n=min(32, _pow2_at_least(out_features)), blocks_per_step=4,
                        split_k=4 if in_features % (16 * _BLOCK) == 0 else None, decode=decode)
         return cls(block_m=_token_block(m), block_n=min(64, _pow2_at_least(out_features)), blocks_per_step=4,
@@ -95,25 +95,35 @@ class BlockSizes:
         """g @ W. PTX decode: 32 contraction rows per step, two NF4 blocks of input features per program. Select
         tree: 64 rows; one block per program, two when the contraction is short (out <= 1024: fewer, longer
         programs measured 1.35x faster)."""
-        if decode in _PTX_DECODES:
+        if decode == "prmt":
             return cls(block_m=_token_block(m), block_k=32, blocks_per_step=2, decode=decode)
         return cls(block_m=_token_block(m), block_k=min(64, _pow2_at_least(out_features, 32)),
                    blocks_per_step=2 if out_features <= 1024 else 1, decode=decode)
 
 
-def _decode_that_runs(requested: BlockSizes | None, interpret: bool, dtype) -> str:
-    """The decode of `requested` ("auto" when None) for this call with inputs of `dtype`: "auto" is "prmt" compiled
-    on an NVIDIA GPU and "select" elsewhere (the same float32 products, so the same weights); "prmt" and
-    "prmt_bf16" elsewhere raise, and "prmt_bf16" for inputs other than bfloat16."""
+def _products_in_dtype(rounding: str, dtype) -> bool:
+    """Whether the weights are NF4 value * absmax rounded and multiplied in `dtype` ("gemv_4bit"; in float32 that
+    is dequantize_4bit's product)."""
+    from fastlora_jax.nf4 import check_rounding
+
+    check_rounding(rounding)
+    return rounding == "gemv_4bit" and dtype != jnp.float32
+
+
+def _decode_that_runs(requested: BlockSizes | None, interpret: bool, in_dtype: bool, dtype) -> str:
+    """The decode of `requested` ("auto" when None) for this call: "auto" is "prmt" compiled on an NVIDIA GPU and
+    "select" elsewhere (the same products, so the same weights), and "select" for products in float16 (the PTX
+    has float32 and bfloat16 tables only); "prmt" raises elsewhere and for products in float16."""
     decode = requested.decode if requested is not None else "auto"
-    if decode == "prmt_bf16" and dtype != jnp.bfloat16:
-        raise ValueError(f"BlockSizes(decode='prmt_bf16') makes bfloat16 weights and takes bfloat16 inputs; got "
-                         f"dtype {jnp.dtype(dtype).name} (use decode='prmt' or 'auto')")
     nvidia = not interpret and _compat.on_nvidia_gpu()
+    ptx_can = not in_dtype or dtype == jnp.bfloat16
     if decode == "auto":
-        return "prmt" if nvidia else "select"
-    if decode in _PTX_DECODES and not nvidia:
-        raise ValueError(f"BlockSizes(decode={decode!r}) is PTX and runs compiled on an NVIDIA GPU only; got "
+        return "prmt" if nvidia and ptx_can else "select"
+    if decode == "prmt" and not ptx_can:
+        raise ValueError(f"BlockSizes(decode='prmt') with rounding='gemv_4bit' has float32 and bfloat16 tables "
+                         f"only; got dtype {jnp.dtype(dtype).name} (use decode='select' or 'auto')")
+    if decode == "prmt" and not nvidia:
+        raise ValueError(f"BlockSizes(decode='prmt') is PTX and runs compiled on an NVIDIA GPU only; got "
                          f"interpret={interpret} on backend {jax.default_backend()!r} (use decode='select' or 'auto')")
     return decode
 
@@ -157,24 +167,30 @@ def _select_code(ints):
     return level[0]
 
 
-def _decode_tile(codes, am, code_ref, dtype, decode: str):
+def _decode_tile(codes, am, code_ref, dtype, decode: str, in_dtype: bool):
     """codes [R, C] uint8 (two per byte, high nibble first), am [R, C / 32] float32 -> the weight [R, 2C] in dtype,
-    in column order: NF4_CODE[code] * absmax in float32, then dtype (bitsandbytes' order; "prmt_bf16": in bf16)."""
+    in column order: NF4_CODE[code] * absmax in float32, then dtype (bitsandbytes' dequantize_4bit); `in_dtype`:
+    both rounded to dtype first and multiplied in it (gemv_4bit)."""
     r, c = codes.shape
     scale = jnp.broadcast_to(am[:, :, None], (r, c // (_BLOCK // 2), _BLOCK // 2)).reshape(r, c)  # [R, C]
-    if decode == "prmt_bf16":
+    if decode == "prmt" and in_dtype:
         hi, lo = nf4_ptx.decode_bf16(codes, scale)  # [R, C] bfloat16 each
     elif decode == "prmt":
         hi, lo = nf4_ptx.decode(codes, scale)  # [R, C] float32 each
     else:
         ints = codes.astype(jnp.int32)
         value = _select_code if decode == "select" else (lambda i: code_ref[i])  # "gather": from the [16] table
-        hi, lo = value(ints >> 4) * scale, value(ints & 15) * scale
+        if in_dtype:
+            scale = scale.astype(dtype)
+            hi, lo = value(ints >> 4).astype(dtype) * scale, value(ints & 15).astype(dtype) * scale
+        else:
+            hi, lo = value(ints >> 4) * scale, value(ints & 15) * scale
     hi, lo = hi.astype(dtype), lo.astype(dtype)  # even, odd columns
     return jnp.concatenate([hi[..., None], lo[..., None]], axis=-1).reshape(r, 2 * c)
 
 
-def _xwt_kernel(x_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, steps: int, decode: str):
+def _xwt_kernel(x_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, steps: int, decode: str,
+                in_dtype: bool):
     # x_ref [bm, in], codes_ref [bn, in / 2] uint8, absmax_ref [bn, in / 64] float32, code_ref [16];
     # o_ref [bm, bn] (or float32 partial sums of this program's share of the contraction)
     s = pl.program_id(2)
@@ -182,14 +198,16 @@ def _xwt_kernel(x_ref, codes_ref, absmax_ref, code_ref, o_ref, *, bps: int, step
     def body(t, acc):  # acc [bm, bn] float32; one step covers bps 64-blocks of input features
         kb = pl.multiple_of((s * steps + t) * bps, bps)  # the step's first 64-block
         codes = codes_ref[:, pl.ds(kb * (_BLOCK // 2), bps * (_BLOCK // 2))]  # [bn, 32 bps]
-        w = _decode_tile(codes, absmax_ref[:, pl.ds(kb, bps)], code_ref, x_ref.dtype, decode)  # [bn, 64 bps]
+        am = absmax_ref[:, pl.ds(kb, bps)]
+        w = _decode_tile(codes, am, code_ref, x_ref.dtype, decode, in_dtype)  # [bn, 64 bps]
         return acc + _dot_t(x_ref[:, pl.ds(kb * _BLOCK, bps * _BLOCK)], w)  # [bm, bn]
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], _F32))
     o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
-def _xw_kernel(g_ref, codes_ref, absmax_ref, code_ref, o_ref, *, steps: int, block_k: int, decode: str):
+def _xw_kernel(g_ref, codes_ref, absmax_ref, code_ref, o_ref, *, steps: int, block_k: int, decode: str,
+               in_dtype: bool):
     # g_ref [bm, out], codes_ref [out, 32 * bps] uint8, absmax_ref [out, bps] float32, code_ref [16];
     # o_ref [bm, 64 * bps] (or float32 partial sums of this program's share of the contraction)
     s = pl.program_id(2)
@@ -197,7 +215,7 @@ def _xw_kernel(g_ref, codes_ref, absmax_ref, code_ref, o_ref, *, steps: int, blo
     def body(t, acc):  # acc [bm, 64 bps] float32; one step covers block_k output features (contraction rows)
         r0 = pl.multiple_of((s * steps + t) * block_k, block_k)
         w = _decode_tile(codes_ref[pl.ds(r0, block_k), :], absmax_ref[pl.ds(r0, block_k), :], code_ref,
-                         g_ref.dtype, decode)  # [bk, 64 bps]
+                         g_ref.dtype, decode, in_dtype)  # [bk, 64 bps]
         return acc + _dot(g_ref[:, pl.ds(r0, block_k)], w)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], _F32))
@@ -241,12 +259,13 @@ def _full(shape):
 
 
 def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = None,
-                 interpret: bool | None = None) -> jax.Array:
-    """x [M, in] @ dequantize(w).T -> [M, out] in x.dtype, reading only the NF4 codes (needs in % 64 == 0)."""
+                 interpret: bool | None = None, rounding: str = "dequantize_4bit") -> jax.Array:
+    """x [M, in] @ dequantize(w, rounding).T -> [M, out] in x.dtype, reading only the NF4 codes (in % 64 == 0)."""
     (m, k), (n, _) = x.shape, w.shape
     interpret = _compat.default_interpret() if interpret is None else interpret
-    decode = _decode_that_runs(block_sizes, interpret, x.dtype)
-    bs = dataclasses.replace(block_sizes or BlockSizes.for_forward(m, n, k, decode), decode=decode)
+    in_dtype = _products_in_dtype(rounding, x.dtype)
+    decode = _decode_that_runs(block_sizes, interpret, in_dtype, x.dtype)
+    bs = dataclasses.replace(block_sizes or BlockSizes.for_forward(m, n, k, decode, rounding), decode=decode)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
@@ -254,7 +273,7 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
     split = _split(nkb // bps, grid_m * grid_n, bs.split_k)
     codes, absmax = _operands(w, np_)
     x_p = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split, decode=bs.decode)
+    kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split, decode=bs.decode, in_dtype=in_dtype)
     in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((bs.block_n, k // 2), lambda i, j, s: (j, 0)),
                 pl.BlockSpec((bs.block_n, nkb), lambda i, j, s: (j, 0)), _full((16,))]
@@ -272,11 +291,12 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
 
 
 def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = None,
-               interpret: bool | None = None) -> jax.Array:
-    """g [M, out] @ dequantize(w) -> [M, in] in g.dtype (the input gradient), reading only the NF4 codes."""
+               interpret: bool | None = None, rounding: str = "dequantize_4bit") -> jax.Array:
+    """g [M, out] @ dequantize(w, rounding) -> [M, in] in g.dtype (the input gradient), reading only the codes."""
     (m, n), (_, k) = g.shape, w.shape
     interpret = _compat.default_interpret() if interpret is None else interpret
-    decode = _decode_that_runs(block_sizes, interpret, g.dtype)
+    in_dtype = _products_in_dtype(rounding, g.dtype)
+    decode = _decode_that_runs(block_sizes, interpret, in_dtype, g.dtype)
     bs = dataclasses.replace(block_sizes or BlockSizes.for_backward(m, n, k, decode), decode=decode)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
@@ -285,7 +305,8 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
     split = _split(np_ // bs.block_k, grid_m * grid_n, bs.split_k)
     codes, absmax = _operands(w, np_)
     g_p = jnp.pad(g, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else g
-    kernel = functools.partial(_xw_kernel, steps=np_ // bs.block_k // split, block_k=bs.block_k, decode=bs.decode)
+    kernel = functools.partial(_xw_kernel, steps=np_ // bs.block_k // split, block_k=bs.block_k, decode=bs.decode,
+                               in_dtype=in_dtype)
     width = _BLOCK * bps
     in_specs = [pl.BlockSpec((bs.block_m, np_), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((np_, width // 2), lambda i, j, s: (0, j)),
@@ -309,14 +330,15 @@ class _Config:
     forward_blocks: BlockSizes | None  # None: BlockSizes.for_forward
     backward_blocks: BlockSizes | None  # None: BlockSizes.for_backward
     interpret: bool | None
+    rounding: str  # fastlora_jax.nf4.ROUNDINGS
 
 
 def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
     if cfg.implementation == "pallas":
-        return nf4_matmul_t(x, w, block_sizes=cfg.forward_blocks, interpret=cfg.interpret)
+        return nf4_matmul_t(x, w, block_sizes=cfg.forward_blocks, interpret=cfg.interpret, rounding=cfg.rounding)
     from fastlora_jax.nf4 import dequantize_nf4
 
-    weight = dequantize_nf4(w, x.dtype)  # [out, in], alive only inside this call
+    weight = dequantize_nf4(w, x.dtype, cfg.rounding)  # [out, in], alive only inside this call
     if cfg.implementation == "reduce":  # [M, 1, in] * [out, in] summed over in: XLA fuses the decoding into the sum
         return jnp.sum(x.astype(_F32)[:, None, :] * weight.astype(_F32), axis=-1).astype(x.dtype)
     return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ()))).astype(x.dtype)
@@ -324,10 +346,10 @@ def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
 
 def _matmul(g, w, cfg: _Config):  # g [M, out] @ W -> [M, in] ("reduce" too: only its forward was measured faster)
     if cfg.implementation == "pallas":
-        return nf4_matmul(g, w, block_sizes=cfg.backward_blocks, interpret=cfg.interpret)
+        return nf4_matmul(g, w, block_sizes=cfg.backward_blocks, interpret=cfg.interpret, rounding=cfg.rounding)
     from fastlora_jax.nf4 import dequantize_nf4
 
-    return jnp.dot(g, dequantize_nf4(w, g.dtype)).astype(g.dtype)
+    return jnp.dot(g, dequantize_nf4(w, g.dtype, cfg.rounding)).astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -372,16 +394,19 @@ def check_nf4_shapes(x, w, bias, a, b) -> None:
 def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
                b: jax.Array | None = None, scaling: float | jax.Array = 0.0, *, implementation: str = "xla",
                block_sizes: BlockSizes | tuple[BlockSizes, BlockSizes] | None = None,
-               interpret: bool | None = None) -> jax.Array:
-    """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
+               interpret: bool | None = None, rounding: str = "dequantize_4bit") -> jax.Array:
+    """x [..., in] @ dequantize(w, rounding).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
 
     `block_sizes` ("pallas"): one BlockSizes for both kernels, a (forward, backward) pair, or None for each
-    kernel's default.
+    kernel's default. `rounding` (fastlora_jax.nf4.ROUNDINGS) gives the same weights on every implementation.
     "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). "reduce" is XLA with the forward product
     as a multiply-and-sum instead of a matmul (what "auto" runs for one token on a GPU; see `api`). The LoRA branch,
     when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to the NF4 product.
     """
+    from fastlora_jax.nf4 import check_rounding
+
     check_nf4_shapes(x, w, bias, a, b)
+    check_rounding(rounding)
     if implementation not in ("xla", "pallas", "reduce"):
         raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'reduce'")
     out_features, in_features = w.shape
@@ -393,7 +418,7 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
         implementation = "xla"
     forward_blocks, backward_blocks = block_sizes if isinstance(block_sizes, tuple) else (block_sizes,) * 2
     cfg = _Config(implementation=implementation, forward_blocks=forward_blocks, backward_blocks=backward_blocks,
-                  interpret=interpret)
+                  interpret=interpret, rounding=rounding)
     y = _nf4_base(x2, w, bias, cfg)  # [M, out]
     if a is not None:  # GEMM outputs in x.dtype as in kernels/lora.py's XLA path (no [M, out] float32 pass)
         dt = x.dtype

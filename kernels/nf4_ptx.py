@@ -1,5 +1,4 @@
-"""NF4 decoding by byte permutes: PTX for the fused NF4 kernels' `decode="prmt"` and `"prmt_bf16"` (NVIDIA GPUs,
-compiled only).
+"""NF4 decoding by byte permutes: PTX for the fused NF4 kernels' `decode="prmt"` (NVIDIA GPUs, compiled only).
 
 One instance of the inline assembly takes four code bytes and their four float32 block absmax and returns the four
 weights of the high (or the low) nibbles: NF4_CODE[code] * absmax in float32, which the kernel then rounds to its
@@ -10,11 +9,11 @@ keeps the right one by the code's bit 3, and eight PRMTs transpose the four byte
 values: about 8 instructions per weight against ~20 for the select tree. `decode_emulated` replays the same byte
 operations in numpy, so the scheme is checked on any machine; the PTX itself runs only in a compiled kernel.
 
-`decode_bf16` (the kernels' `decode="prmt_bf16"`) rounds differently, as bitsandbytes' own 4-bit inference kernel
-(gemm_4bit_inference_naive) does: bf16(NF4_CODE[code]) * bf16(absmax), rounded to bf16. Its table has two byte
-planes (bf16 values), no transposes and one bf16x2 FMA per two weights: 20 instructions per four weights against 34
-(counted; the whole forward kernel issued 33% fewer, ncu on an H100). Each weight can differ from
-dequantize_4bit's by one bf16 rounding (the products by ~3e-3 relative on the Llama shapes).
+`decode_bf16` (the same decode with `rounding="gemv_4bit"` and bfloat16 inputs) rounds as bitsandbytes' own 4-bit
+inference kernel (gemm_4bit_inference_naive) does: bf16(NF4_CODE[code]) * bf16(absmax), rounded to bf16. Its
+table has two byte planes (bf16 values), no transposes and one bf16x2 FMA per two weights: 20 instructions per four
+weights against 34 (counted; the whole forward kernel issued 33% fewer, ncu on an H100). Each weight can differ
+from dequantize_4bit's by one bf16 rounding (the products by ~3e-3 relative on the Llama shapes).
 `decode_bf16_emulated` replays it.
 """
 

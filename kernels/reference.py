@@ -28,12 +28,14 @@ def lora_linear_reference(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array
 
 
 def nf4_linear_reference(x: jax.Array, w, bias: jax.Array | None = None, a: jax.Array | None = None,
-                         b: jax.Array | None = None, scaling: float | jax.Array = 0.0) -> jax.Array:
-    """QLoRA's linear: the NF4 weight w [out, in] dequantized (bitsandbytes' dequantize_4bit) to x.dtype, then
-    `linear_reference`, or `lora_linear_reference` when the LoRA factors a [in, r], b [r, out] are given."""
+                         b: jax.Array | None = None, scaling: float | jax.Array = 0.0,
+                         rounding: str = "dequantize_4bit") -> jax.Array:
+    """QLoRA's linear: the NF4 weight w [out, in] dequantized (bitsandbytes' dequantize_4bit, or its gemv_4bit
+    rounding) to x.dtype, then `linear_reference`, or `lora_linear_reference` when the LoRA factors a [in, r],
+    b [r, out] are given."""
     from fastlora_jax.nf4 import dequantize_nf4
 
-    weight = dequantize_nf4(w, x.dtype).T  # [in, out]
+    weight = dequantize_nf4(w, x.dtype, rounding).T  # [in, out]
     if a is None:
         return linear_reference(x, weight, bias)
     return lora_linear_reference(x, weight, a, b, scaling, bias)

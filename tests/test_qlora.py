@@ -92,3 +92,22 @@ def test_qlora_step_changes_only_lora(tmp_path):
         else:
             np.testing.assert_array_equal(value, before[path], err_msg=str(path))
     assert any(path[-1] == "packed" for path in after)
+
+
+def test_set_rounding_switches_every_nf4_layer(tmp_path):
+    # gemv_4bit (bitsandbytes' inference-kernel weights) on the whole model and back: the bf16 logits move by one
+    # weight rounding's worth, and return bit for bit.
+    from fastlora_jax.nf4 import set_rounding
+
+    make_hf_llama(tmp_path / "m", seed=5)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype="bfloat16", load_in_4bit=True)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 8)))
+    exact = np.asarray(model(ids).astype(jnp.float32))
+    assert set_rounding(model, "gemv_4bit") == len(LINEARS)
+    assert all(m.rounding == "gemv_4bit" for _, m in nnx.iter_graph(model) if isinstance(m, NF4Linear))
+    gemv = np.asarray(model(ids).astype(jnp.float32))
+    assert not np.array_equal(gemv, exact) and rel_err(gemv, exact) < 2e-2
+    set_rounding(model, "dequantize_4bit")
+    np.testing.assert_array_equal(np.asarray(model(ids).astype(jnp.float32)), exact)
+    with pytest.raises(ValueError, match=r"rounding='bf16'; accepted: 'dequantize_4bit', 'gemv_4bit'"):
+        set_rounding(model, "bf16")
