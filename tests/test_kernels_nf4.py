@@ -121,18 +121,30 @@ def test_bf16_prmt_decode_scheme_rounds_as_gemv_4bit():
             np.testing.assert_array_equal(lo.view(np.uint16), (table[word & 15] * ws).astype(bf16).view(np.uint16))
 
 
+def _bf16(v) -> np.ndarray:
+    return np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _gemv_4bit_weight(w) -> np.ndarray:
+    """The NF4 weight [out, in] as bitsandbytes' inference kernel rounds it, in numpy: bf16(NF4 value) *
+    bf16(absmax), rounded to bf16 (float32 array)."""
+    from fastlora_jax.nf4 import NF4_CODE, dequantize_absmax
+
+    (out_features, in_features) = w.shape
+    codes = np.asarray(w.packed).reshape(out_features, in_features // 2)
+    values = np.asarray(NF4_CODE, np.float32)[np.stack([codes >> 4, codes & 15], -1).reshape(w.shape)]
+    absmax = np.asarray(dequantize_absmax(w)).reshape(out_features, in_features // 64)
+    return _bf16(_bf16(values) * _bf16(np.repeat(absmax, 64, axis=1)))
+
+
 def test_gemv_4bit_rounding_of_the_weight():
-    # dequantize_nf4(rounding="gemv_4bit"): bf16(NF4 value) * bf16(absmax) rounded in bf16, computed in numpy; in
-    # float32 it is dequantize_4bit's weight. The two roundings differ on some weights, so the check can fail.
-    from fastlora_jax.nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4
+    # dequantize_nf4(rounding="gemv_4bit") against the formula in numpy; in float32 it is dequantize_4bit's weight.
+    # The two roundings differ on some bf16 weights, so the check can fail.
+    from fastlora_jax.nf4 import dequantize_nf4
 
     _, w, *_ = make_inputs(1, 256, 40, 0, jnp.float32, seed=4)
-    codes = np.asarray(w.packed).reshape(40, 128)
-    values = np.asarray(NF4_CODE, np.float32)[np.stack([codes >> 4, codes & 15], -1).reshape(40, 256)]
-    scale = np.repeat(np.asarray(dequantize_absmax(w)).reshape(40, 4), 64, axis=1)
-    bf = lambda v: np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     got = np.asarray(dequantize_nf4(w, jnp.bfloat16, "gemv_4bit"), np.float32)
-    np.testing.assert_array_equal(got, bf(bf(values) * bf(scale)))
+    np.testing.assert_array_equal(got, _gemv_4bit_weight(w))
     exact = np.asarray(dequantize_nf4(w, jnp.bfloat16), np.float32)
     assert (got != exact).any()
     np.testing.assert_array_equal(np.asarray(dequantize_nf4(w, jnp.float32, "gemv_4bit")),
@@ -176,15 +188,8 @@ def test_gemv_4bit_ptx_forward_uses_its_weights():
     # Compiled, at the default tiles: the product is x @ W'.T with W' = bf16(NF4 value) * bf16(absmax) rounded in
     # bf16, not merely near the dequantize_4bit product: against bf16(x @ W'.T) only accumulation order differs
     # (0 on CPU in numpy's float32), while the dequantize_4bit weights give 3.5e-3 on these inputs.
-    from fastlora_jax.nf4 import NF4_CODE, dequantize_absmax
-
     x, w, *_ = make_inputs(16, 2048, 96, 0, jnp.bfloat16, seed=3)
-    codes = np.asarray(w.packed).reshape(96, 1024)
-    values = np.asarray(NF4_CODE, np.float32)[np.stack([codes >> 4, codes & 15], -1).reshape(96, 2048)]
-    scale = np.repeat(np.asarray(dequantize_absmax(w)).reshape(96, 32), 64, axis=1)
-    bf = lambda v: np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
-    weight = bf(bf(values) * bf(scale))  # [96, 2048]
-    want = bf(np.asarray(x, np.float64) @ weight.T.astype(np.float64))
+    want = _bf16(np.asarray(x, np.float64) @ _gemv_4bit_weight(w).T.astype(np.float64))
     got = knf4.nf4_matmul_t(x, w, block_sizes=knf4.BlockSizes.for_forward(16, 96, 2048, "prmt", "gemv_4bit"),
                             rounding="gemv_4bit")
     assert rel_err(got, want) < 1e-3
