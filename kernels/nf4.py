@@ -63,8 +63,8 @@ class BlockSizes:
     # NF4 values by a tree of selects, "gather" (from the [16] table in memory) or "prmt" (byte permutes in PTX,
     # kernels/nf4_ptx.py: compiled on an NVIDIA GPU only); "auto": "prmt" compiled on an NVIDIA GPU, else "select".
     # The weights are the call's `rounding`'s whatever the decode. With rounding="gemv_4bit" and bfloat16 inputs,
-    # "prmt" looks up bf16 values and multiplies in bf16 (nf4_ptx.decode_bf16): the forward ran 1.4-1.5x faster than
-    # with "dequantize_4bit" at 1-16 tokens on the 14336-wide shapes and 1.1-1.3x on 4096->4096 (H100,
+    # "prmt" looks up bf16 values and multiplies in bf16 (nf4_ptx.decode_bf16): the forward ran 1.25-1.5x faster
+    # than with "dequantize_4bit" at 1-16 tokens on the 14336-wide shapes and 1.1-1.3x on 4096->4096 (H100,
     # benchmarks/RESULTS.md, "## Kernels", session 10); for float16 inputs "auto" then uses the select tree.
     decode: str = "auto"
 
