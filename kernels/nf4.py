@@ -265,7 +265,8 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
     interpret = _compat.default_interpret() if interpret is None else interpret
     in_dtype = _products_in_dtype(rounding, x.dtype)
     decode = _decode_that_runs(block_sizes, interpret, in_dtype, x.dtype)
-    bs = dataclasses.replace(block_sizes or BlockSizes.for_forward(m, n, k, decode, rounding), decode=decode)
+    tiles_for = "gemv_4bit" if in_dtype else "dequantize_4bit"  # float32: the float32 tables, their tiles
+    bs = dataclasses.replace(block_sizes or BlockSizes.for_forward(m, n, k, decode, tiles_for), decode=decode)
     nkb = k // _BLOCK
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
