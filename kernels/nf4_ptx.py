@@ -47,6 +47,24 @@ def _table_words(dtype=np.float32) -> list[list[int]]:
             for j in range(values.itemsize)]
 
 
+def _header_lines(registers: tuple[str, ...], table: list[list[int]], constants: tuple[str, ...]) -> list[str]:
+    """PTX opening the block: declares the b32 `registers` (one line each) and the table's byte-plane words
+    t{j}{q}, sets the `constants` ("name value"), then the table words."""
+    planes = range(len(table))
+    return (["{", *(f".reg .b32 {r};" for r in registers),
+             ".reg .b32 " + ", ".join(f"t{j}{q}" for j in planes for q in range(4)) + ";"]
+            + [f"mov.b32 {c.replace(' ', ', ')};" for c in constants]
+            + [f"mov.b32 t{j}{q}, {table[j][q]:#010x};" for j in planes for q in range(4)])
+
+
+def _lookup_lines(planes: int) -> list[str]:
+    """PTX looking up byte plane j < `planes` of the four selected codes into l{j}, after `_select_lines`: two
+    PRMTs by the code's low three bits, a LOP3 by its bit 3."""
+    return [line for j in range(planes) for line in (f"prmt.b32 lo, t{j}0, t{j}1, s7;",
+                                                     f"prmt.b32 hi, t{j}2, t{j}3, s7;",
+                                                     f"lop3.b32 l{j}, lo, hi, m, {_BLEND:#04x};")]
+
+
 def _select_lines(shift: int, codes: str) -> list[str]:
     """PTX leaving in s7 the PRMT selector of the four codes at bit `shift` of the code bytes in `codes` (nibble k:
     byte k's code & 7) and in m a byte mask, byte k 0xFF where that code is >= 8."""
@@ -60,15 +78,9 @@ def _select_lines(shift: int, codes: str) -> list[str]:
 def _assembly(shift: int) -> str:
     """PTX with outputs $0-$3, the four float32 weights of the codes at bit `shift` of four code bytes (4: the high
     nibbles, 0: the low ones), and inputs $4 (the four code bytes) and $5-$8 (their float32 scales)."""
-    table = _table_words()
-    lines = ["{", ".reg .b32 x, y, z, sel, s7, s8, m, lo, hi, zero, x80;", ".reg .b32 l<4>, p<4>, v<4>;",
-             ".reg .b32 " + ", ".join(f"t{j}{q}" for j in range(4) for q in range(4)) + ";",
-             "mov.b32 zero, 0;", "mov.b32 x80, 0x80;"]
-    lines += [f"mov.b32 t{j}{q}, {table[j][q]:#010x};" for j in range(4) for q in range(4)]
-    lines += _select_lines(shift, "$4")
-    for j in range(4):
-        lines += [f"prmt.b32 lo, t{j}0, t{j}1, s7;", f"prmt.b32 hi, t{j}2, t{j}3, s7;",
-                  f"lop3.b32 l{j}, lo, hi, m, {_BLEND:#04x};"]
+    lines = _header_lines(("x, y, z, sel, s7, s8, m, lo, hi, zero, x80", "l<4>, p<4>, v<4>"), _table_words(),
+                          ("zero 0", "x80 0x80"))
+    lines += _select_lines(shift, "$4") + _lookup_lines(4)
     lines += [f"prmt.b32 p{i}, l{a}, l{b}, {s:#06x};" for i, (a, b, s) in enumerate(_TRANSPOSE)]
     lines += [f"prmt.b32 v{i}, p{a}, p{b}, {s:#06x};" for i, (a, b, s) in enumerate(_GATHER)]
     lines += [f"mul.rn.f32 ${k}, v{k}, ${5 + k};" for k in range(4)]
@@ -80,15 +92,10 @@ def _assembly(shift: int) -> str:
 def _assembly_bf16(shift: int) -> str:
     """PTX with outputs $0 = (w0, w1) and $1 = (w2, w3), bf16x2, the weights of the codes at bit `shift` of four
     code bytes ($2), each bf16(NF4 value) * its bf16 scale ($3 = (s0, s1), $4 = (s2, s3)) rounded to bf16."""
-    table = _table_words(ml_dtypes.bfloat16)  # two byte planes: the low and the high byte of each bf16 value
-    lines = ["{", ".reg .b32 x, y, z, sel, s7, s8, m, lo, hi, zero, x80, nz, l0, l1, v0, v1;",
-             ".reg .b32 " + ", ".join(f"t{j}{q}" for j in range(2) for q in range(4)) + ";",
-             "mov.b32 zero, 0;", "mov.b32 x80, 0x80;", f"mov.b32 nz, {_NEG_ZERO_BF16X2:#010x};"]
-    lines += [f"mov.b32 t{j}{q}, {table[j][q]:#010x};" for j in range(2) for q in range(4)]
-    lines += _select_lines(shift, "$2")
-    for j in range(2):
-        lines += [f"prmt.b32 lo, t{j}0, t{j}1, s7;", f"prmt.b32 hi, t{j}2, t{j}3, s7;",
-                  f"lop3.b32 l{j}, lo, hi, m, {_BLEND:#04x};"]
+    # two byte planes: the low and the high byte of each bf16 value
+    lines = _header_lines(("x, y, z, sel, s7, s8, m, lo, hi, zero, x80, nz, l0, l1, v0, v1",),
+                          _table_words(ml_dtypes.bfloat16), ("zero 0", "x80 0x80", f"nz {_NEG_ZERO_BF16X2:#010x}"))
+    lines += _select_lines(shift, "$2") + _lookup_lines(2)
     # (low byte, high byte) of weights 0, 1 and of weights 2, 3: two bf16x2 words, then times the scales
     lines += [f"prmt.b32 v0, l0, l1, {_BF16_PAIRS[0]:#06x};", f"prmt.b32 v1, l0, l1, {_BF16_PAIRS[1]:#06x};",
               "fma.rn.bf16x2 $0, v0, $3, nz;", "fma.rn.bf16x2 $1, v1, $4, nz;", "}"]
@@ -144,35 +151,33 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
 def decode_emulated(four_bytes) -> tuple[np.ndarray, np.ndarray]:
     """The PTX's byte operations replayed in Python for four code bytes -> (NF4 values of the high nibbles, of the
     low nibbles), float32 [4] each, before the scale."""
-    table, code = _table_words(), sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
+    code = sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
     values = []
     for shift in (4, 0):
-        s7, m = _select_emulated(code, shift)
-        planes = [_lop3(_prmt(table[j][0], table[j][1], s7), _prmt(table[j][2], table[j][3], s7), m, _BLEND)
-                  for j in range(4)]
+        planes = _planes_emulated(_table_words(), code, shift)
         pairs = [_prmt(planes[a], planes[b], s) for a, b, s in _TRANSPOSE]
         words = [_prmt(pairs[a], pairs[b], s) for a, b, s in _GATHER]
         values.append(np.asarray(words, np.uint32).view(np.float32))
     return values[0], values[1]
 
 
-def _select_emulated(code: int, shift: int) -> tuple[int, int]:
+def _planes_emulated(table: list[list[int]], code: int, shift: int) -> list[int]:
+    """`_select_lines` then `_lookup_lines` replayed: byte plane j of the four codes at bit `shift` of `code`."""
     z = (code >> shift) & 0x0F0F0F0F
     sel = _prmt(z | (z >> 4), z | (z >> 4), 0x0020)
     s7, s8 = sel & 0x7777, sel & 0x8888
-    return s7, _prmt(0, 0x80, s8 | (s8 >> 1))
+    m = _prmt(0, 0x80, s8 | (s8 >> 1))
+    return [_lop3(_prmt(t[0], t[1], s7), _prmt(t[2], t[3], s7), m, _BLEND) for t in table]
 
 
 def decode_bf16_emulated(four_bytes, four_scales) -> tuple[np.ndarray, np.ndarray]:
     """decode_bf16's byte operations replayed in Python for four code bytes and their four scales -> (weights of
     the high nibbles, of the low nibbles), bfloat16 [4] each (the bf16x2 FMA: the exact product, rounded)."""
-    table, code = _table_words(ml_dtypes.bfloat16), sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
+    code = sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
     scales = np.asarray(four_scales, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     weights = []
     for shift in (4, 0):
-        s7, m = _select_emulated(code, shift)
-        planes = [_lop3(_prmt(table[j][0], table[j][1], s7), _prmt(table[j][2], table[j][3], s7), m, _BLEND)
-                  for j in range(2)]
+        planes = _planes_emulated(_table_words(ml_dtypes.bfloat16), code, shift)
         words = [_prmt(planes[0], planes[1], s) for s in _BF16_PAIRS]
         halves = np.asarray([w >> (16 * h) & 0xFFFF for w in words for h in range(2)], np.uint16)
         values = halves.view(ml_dtypes.bfloat16).astype(np.float32)
