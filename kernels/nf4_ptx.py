@@ -11,8 +11,9 @@ operations in numpy, so the scheme is checked on any machine; the PTX itself run
 
 `decode_bf16` (the same decode with `rounding="gemv_4bit"` and bfloat16 inputs) rounds as bitsandbytes' own 4-bit
 inference kernel (gemm_4bit_inference_naive) does: bf16(NF4_CODE[code]) * bf16(absmax), rounded to bf16. Its
-table has two byte planes (bf16 values), no transposes and one bf16x2 FMA per two weights: 20 instructions per four
-weights against 34 (counted; the whole forward kernel issued 33% fewer, ncu on an H100). Each weight can differ
+table has two byte planes (bf16 values), no transposes and one bf16x2 FMA per two weights: 18 instructions per four
+weights against 32 (counted; with an earlier 20- against 34-instruction selector the whole forward kernel issued 33%
+fewer, ncu on an H100). Each weight can differ
 from dequantize_4bit's by one bf16 rounding (the products by ~3e-3 relative on the Llama shapes).
 `decode_bf16_emulated` replays it.
 """
@@ -34,6 +35,7 @@ _BLEND = 0xD8  # LOP3 truth table of (a & ~c) | (b & c), with a = 0xF0, b = 0xCC
 _TRANSPOSE = ((0, 1, 0x5140), (0, 1, 0x7362), (2, 3, 0x5140), (2, 3, 0x7362))  # byte planes -> pairs
 _GATHER = ((0, 2, 0x5410), (0, 2, 0x7632), (1, 3, 0x5410), (1, 3, 0x7632))  # pairs -> the four float32 words
 _BF16_PAIRS = (0x5140, 0x7362)  # low and high byte planes -> bf16x2 words of weights (0, 1) and (2, 3)
+_SIGN_BYTES = 0xBA98  # PRMT selector: byte k of the result is 0xFF where byte k's sign bit is set, else 0
 
 
 def _table_words(dtype=np.float32) -> list[list[int]]:
@@ -70,16 +72,16 @@ def _select_lines(shift: int, codes: str) -> list[str]:
     byte k's code & 7) and in m a byte mask, byte k 0xFF where that code is >= 8."""
     # sel: nibble k = the code in byte k ([z | z >> 4] has codes 0, 1 in byte 0 and 2, 3 in byte 2)
     return [f"shr.u32 x, {codes}, {shift};", "and.b32 z, x, 0x0F0F0F0F;", "shr.u32 y, z, 4;", "or.b32 y, y, z;",
-            "prmt.b32 sel, y, y, 0x0020;", "and.b32 s7, sel, 0x7777;", "and.b32 s8, sel, 0x8888;",
-            "shr.u32 y, s8, 1;", "or.b32 y, y, s8;", "prmt.b32 m, zero, x80, y;"]
+            "prmt.b32 sel, y, y, 0x0020;", "and.b32 s7, sel, 0x7777;",
+            # m: each code's bit 3 moved to its byte's sign bit, then PRMT's sign-replicating selectors (8 + k)
+            "shl.b32 y, z, 4;", f"prmt.b32 m, y, y, {_SIGN_BYTES:#06x};"]
 
 
 @functools.cache
 def _assembly(shift: int) -> str:
     """PTX with outputs $0-$3, the four float32 weights of the codes at bit `shift` of four code bytes (4: the high
     nibbles, 0: the low ones), and inputs $4 (the four code bytes) and $5-$8 (their float32 scales)."""
-    lines = _header_lines(("x, y, z, sel, s7, s8, m, lo, hi, zero, x80", "l<4>, p<4>, v<4>"), _table_words(),
-                          ("zero 0", "x80 0x80"))
+    lines = _header_lines(("x, y, z, sel, s7, m, lo, hi", "l<4>, p<4>, v<4>"), _table_words(), ())
     lines += _select_lines(shift, "$4") + _lookup_lines(4)
     lines += [f"prmt.b32 p{i}, l{a}, l{b}, {s:#06x};" for i, (a, b, s) in enumerate(_TRANSPOSE)]
     lines += [f"prmt.b32 v{i}, p{a}, p{b}, {s:#06x};" for i, (a, b, s) in enumerate(_GATHER)]
@@ -93,8 +95,8 @@ def _assembly_bf16(shift: int) -> str:
     """PTX with outputs $0 = (w0, w1) and $1 = (w2, w3), bf16x2, the weights of the codes at bit `shift` of four
     code bytes ($2), each bf16(NF4 value) * its bf16 scale ($3 = (s0, s1), $4 = (s2, s3)) rounded to bf16."""
     # two byte planes: the low and the high byte of each bf16 value
-    lines = _header_lines(("x, y, z, sel, s7, s8, m, lo, hi, zero, x80, nz, l0, l1, v0, v1",),
-                          _table_words(ml_dtypes.bfloat16), ("zero 0", "x80 0x80", f"nz {_NEG_ZERO_BF16X2:#010x}"))
+    lines = _header_lines(("x, y, z, sel, s7, m, lo, hi, nz, l0, l1, v0, v1",),
+                          _table_words(ml_dtypes.bfloat16), (f"nz {_NEG_ZERO_BF16X2:#010x}",))
     lines += _select_lines(shift, "$2") + _lookup_lines(2)
     # (low byte, high byte) of weights 0, 1 and of weights 2, 3: two bf16x2 words, then times the scales
     lines += [f"prmt.b32 v0, l0, l1, {_BF16_PAIRS[0]:#06x};", f"prmt.b32 v1, l0, l1, {_BF16_PAIRS[1]:#06x};",
@@ -165,8 +167,8 @@ def _planes_emulated(table: list[list[int]], code: int, shift: int) -> list[int]
     """`_select_lines` then `_lookup_lines` replayed: byte plane j of the four codes at bit `shift` of `code`."""
     z = (code >> shift) & 0x0F0F0F0F
     sel = _prmt(z | (z >> 4), z | (z >> 4), 0x0020)
-    s7, s8 = sel & 0x7777, sel & 0x8888
-    m = _prmt(0, 0x80, s8 | (s8 >> 1))
+    s7 = sel & 0x7777
+    m = _prmt((z << 4) & 0xFFFFFFFF, (z << 4) & 0xFFFFFFFF, _SIGN_BYTES)
     return [_lop3(_prmt(t[0], t[1], s7), _prmt(t[2], t[3], s7), m, _BLEND) for t in table]
 
 

@@ -87,18 +87,28 @@ def test_bad_tiles_raise_naming_the_value(bad, match):
         knf4.BlockSizes(**bad)
 
 
+def _code_words():
+    """Words of four code bytes: every byte in all four positions (runs of four consecutive bytes, rolled), then
+    random mixes, in which neighbouring codes differ in bit 3 (a run's codes mostly share it)."""
+    for start in range(0, 256, 4):
+        for shift in range(4):  # each byte of the run in each of the word's four byte positions
+            yield start // 4, np.roll(np.arange(start, start + 4), shift)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        for j, word in enumerate(rng.permutation(256).reshape(64, 4)):
+            yield j, word
+
+
 def test_prmt_decode_scheme_gives_every_nf4_value():
     # The PTX's byte operations, replayed: every byte's two codes, in all four positions of a 32-bit word.
     from fastlora_jax.kernels import nf4_ptx
     from fastlora_jax.nf4 import NF4_CODE
 
     table = np.asarray(NF4_CODE, np.float32)
-    for start in range(0, 256, 4):
-        for shift in range(4):  # each byte of the group in each of the word's four byte positions
-            word = np.roll(np.arange(start, start + 4), shift)
-            hi, lo = nf4_ptx.decode_emulated(word)
-            np.testing.assert_array_equal(hi, table[word >> 4])
-            np.testing.assert_array_equal(lo, table[word & 15])
+    for _, word in _code_words():
+        hi, lo = nf4_ptx.decode_emulated(word)
+        np.testing.assert_array_equal(hi, table[word >> 4])
+        np.testing.assert_array_equal(lo, table[word & 15])
 
 
 def test_bf16_prmt_decode_scheme_rounds_as_gemv_4bit():
@@ -110,15 +120,12 @@ def test_bf16_prmt_decode_scheme_rounds_as_gemv_4bit():
     bf16 = ml_dtypes.bfloat16
     table = np.asarray(NF4_CODE, np.float32).astype(bf16).astype(np.float32)
     scales = np.random.default_rng(0).uniform(0.01, 3.0, (64, 4)).astype(np.float32)
-    for start in range(0, 256, 4):
-        scale = scales[start // 4]
-        want_scale = scale.astype(bf16).astype(np.float32)
-        for shift in range(4):
-            word, sc = np.roll(np.arange(start, start + 4), shift), np.roll(scale, shift)
-            hi, lo = nf4_ptx.decode_bf16_emulated(word, sc)
-            ws = np.roll(want_scale, shift)
-            np.testing.assert_array_equal(hi.view(np.uint16), (table[word >> 4] * ws).astype(bf16).view(np.uint16))
-            np.testing.assert_array_equal(lo.view(np.uint16), (table[word & 15] * ws).astype(bf16).view(np.uint16))
+    for i, word in _code_words():
+        sc = scales[i]
+        ws = sc.astype(bf16).astype(np.float32)
+        hi, lo = nf4_ptx.decode_bf16_emulated(word, sc)
+        np.testing.assert_array_equal(hi.view(np.uint16), (table[word >> 4] * ws).astype(bf16).view(np.uint16))
+        np.testing.assert_array_equal(lo.view(np.uint16), (table[word & 15] * ws).astype(bf16).view(np.uint16))
 
 
 def _bf16(v) -> np.ndarray:
