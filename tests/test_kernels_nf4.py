@@ -94,9 +94,8 @@ def _code_words():
         for shift in range(4):  # each byte of the run in each of the word's four byte positions
             yield start // 4, np.roll(np.arange(start, start + 4), shift)
     rng = np.random.default_rng(1)
-    for i in range(4):
-        for j, word in enumerate(rng.permutation(256).reshape(64, 4)):
-            yield j, word
+    for _ in range(4):  # four shuffles of the 256 bytes
+        yield from enumerate(rng.permutation(256).reshape(64, 4))
 
 
 def test_prmt_decode_scheme_gives_every_nf4_value():
