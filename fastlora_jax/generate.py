@@ -82,14 +82,24 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
 
 
 def for_inference(model):
-    """Switches a model to inference: `model.training = False` (no dropout; the trainer turns it back on)."""
+    """Switches a model to inference: `model.training = False` (no dropout; the trainer turns it back on), and its
+    NF4 layers at the default rounding to "bitsandbytes": a one-token call (batch-1 decoding) then rounds the weights
+    as bitsandbytes' inference kernel does, as Unsloth's and transformers' 4-bit generation do (one bf16 rounding
+    per weight away; `fastlora_jax.nf4.LAYER_ROUNDINGS`)."""
+    from fastlora_jax.nf4 import set_rounding
+
     model.training = False
+    set_rounding(model, "bitsandbytes", where="dequantize_4bit")
     return model
 
 
 def for_training(model):
-    """Switches a model back to training after `for_inference`: `model.training = True`."""
+    """Switches a model back to training after `for_inference`: `model.training = True`, NF4 layers back to
+    "dequantize_4bit" (from the "bitsandbytes" that for_inference set; a rounding set otherwise stays)."""
+    from fastlora_jax.nf4 import set_rounding
+
     model.training = True
+    set_rounding(model, "dequantize_4bit", where="bitsandbytes")
     return model
 
 

@@ -40,10 +40,29 @@ kernel, which Unsloth's one-token generation uses), the NF4 value and the absmax
 product rounded in it. The two differ by at most one rounding per weight, and not at all in float32."""
 
 
-def check_rounding(rounding: str) -> None:
-    """Raises ValueError naming `rounding` unless it is one of ROUNDINGS."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r}; accepted: {', '.join(map(repr, ROUNDINGS))}")
+LAYER_ROUNDINGS = (*ROUNDINGS, "bitsandbytes")
+"""What an NF4 linear layer accepts (`fastlora_jax.kernels.nf4_linear`, `NF4Linear`, `set_rounding`): ROUNDINGS, or
+"bitsandbytes", the choice bitsandbytes' `matmul_4bit` makes per call, which Unsloth's generation makes too:
+gemv_4bit's weights for a call of one token (one row of x, in % 64 == 0) that is not differentiated,
+dequantize_4bit's for every other call and every gradient. `for_inference` sets it on a model's default-rounded NF4
+layers; `for_training` sets them back."""
+
+
+def check_rounding(rounding: str, accepted: tuple[str, ...] = ROUNDINGS) -> None:
+    """Raises ValueError naming `rounding` unless it is one of `accepted` (ROUNDINGS, or LAYER_ROUNDINGS)."""
+    if rounding not in accepted:
+        raise ValueError(f"rounding={rounding!r}; accepted: {', '.join(map(repr, accepted))}")
+
+
+def rounding_of_call(rounding: str, tokens: int, in_features: int, differentiated: bool) -> str:
+    """The ROUNDINGS entry one linear call computes with: `rounding` itself, or for "bitsandbytes" the choice of
+    bitsandbytes' matmul_4bit (gemv_4bit only when the call has one token, whole 64-blocks per row and no
+    gradient)."""
+    check_rounding(rounding, LAYER_ROUNDINGS)
+    if rounding != "bitsandbytes":
+        return rounding
+    inference_kernel = tokens == 1 and in_features % 64 == 0 and not differentiated
+    return "gemv_4bit" if inference_kernel else "dequantize_4bit"
 
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -381,13 +400,13 @@ class NF4Linear(nnx.Module):
 
     Holds one bnb-NF4 weight per stacked layer: NF4State variables [*stack, ...] (see `NF4Array`) and an optional
     `Frozen` bias [*stack, out]. Inside the layer scan each call sees one layer's slice; matmuls go through
-    `fastlora_jax.kernels.nf4_linear`, with the weights rounded as `rounding` says (ROUNDINGS; `set_rounding`
+    `fastlora_jax.kernels.nf4_linear`, with the weights rounded as `rounding` says (LAYER_ROUNDINGS; `set_rounding`
     switches a whole model).
     """
 
     def __init__(self, weight: NF4Array, *, bias: jax.Array | None = None, implementation: str = "auto",
                  rounding: str = "dequantize_4bit"):
-        check_rounding(rounding)
+        check_rounding(rounding, LAYER_ROUNDINGS)
         self.out_features, self.in_features = weight.shape
         self.weight_dtype = np.dtype(weight.dtype).name
         self.implementation = implementation
@@ -432,12 +451,16 @@ class NF4Linear(nnx.Module):
         return jnp.swapaxes(dequantize_nf4(self.nf4()), -1, -2)
 
 
-def set_rounding(model: nnx.Module, rounding: str) -> int:
-    """Sets `rounding` (ROUNDINGS) on every NF4Linear in `model`; returns how many. E.g. "gemv_4bit" before
-    generating, as bitsandbytes' inference kernel rounds (faster few-token NF4 kernels on an NVIDIA GPU, bfloat16),
-    and "dequantize_4bit" back for training. Jitted functions retrace: the rounding is static."""
-    check_rounding(rounding)
-    layers = [module for _, module in nnx.iter_graph(model) if isinstance(module, NF4Linear)]
+def set_rounding(model: nnx.Module, rounding: str, *, where: str | None = None) -> int:
+    """Sets `rounding` (LAYER_ROUNDINGS) on every NF4Linear in `model`, or with `where` only on those whose rounding
+    is `where`; returns how many it set. E.g. "gemv_4bit" before generating, as bitsandbytes' inference kernel rounds
+    (faster few-token NF4 kernels on an NVIDIA GPU, bfloat16), and "dequantize_4bit" back for training. Jitted
+    functions retrace: the rounding is static."""
+    check_rounding(rounding, LAYER_ROUNDINGS)
+    if where is not None:
+        check_rounding(where, LAYER_ROUNDINGS)
+    layers = [module for _, module in nnx.iter_graph(model)
+              if isinstance(module, NF4Linear) and where in (None, module.rounding)]
     for layer in layers:
         layer.rounding = rounding
     return len(layers)

@@ -108,8 +108,8 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) with w ONE NF4 weight [out, in] (HF layout).
 
     The 16-bit weight exists only inside the call (the backward pass dequantizes again); gradients flow to x, bias
-    and the LoRA factors a [in, r], b [r, out]; none to w. `rounding`: fastlora_jax.nf4.ROUNDINGS, the same on
-    every implementation.
+    and the LoRA factors a [in, r], b [r, out]; none to w. `rounding`: fastlora_jax.nf4.LAYER_ROUNDINGS, the same on
+    every implementation ("bitsandbytes": gemv_4bit's weights for a one-token call that nothing differentiates).
     """
     nf4.check_nf4_shapes(x, w, bias, a, b)
     out_features, in_features = w.shape

@@ -331,7 +331,14 @@ class _Config:
     forward_blocks: BlockSizes | None  # None: BlockSizes.for_forward
     backward_blocks: BlockSizes | None  # None: BlockSizes.for_backward
     interpret: bool | None
-    rounding: str  # fastlora_jax.nf4.ROUNDINGS
+    rounding: str  # fastlora_jax.nf4.LAYER_ROUNDINGS
+
+    def of_call(self, x, w, differentiated: bool) -> _Config:
+        """This config with the rounding one call computes with (fastlora_jax.nf4.rounding_of_call); x [M, in]."""
+        from fastlora_jax.nf4 import rounding_of_call
+
+        rounding = rounding_of_call(self.rounding, x.shape[0], w.shape[1], differentiated)
+        return self if rounding == self.rounding else dataclasses.replace(self, rounding=rounding)
 
 
 def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
@@ -354,20 +361,25 @@ def _matmul(g, w, cfg: _Config):  # g [M, out] @ W -> [M, in] ("reduce" too: onl
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _nf4_base(x, w, bias, cfg: _Config):
-    return _nf4_fwd(x, w, bias, cfg)[0]
+def _nf4_base(x, w, bias, cfg: _Config):  # JAX runs this body only where nothing differentiates the call
+    return _nf4_product(x, w, bias, cfg.of_call(x, w, differentiated=False))
 
 
-def _nf4_fwd(x, w, bias, cfg: _Config):
+def _nf4_product(x, w, bias, cfg: _Config):
     y = _matmul_t(x, w, cfg)  # [M, out]
     if bias is not None:
         y = (y.astype(_F32) + bias.astype(_F32)).astype(x.dtype)
-    return y, (w, bias)  # no 16-bit weight and no activation kept: the backward dequantizes again
+    return y
+
+
+def _nf4_fwd(x, w, bias, cfg: _Config):
+    # no 16-bit weight and no activation kept: the backward dequantizes again
+    return _nf4_product(x, w, bias, cfg.of_call(x, w, differentiated=True)), (w, bias)
 
 
 def _nf4_bwd(cfg: _Config, residuals, g):
     w, bias = residuals
-    dx = _matmul(g, w, cfg)
+    dx = _matmul(g, w, cfg.of_call(g, w, differentiated=True))
     dbias = None if bias is None else jnp.sum(g.astype(_F32), axis=0).astype(bias.dtype)
     return dx, None, dbias
 
@@ -399,15 +411,16 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     """x [..., in] @ dequantize(w, rounding).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
 
     `block_sizes` ("pallas"): one BlockSizes for both kernels, a (forward, backward) pair, or None for each
-    kernel's default. `rounding` (fastlora_jax.nf4.ROUNDINGS) gives the same weights on every implementation.
+    kernel's default. `rounding` (fastlora_jax.nf4.LAYER_ROUNDINGS: "bitsandbytes" picks per call) gives the same
+    weights on every implementation.
     "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). "reduce" is XLA with the forward product
     as a multiply-and-sum instead of a matmul (what "auto" runs for one token on a GPU; see `api`). The LoRA branch,
     when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to the NF4 product.
     """
-    from fastlora_jax.nf4 import check_rounding
+    from fastlora_jax.nf4 import LAYER_ROUNDINGS, check_rounding
 
     check_nf4_shapes(x, w, bias, a, b)
-    check_rounding(rounding)
+    check_rounding(rounding, LAYER_ROUNDINGS)
     if implementation not in ("xla", "pallas", "reduce"):
         raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'reduce'")
     out_features, in_features = w.shape

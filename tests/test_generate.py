@@ -173,10 +173,17 @@ def test_lengths_within_a_bucket_reuse_the_compiled_program():
     assert [gen.bucket(n) for n in (1, 16, 17, 200, 256, 257, 600)] == [16, 16, 32, 256, 256, 512, 768]
 
 
-def test_for_inference_and_for_training_switch_the_flag():
-    model = _model()
+def test_for_inference_and_for_training_switch_the_flag_and_the_nf4_rounding():
+    from fastlora_jax.nf4 import NF4Linear
+
+    model = _to_nf4(_model())
+    layers = [module for _, module in nnx.iter_graph(model) if isinstance(module, NF4Linear)]
+    layers[0].rounding = "gemv_4bit"  # chosen by the user: neither switch touches it
+    others = len(layers) - 1
     assert gen.for_inference(model) is model and model.training is False
+    assert [layer.rounding for layer in layers] == ["gemv_4bit"] + ["bitsandbytes"] * others
     assert gen.for_training(model) is model and model.training is True
+    assert [layer.rounding for layer in layers] == ["gemv_4bit"] + ["dequantize_4bit"] * others
 
 
 @pytest.mark.parametrize("kwargs, match", [

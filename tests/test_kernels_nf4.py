@@ -14,7 +14,7 @@ import pytest
 from fastlora_jax import kernels
 from fastlora_jax.kernels import nf4 as knf4
 from fastlora_jax.kernels import reference
-from fastlora_jax.nf4 import quantize_nf4, stack_nf4
+from fastlora_jax.nf4 import dequantize_nf4, quantize_nf4, stack_nf4
 from helpers import dot_shapes, rel_err
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -185,8 +185,35 @@ def test_gemv_4bit_rounding_refused_where_the_ptx_has_no_table():
 
 def test_unknown_rounding_raises_naming_it():
     x, w, *_ = make_inputs(4, 128, 24, 0, jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"rounding='bnb'; accepted: 'dequantize_4bit', 'gemv_4bit'"):
+    with pytest.raises(ValueError, match=r"rounding='bnb'; accepted: 'dequantize_4bit', 'gemv_4bit', 'bitsandbytes'"):
         kernels.nf4_linear(x, w, rounding="bnb")
+    with pytest.raises(ValueError, match=r"rounding='bitsandbytes'; accepted: 'dequantize_4bit', 'gemv_4bit'$"):
+        dequantize_nf4(w, jnp.bfloat16, "bitsandbytes")  # a weight alone has no call to choose by
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reduce", "pallas"])
+def test_bitsandbytes_rounding_chooses_per_call_as_matmul_4bit(implementation):
+    # bitsandbytes' matmul_4bit: gemv_4bit for one token that needs no gradient, dequantize_4bit otherwise (more
+    # tokens, a differentiated call, its gradient, or rows not made of whole 64-blocks).
+    def run(rounding, x, w):
+        return knf4.nf4_linear(x, w, implementation=implementation, rounding=rounding)
+
+    x, w, *_ = make_inputs(3, 192, 40, 0, jnp.bfloat16, seed=4)
+    one = x[:1]
+    gemv, exact = run("gemv_4bit", one, w), run("dequantize_4bit", one, w)
+    assert not np.array_equal(gemv, exact)  # the inputs tell the two roundings apart
+    np.testing.assert_array_equal(run("bitsandbytes", one, w), gemv)
+    np.testing.assert_array_equal(run("bitsandbytes", x, w), run("dequantize_4bit", x, w))
+
+    def value_and_grad(rounding):
+        return jax.value_and_grad(lambda x: jnp.sum(run(rounding, x, w).astype(jnp.float32) ** 2))(one)
+
+    (value, grad), (want_value, want_grad) = value_and_grad("bitsandbytes"), value_and_grad("dequantize_4bit")
+    np.testing.assert_array_equal(value, want_value)
+    np.testing.assert_array_equal(grad, want_grad)
+    if implementation != "pallas":  # the kernels need in % 64 == 0
+        x, w, *_ = make_inputs(1, 96, 40, 0, jnp.bfloat16, seed=4)  # 64-blocks straddle the rows
+        np.testing.assert_array_equal(run("bitsandbytes", x, w), run("dequantize_4bit", x, w))
 
 
 @pytest.mark.gpu

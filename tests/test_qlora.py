@@ -109,5 +109,8 @@ def test_set_rounding_switches_every_nf4_layer(tmp_path):
     assert not np.array_equal(gemv, exact) and rel_err(gemv, exact) < 2e-2
     set_rounding(model, "dequantize_4bit")
     np.testing.assert_array_equal(np.asarray(model(ids).astype(jnp.float32)), exact)
-    with pytest.raises(ValueError, match=r"rounding='bf16'; accepted: 'dequantize_4bit', 'gemv_4bit'"):
+    with pytest.raises(ValueError, match=r"rounding='bf16'; accepted: 'dequantize_4bit', 'gemv_4bit', 'bitsandbytes'"):
         set_rounding(model, "bf16")
+    with pytest.raises(ValueError, match=r"rounding='bf16'; accepted: 'dequantize_4bit', 'gemv_4bit', 'bitsandbytes'"):
+        set_rounding(model, "gemv_4bit", where="bf16")
+    assert set_rounding(model, "gemv_4bit", where="bitsandbytes") == 0  # no layer has it: none changes
