@@ -82,10 +82,11 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
 
 
 def for_inference(model):
-    """Switches a model to inference: `model.training = False` (no dropout; the trainer turns it back on), and its
-    NF4 layers at the default rounding to "bitsandbytes": a one-token call (batch-1 decoding) then rounds the weights
-    as bitsandbytes' inference kernel does, as Unsloth's and transformers' 4-bit generation do (one bf16 rounding
-    per weight away; `fastlora_jax.nf4.LAYER_ROUNDINGS`)."""
+    """Switches a model to inference: `model.training = False` (a flag for the caller's code: dropout runs only where
+    a train step passes a dropout rng, which generation never does), and its NF4 layers at the default rounding to
+    "bitsandbytes": a one-token call (batch-1 decoding) then rounds the weights as bitsandbytes' inference kernel
+    does, as Unsloth's and transformers' 4-bit generation do (one bf16 rounding per weight away;
+    `fastlora_jax.nf4.LAYER_ROUNDINGS`)."""
     from fastlora_jax.nf4 import set_rounding
 
     model.training = False
