@@ -13,7 +13,9 @@ a table of ratios to the bf16 floor ends the output.
 `--check` first runs tests/test_kernels_lora.py and tests/test_kernels_nf4.py (compiled on the GPU);
 `--tune` times alternative Pallas tile settings; `--nf4-decodes select gather prmt prmt_gemv` times the fused NF4
 kernels with each decode (its default tiles) beside the nf4_pallas path (whose decode is "auto"); "prmt_gemv" is
-"prmt" with `rounding="gemv_4bit"` (bitsandbytes' inference-kernel weights, bf16 PTX tables).
+"prmt" with `rounding="gemv_4bit"` (bitsandbytes' inference-kernel weights, bf16 PTX tables). `--nf4-rounding
+gemv_4bit` gives the NF4 `--paths` those weights (e.g. "reduce" against "pallas" at one token, as batch-1 decoding
+after `for_inference` computes).
 """
 
 from __future__ import annotations
@@ -288,6 +290,8 @@ def main(argv=None) -> None:
                         help="also time the NF4 forward and input-gradient halves alone at the token counts <= 64")
     parser.add_argument("--nf4-decodes", nargs="+", default=[], choices=NF4_DECODES,
                         help="also time the fused NF4 kernels with these decodes (at <= 1024 tokens; prmt: GPU)")
+    parser.add_argument("--nf4-rounding", default="dequantize_4bit", choices=("dequantize_4bit", "gemv_4bit"),
+                        help="the weights of the NF4 --paths (fastlora_jax.nf4.ROUNDINGS)")
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--forward-only", action="store_true",
                         help="time the forward alone (generation), not forward + gradients")
@@ -319,8 +323,11 @@ def main(argv=None) -> None:
                         continue  # at one token the rank changes nothing measurable
                     if time.perf_counter() > main_deadline:
                         continue
+                    nf4_path = path.startswith("nf4")
                     records.append(measure(path, k, n, m, r, sink, args.batches, options=options,
-                                           forward_only=args.forward_only))
+                                           forward_only=args.forward_only,
+                                           rounding=args.nf4_rounding if nf4_path else "dequantize_4bit",
+                                           tag={"rounding": args.nf4_rounding} if nf4_path else None))
             for decode in args.nf4_decodes if m <= 1024 else ():
                 if time.perf_counter() < main_deadline:
                     records.append(measure("nf4_pallas", k, n, m, 0, sink, args.batches, options=options,
