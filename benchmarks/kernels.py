@@ -222,7 +222,7 @@ def tune(sink, batches: int, options: dict, deadline: float, k: int, n: int, m_l
             measure(path, k, n, m, 16, sink, batches, tiles=tiles, tag={"tune": repr(tiles)}, options=options)
 
 
-_XLA_OUTPUTS: dict[tuple, tuple] = {}  # the XLA path's first-layer outputs, to check the Pallas path against
+_XLA_OUTPUTS: dict[tuple, tuple] = {}  # the XLA path's first-layer outputs per (op, shape, rank, rounding)
 
 
 def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=None, forward_only=False,
@@ -230,7 +230,7 @@ def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=N
     layers = layers_for(k, n, m)
     record = {"path": path, "in": k, "out": n, "tokens": m, "r": r if path.startswith("lora") else None,
               "layers": layers, **({"forward_only": True} if forward_only else {}), **(tag or {})}
-    family = (path.split("_")[0], k, n, m, r)
+    family = (path.split("_")[0], k, n, m, r, rounding)  # compared only where the weights are the same
     try:
         fn, args = build(path, k, n, m, r, layers, tiles, options, forward_only, rounding)
         median, times, compile_s, outputs = time_us(fn, args, layers, batches)

@@ -454,8 +454,9 @@ class NF4Linear(nnx.Module):
 def set_rounding(model: nnx.Module, rounding: str, *, where: str | None = None) -> int:
     """Sets `rounding` (LAYER_ROUNDINGS) on every NF4Linear in `model`, or with `where` only on those whose rounding
     is `where`; returns how many it set. E.g. "gemv_4bit" before generating, as bitsandbytes' inference kernel rounds
-    (faster few-token NF4 kernels on an NVIDIA GPU, bfloat16), and "dequantize_4bit" back for training. Jitted
-    functions retrace: the rounding is static."""
+    (faster few-token NF4 kernels on an NVIDIA GPU, bfloat16), and "dequantize_4bit" back for training;
+    `for_inference` / `for_training` switch "dequantize_4bit" <-> "bitsandbytes" with `where`. Jitted functions
+    retrace: the rounding is static."""
     check_rounding(rounding, LAYER_ROUNDINGS)
     if where is not None:
         check_rounding(where, LAYER_ROUNDINGS)
