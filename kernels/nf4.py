@@ -174,8 +174,8 @@ def _decode_tile(codes, am, code_ref, dtype, decode: str, in_dtype: bool):
     r, c = codes.shape
     scale = jnp.broadcast_to(am[:, :, None], (r, c // (_BLOCK // 2), _BLOCK // 2)).reshape(r, c)  # [R, C]
     if decode == "prmt" and in_dtype:
-        hi, lo = nf4_ptx.decode_bf16(codes, scale)  # [R, C] bfloat16 each
-    elif decode == "prmt":
+        return nf4_ptx.decode_bf16(codes, scale).astype(dtype)  # [R, 2C] bfloat16, in column order already
+    if decode == "prmt":
         hi, lo = nf4_ptx.decode(codes, scale)  # [R, C] float32 each
     else:
         ints = codes.astype(jnp.int32)

@@ -11,11 +11,13 @@ operations in numpy, so the scheme is checked on any machine; the PTX itself run
 
 `decode_bf16` (the same decode with `rounding="gemv_4bit"` and bfloat16 inputs) rounds as bitsandbytes' own 4-bit
 inference kernel (gemm_4bit_inference_naive) does: bf16(NF4_CODE[code]) * bf16(absmax), rounded to bf16. Its
-table has two byte planes (bf16 values), no transposes and one bf16x2 FMA per two weights: 18 instructions per four
-weights against 32 (counted; with an earlier 20- against 34-instruction selector the whole forward kernel issued 33%
-fewer, ncu on an H100). Each weight can differ
-from dequantize_4bit's by one bf16 rounding (the products by ~3e-3 relative on the Llama shapes).
-`decode_bf16_emulated` replays it.
+table has two byte planes (bf16 values) and no transposes, and one instance takes four code bytes to their eight
+weights: two code bytes are themselves the PRMT selectors of their four codes, so the selector work is shared by the
+two nibbles, and each byte's two weights come out side by side as one bf16x2 word, already in column order (no
+interleave after): 25 instructions per eight weights against 36 with one instance per nibble; on an H100 the
+whole forward kernel issued 14% fewer and ran 12-17% faster at 1 and 16 tokens on the 14336-wide shapes
+(benchmarks/RESULTS.md, "## Kernels", session 12). Each weight can differ from dequantize_4bit's by one bf16 rounding (the products by ~3e-3 relative on the
+Llama shapes). `decode_bf16_emulated` replays it.
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ import ml_dtypes
 import numpy as np
 
 _CONSTRAINTS = "=r,=r,=r,=r,r,r,r,r,r"  # four float32 out; the four code bytes (one register), four scales in
-# decode_bf16: two bf16x2 out (four weights, element 0 in the low half); the four code bytes; two bf16x2 scales
-_CONSTRAINTS_BF16 = "=r,=r,r,r,r"
+# decode_bf16: four bf16x2 out (each byte's two weights, the high nibble's in the low half); the four code bytes;
+# two bf16x2 scales
+_CONSTRAINTS_BF16 = "=r,=r,=r,=r,r,r,r"
 _NEG_ZERO_BF16X2 = 0x80008000  # the FMA's addend: x * s + (-0) is x * s, signed zeros included
 _BLEND = 0xD8  # LOP3 truth table of (a & ~c) | (b & c), with a = 0xF0, b = 0xCC, c = 0xAA
 _TRANSPOSE = ((0, 1, 0x5140), (0, 1, 0x7362), (2, 3, 0x5140), (2, 3, 0x7362))  # byte planes -> pairs
 _GATHER = ((0, 2, 0x5410), (0, 2, 0x7632), (1, 3, 0x5410), (1, 3, 0x7632))  # pairs -> the four float32 words
-_BF16_PAIRS = (0x5140, 0x7362)  # low and high byte planes -> bf16x2 words of weights (0, 1) and (2, 3)
+# decode_bf16 looks up the codes of bytes 0, 1 and of bytes 2, 3 with the bytes themselves as selectors (nibbles
+# l0, h0, l1, h1): their >= 8 masks from the codes << 4 (the l's bit 3 in a sign bit) and the codes (the h's) ...
+_PAIR_SIGNS = (0xD9C8, 0xFBEA)
+# ... and the two byte planes of (T[l0], T[h0], T[l1], T[h1]) -> bf16x2 words (T[h0], T[l0]) and (T[h1], T[l1])
+_PAIR_WORDS = (0x4051, 0x6273)
 _SIGN_BYTES = 0xBA98  # PRMT selector: byte k of the result is 0xFF where byte k's sign bit is set, else 0
 
 
@@ -59,12 +66,12 @@ def _header_lines(registers: tuple[str, ...], table: list[list[int]], constants:
             + [f"mov.b32 t{j}{q}, {table[j][q]:#010x};" for j in planes for q in range(4)])
 
 
-def _lookup_lines(planes: int) -> list[str]:
-    """PTX looking up byte plane j < `planes` of the four selected codes into l{j}, after `_select_lines`: two
-    PRMTs by the code's low three bits, a LOP3 by its bit 3."""
-    return [line for j in range(planes) for line in (f"prmt.b32 lo, t{j}0, t{j}1, s7;",
-                                                     f"prmt.b32 hi, t{j}2, t{j}3, s7;",
-                                                     f"lop3.b32 l{j}, lo, hi, m, {_BLEND:#04x};")]
+def _lookup_lines(planes: int, sel: str = "s7", mask: str = "m", out: str = "l") -> list[str]:
+    """PTX looking up byte plane j < `planes` of the four codes whose low three bits are the nibbles of `sel` (bits
+    0-15) into {out}{j}: two PRMTs by those bits, a LOP3 by the codes' bit 3 (`mask`: byte k 0xFF where code k >= 8)."""
+    return [line for j in range(planes) for line in (f"prmt.b32 lo, t{j}0, t{j}1, {sel};",
+                                                     f"prmt.b32 hi, t{j}2, t{j}3, {sel};",
+                                                     f"lop3.b32 {out}{j}, lo, hi, {mask}, {_BLEND:#04x};")]
 
 
 def _select_lines(shift: int, codes: str) -> list[str]:
@@ -91,16 +98,24 @@ def _assembly(shift: int) -> str:
 
 
 @functools.cache
-def _assembly_bf16(shift: int) -> str:
-    """PTX with outputs $0 = (w0, w1) and $1 = (w2, w3), bf16x2, the weights of the codes at bit `shift` of four
-    code bytes ($2), each bf16(NF4 value) * its bf16 scale ($3 = (s0, s1), $4 = (s2, s3)) rounded to bf16."""
-    # two byte planes: the low and the high byte of each bf16 value
-    lines = _header_lines(("x, y, z, sel, s7, m, lo, hi, nz, l0, l1, v0, v1",),
+def _assembly_bf16() -> str:
+    """PTX with outputs $0-$3, one bf16x2 word per code byte: (weight of the high nibble, weight of the low nibble),
+    i.e. two neighbouring weights in column order, each bf16(NF4 value) * the byte's bf16 scale rounded to bf16;
+    inputs $4 (four code bytes) and $5 = (s0, s1), $6 = (s2, s3) (their bf16 scales)."""
+    lines = _header_lines(("y, s7, s7b, ma, mb, lo, hi, nz, a0, a1, b0, b1, v<4>, p<4>",),
                           _table_words(ml_dtypes.bfloat16), (f"nz {_NEG_ZERO_BF16X2:#010x}",))
-    lines += _select_lines(shift, "$2") + _lookup_lines(2)
-    # (low byte, high byte) of weights 0, 1 and of weights 2, 3: two bf16x2 words, then times the scales
-    lines += [f"prmt.b32 v0, l0, l1, {_BF16_PAIRS[0]:#06x};", f"prmt.b32 v1, l0, l1, {_BF16_PAIRS[1]:#06x};",
-              "fma.rn.bf16x2 $0, v0, $3, nz;", "fma.rn.bf16x2 $1, v1, $4, nz;", "}"]
+    lines += [".reg .b16 h<4>;"]
+    # selectors: bytes 0, 1 (A) and 2, 3 (B) of the codes as nibbles (l0, h0, l1, h1), each & 7; their >= 8 masks
+    lines += ["and.b32 s7, $4, 0x77777777;", "shr.u32 s7b, s7, 16;", "shl.b32 y, $4, 4;",
+              f"prmt.b32 ma, y, $4, {_PAIR_SIGNS[0]:#06x};", f"prmt.b32 mb, y, $4, {_PAIR_SIGNS[1]:#06x};"]
+    lines += _lookup_lines(2, "s7", "ma", "a") + _lookup_lines(2, "s7b", "mb", "b")
+    # bytes (low, high) of T[h], then of T[l]: each code byte's two weights as one bf16x2 word
+    lines += [f"prmt.b32 v{2 * i + k}, {ab}0, {ab}1, {_PAIR_WORDS[k]:#06x};" for i, ab in enumerate("ab")
+              for k in range(2)]
+    # each byte's scale in both halves, then the products rounded to bf16
+    lines += ["mov.b32 {h0, h1}, $5;", "mov.b32 {h2, h3}, $6;"]
+    lines += [f"mov.b32 p{k}, {{h{k}, h{k}}};" for k in range(4)]
+    lines += [f"fma.rn.bf16x2 ${k}, v{k}, p{k}, nz;" for k in range(4)] + ["}"]
     return "\n".join(lines)
 
 
@@ -119,21 +134,26 @@ def decode(codes: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
                                                  pack=4, result_shape_dtypes=[shape])[0] for shift in (4, 0))
 
 
-def decode_bf16(codes: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inside a compiled Pallas-Triton kernel: codes [R, C] uint8, scale [R, C] float32 -> (high-nibble weights,
-    low-nibble weights), each [R, C] bfloat16, rounded as bitsandbytes' 4-bit inference kernel rounds them.
+def decode_bf16(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """Inside a compiled Pallas-Triton kernel: codes [R, C] uint8, scale [R, C] float32 -> the weights [R, 2C]
+    bfloat16 in column order (each byte's high nibble first), rounded as bitsandbytes' 4-bit inference kernel
+    rounds them.
 
-    The assembly's bf16 values travel as int16 bits: with bfloat16-typed results the compiled kernel gave wrong
-    products (relative error ~1 on an H100, JAX 0.11.2), int16 ones bitcast to bfloat16 were right.
+    One instance of the assembly decodes four code bytes into four bf16x2 words, each byte's two weights side by
+    side, sharing the selector work between the nibbles. The words travel as int32 and are split into int16 bits:
+    bfloat16-typed results of the assembly gave wrong products (relative error ~1 on an H100, JAX 0.11.2).
     """
     from jax.experimental.pallas import triton as pltriton
 
     scale_bits = jax.lax.bitcast_convert_type(scale.astype(jnp.bfloat16), jnp.int16)
-    shape = jax.ShapeDtypeStruct(codes.shape, jnp.int16)
-    return tuple(jax.lax.bitcast_convert_type(
-        pltriton.elementwise_inline_asm(_assembly_bf16(shift), args=[codes, scale_bits],
-                                        constraints=_CONSTRAINTS_BF16, pack=4, result_shape_dtypes=[shape])[0],
-        jnp.bfloat16) for shift in (4, 0))
+    shape = jax.ShapeDtypeStruct(codes.shape, jnp.int32)
+    words = pltriton.elementwise_inline_asm(_assembly_bf16(), args=[codes, scale_bits], constraints=_CONSTRAINTS_BF16,
+                                            pack=4, result_shape_dtypes=[shape])[0]  # [R, C]
+    first = words.astype(jnp.int16)  # the low half: the high nibble's weight
+    second = jax.lax.shift_right_logical(words, 16).astype(jnp.int16)
+    r, c = codes.shape
+    pairs = jnp.concatenate([first[..., None], second[..., None]], axis=-1).reshape(r, 2 * c)
+    return jax.lax.bitcast_convert_type(pairs, jnp.bfloat16)
 
 
 def _prmt(a: int, b: int, c: int) -> int:
@@ -172,16 +192,19 @@ def _planes_emulated(table: list[list[int]], code: int, shift: int) -> list[int]
     return [_lop3(_prmt(t[0], t[1], s7), _prmt(t[2], t[3], s7), m, _BLEND) for t in table]
 
 
-def decode_bf16_emulated(four_bytes, four_scales) -> tuple[np.ndarray, np.ndarray]:
-    """decode_bf16's byte operations replayed in Python for four code bytes and their four scales -> (weights of
-    the high nibbles, of the low nibbles), bfloat16 [4] each (the bf16x2 FMA: the exact product, rounded)."""
+def decode_bf16_emulated(four_bytes, four_scales) -> np.ndarray:
+    """decode_bf16's byte operations replayed in Python for four code bytes and their four scales -> the eight
+    weights in column order (byte 0's high nibble, its low nibble, byte 1's high nibble, ...), bfloat16 [8] (the
+    bf16x2 FMA: the exact product, rounded)."""
     code = sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
     scales = np.asarray(four_scales, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
-    weights = []
-    for shift in (4, 0):
-        planes = _planes_emulated(_table_words(ml_dtypes.bfloat16), code, shift)
-        words = [_prmt(planes[0], planes[1], s) for s in _BF16_PAIRS]
-        halves = np.asarray([w >> (16 * h) & 0xFFFF for w in words for h in range(2)], np.uint16)
-        values = halves.view(ml_dtypes.bfloat16).astype(np.float32)
-        weights.append((values * scales).astype(ml_dtypes.bfloat16))  # bf16 x bf16 is exact in float32
-    return weights[0], weights[1]
+    table = _table_words(ml_dtypes.bfloat16)
+    s7, y = code & 0x77777777, (code << 4) & 0xFFFFFFFF
+    words = []
+    for sel, signs in ((s7, _PAIR_SIGNS[0]), (s7 >> 16, _PAIR_SIGNS[1])):
+        mask = _prmt(y, code, signs)
+        planes = [_lop3(_prmt(t[0], t[1], sel), _prmt(t[2], t[3], sel), mask, _BLEND) for t in table]
+        words += [_prmt(planes[0], planes[1], s) for s in _PAIR_WORDS]
+    halves = np.asarray([w >> (16 * h) & 0xFFFF for w in words for h in range(2)], np.uint16)
+    values = halves.view(ml_dtypes.bfloat16).astype(np.float32)
+    return (values * np.repeat(scales, 2)).astype(ml_dtypes.bfloat16)  # bf16 x bf16 is exact in float32

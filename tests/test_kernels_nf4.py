@@ -122,9 +122,10 @@ def test_bf16_prmt_decode_scheme_rounds_as_gemv_4bit():
     for i, word in _code_words():
         sc = scales[i]
         ws = sc.astype(bf16).astype(np.float32)
-        hi, lo = nf4_ptx.decode_bf16_emulated(word, sc)
-        np.testing.assert_array_equal(hi.view(np.uint16), (table[word >> 4] * ws).astype(bf16).view(np.uint16))
-        np.testing.assert_array_equal(lo.view(np.uint16), (table[word & 15] * ws).astype(bf16).view(np.uint16))
+        got = nf4_ptx.decode_bf16_emulated(word, sc)  # [8]: byte 0's high nibble, its low nibble, byte 1's ...
+        codes = np.stack([word >> 4, word & 15], axis=-1).reshape(8)
+        want = (table[codes] * np.repeat(ws, 2)).astype(bf16)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def _bf16(v) -> np.ndarray:
