@@ -9,7 +9,8 @@ of the elements): each program decodes a tile of codes in registers (each nibble
 PTX on an NVIDIA GPU, kernels/nf4_ptx.py, else by a tree of selects on its four bits, or a gather from the 16-entry
 table; times its block's absmax in float32, then x's dtype; or, with rounding="gemv_4bit", each rounded to x's
 dtype and multiplied in it, in PTX straight from bf16 byte planes), puts the two nibbles of each byte back into
-column order (high first), and multiplies the tile with one dot. Few
+column order (high first; the PTX for 16-bit inputs returns each byte's two weights as one pair, already in that
+order), and multiplies the tile with one dot. Few
 programs per output tile would leave the GPU idle at few tokens, so the contraction is split over `split_k`
 programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole layer and
 calls one matmul; its "reduce" variant writes the forward as a multiply-and-sum, which XLA fuses with the decoding
@@ -175,6 +176,8 @@ def _decode_tile(codes, am, code_ref, dtype, decode: str, in_dtype: bool):
     scale = jnp.broadcast_to(am[:, :, None], (r, c // (_BLOCK // 2), _BLOCK // 2)).reshape(r, c)  # [R, C]
     if decode == "prmt" and in_dtype:
         return nf4_ptx.decode_bf16(codes, scale).astype(dtype)  # [R, 2C] bfloat16, in column order already
+    if decode == "prmt" and dtype != _F32:
+        return nf4_ptx.decode_rounded(codes, scale, dtype)  # [R, 2C], rounded to dtype in the PTX, column order
     if decode == "prmt":
         hi, lo = nf4_ptx.decode(codes, scale)  # [R, C] float32 each
     else:

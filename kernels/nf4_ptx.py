@@ -7,7 +7,12 @@ tolerance). The table lookup is PRMT: byte j of the sixteen float32 NF4 values l
 each), so two PRMTs pick byte j for four codes at once (entries 0-7 and 8-15, by the code's low three bits), a LOP3
 keeps the right one by the code's bit 3, and eight PRMTs transpose the four byte planes back into four float32
 values: about 8 instructions per weight against ~20 for the select tree. `decode_emulated` replays the same byte
-operations in numpy, so the scheme is checked on any machine; the PTX itself runs only in a compiled kernel.
+operations in numpy, so the scheme is checked on any machine; the PTX itself runs only in a compiled kernel. That
+path now serves float32 inputs only: for bfloat16 and float16 inputs `decode_rounded` computes the same products and
+rounds them in the PTX, one instance per four code bytes with the selector work shared as in `decode_bf16` below,
+each byte's two weights one 16-bit pair (57 instructions per eight weights, conversions included, against 64 plus
+the conversions after; the whole forward kernel issued 7% fewer and took 10% less time on an H100 at 16 tokens;
+`decode_rounded_emulated` replays it).
 
 `decode_bf16` (the same decode with `rounding="gemv_4bit"` and bfloat16 inputs) rounds as bitsandbytes' own 4-bit
 inference kernel (gemm_4bit_inference_naive) does: bf16(NF4_CODE[code]) * bf16(absmax), rounded to bf16. Its
@@ -16,8 +21,8 @@ weights: two code bytes are themselves the PRMT selectors of their four codes, s
 two nibbles, and each byte's two weights come out side by side as one bf16x2 word, already in column order (no
 interleave after): 25 instructions per eight weights against 36 with one instance per nibble; on an H100 the
 whole forward kernel issued 14% fewer and ran 12-17% faster at 1 and 16 tokens on the 14336-wide shapes
-(benchmarks/RESULTS.md, "## Kernels", session 12). Each weight can differ from dequantize_4bit's by one bf16 rounding (the products by ~3e-3 relative on the
-Llama shapes). `decode_bf16_emulated` replays it.
+(benchmarks/RESULTS.md, "## Kernels", session 12). Each weight can differ from dequantize_4bit's by one bf16
+rounding (the products by ~3e-3 relative on the Llama shapes). `decode_bf16_emulated` replays it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ _CONSTRAINTS = "=r,=r,=r,=r,r,r,r,r,r"  # four float32 out; the four code bytes 
 # decode_bf16: four bf16x2 out (each byte's two weights, the high nibble's in the low half); the four code bytes;
 # two bf16x2 scales
 _CONSTRAINTS_BF16 = "=r,=r,=r,=r,r,r,r"
+# decode_rounded: four 16-bit pairs out (each byte's two weights); the four code bytes; their four float32 scales
+_CONSTRAINTS_ROUNDED = "=r,=r,=r,=r,r,r,r,r,r"
+_CVT = {jnp.dtype(jnp.bfloat16): "cvt.rn.bf16x2.f32", jnp.dtype(jnp.float16): "cvt.rn.f16x2.f32"}
 _NEG_ZERO_BF16X2 = 0x80008000  # the FMA's addend: x * s + (-0) is x * s, signed zeros included
 _BLEND = 0xD8  # LOP3 truth table of (a & ~c) | (b & c), with a = 0xF0, b = 0xCC, c = 0xAA
 _TRANSPOSE = ((0, 1, 0x5140), (0, 1, 0x7362), (2, 3, 0x5140), (2, 3, 0x7362))  # byte planes -> pairs
@@ -97,6 +105,31 @@ def _assembly(shift: int) -> str:
     return "\n".join(lines)
 
 
+def _pair_select_lines() -> list[str]:
+    """PTX leaving in s7 (bytes 0, 1) and s7b (bytes 2, 3) the four codes of two code bytes as PRMT selectors
+    (nibbles l0, h0, l1, h1, each & 7) and in ma, mb their >= 8 byte masks."""
+    return ["and.b32 s7, $4, 0x77777777;", "shr.u32 s7b, s7, 16;", "shl.b32 y, $4, 4;",
+            f"prmt.b32 ma, y, $4, {_PAIR_SIGNS[0]:#06x};", f"prmt.b32 mb, y, $4, {_PAIR_SIGNS[1]:#06x};"]
+
+
+@functools.cache
+def _assembly_rounded(cvt: str) -> str:
+    """PTX with outputs $0-$3, one word per code byte: its two weights NF4_CODE[code] * scale in float32, rounded
+    by `cvt` (to bf16x2 or f16x2), the high nibble's in the low half; inputs $4 (four code bytes) and $5-$8 (their
+    float32 scales)."""
+    lines = _header_lines(("y, s7, s7b, ma, mb, lo, hi, a<4>, b<4>, p<4>, v<4>, f<4>",), _table_words(), ())
+    lines += _pair_select_lines() + _lookup_lines(4, "s7", "ma", "a") + _lookup_lines(4, "s7b", "mb", "b")
+    for half, planes in enumerate("ab"):  # bytes 0, 1 then 2, 3; v0-v3: T[l0], T[h0], T[l1], T[h1]
+        lines += [f"prmt.b32 p{i}, {planes}{a}, {planes}{b}, {s:#06x};" for i, (a, b, s) in enumerate(_TRANSPOSE)]
+        lines += [f"prmt.b32 v{i}, p{a}, p{b}, {s:#06x};" for i, (a, b, s) in enumerate(_GATHER)]
+        for k in range(2):  # byte 2 half + k: (T[h] * s, T[l] * s), the high nibble's rounded into the low half
+            scale = f"${5 + 2 * half + k}"
+            lines += [f"mul.rn.f32 f0, v{2 * k + 1}, {scale};", f"mul.rn.f32 f1, v{2 * k}, {scale};",
+                      f"{cvt} ${2 * half + k}, f1, f0;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
 @functools.cache
 def _assembly_bf16() -> str:
     """PTX with outputs $0-$3, one bf16x2 word per code byte: (weight of the high nibble, weight of the low nibble),
@@ -105,10 +138,7 @@ def _assembly_bf16() -> str:
     lines = _header_lines(("y, s7, s7b, ma, mb, lo, hi, nz, a0, a1, b0, b1, v<4>, p<4>",),
                           _table_words(ml_dtypes.bfloat16), (f"nz {_NEG_ZERO_BF16X2:#010x}",))
     lines += [".reg .b16 h<4>;"]
-    # selectors: bytes 0, 1 (A) and 2, 3 (B) of the codes as nibbles (l0, h0, l1, h1), each & 7; their >= 8 masks
-    lines += ["and.b32 s7, $4, 0x77777777;", "shr.u32 s7b, s7, 16;", "shl.b32 y, $4, 4;",
-              f"prmt.b32 ma, y, $4, {_PAIR_SIGNS[0]:#06x};", f"prmt.b32 mb, y, $4, {_PAIR_SIGNS[1]:#06x};"]
-    lines += _lookup_lines(2, "s7", "ma", "a") + _lookup_lines(2, "s7b", "mb", "b")
+    lines += _pair_select_lines() + _lookup_lines(2, "s7", "ma", "a") + _lookup_lines(2, "s7b", "mb", "b")
     # bytes (low, high) of T[h], then of T[l]: each code byte's two weights as one bf16x2 word
     lines += [f"prmt.b32 v{2 * i + k}, {ab}0, {ab}1, {_PAIR_WORDS[k]:#06x};" for i, ab in enumerate("ab")
               for k in range(2)]
@@ -134,6 +164,28 @@ def decode(codes: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
                                                  pack=4, result_shape_dtypes=[shape])[0] for shift in (4, 0))
 
 
+def _weights_of_pairs(pairs: jax.Array, dtype) -> jax.Array:
+    """[R, C] int32 words of two 16-bit weights (the first in the low half) -> [R, 2C] `dtype`, in column order."""
+    first = pairs.astype(jnp.int16)  # the low halves
+    second = jax.lax.shift_right_logical(pairs, 16).astype(jnp.int16)
+    r, c = pairs.shape
+    weights = jnp.concatenate([first[..., None], second[..., None]], axis=-1).reshape(r, 2 * c)
+    return jax.lax.bitcast_convert_type(weights, dtype)
+
+
+def decode_rounded(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """Inside a compiled Pallas-Triton kernel: codes [R, C] uint8, scale [R, C] float32 -> the weights [R, 2C] in
+    `dtype` (bfloat16 or float16), column order: NF4_CODE[code] * scale in float32, rounded to `dtype` (bitsandbytes'
+    dequantize_4bit, as `decode` then a cast). One instance decodes four code bytes into four words, each byte's
+    two weights side by side, sharing the selector work between the nibbles."""
+    from jax.experimental.pallas import triton as pltriton
+
+    shape = jax.ShapeDtypeStruct(codes.shape, jnp.int32)
+    pairs = pltriton.elementwise_inline_asm(_assembly_rounded(_CVT[jnp.dtype(dtype)]), args=[codes, scale],
+                                            constraints=_CONSTRAINTS_ROUNDED, pack=4, result_shape_dtypes=[shape])[0]
+    return _weights_of_pairs(pairs, dtype)
+
+
 def decode_bf16(codes: jax.Array, scale: jax.Array) -> jax.Array:
     """Inside a compiled Pallas-Triton kernel: codes [R, C] uint8, scale [R, C] float32 -> the weights [R, 2C]
     bfloat16 in column order (each byte's high nibble first), rounded as bitsandbytes' 4-bit inference kernel
@@ -147,13 +199,9 @@ def decode_bf16(codes: jax.Array, scale: jax.Array) -> jax.Array:
 
     scale_bits = jax.lax.bitcast_convert_type(scale.astype(jnp.bfloat16), jnp.int16)
     shape = jax.ShapeDtypeStruct(codes.shape, jnp.int32)
-    words = pltriton.elementwise_inline_asm(_assembly_bf16(), args=[codes, scale_bits], constraints=_CONSTRAINTS_BF16,
+    pairs = pltriton.elementwise_inline_asm(_assembly_bf16(), args=[codes, scale_bits], constraints=_CONSTRAINTS_BF16,
                                             pack=4, result_shape_dtypes=[shape])[0]  # [R, C]
-    first = words.astype(jnp.int16)  # the low half: the high nibble's weight
-    second = jax.lax.shift_right_logical(words, 16).astype(jnp.int16)
-    r, c = codes.shape
-    pairs = jnp.concatenate([first[..., None], second[..., None]], axis=-1).reshape(r, 2 * c)
-    return jax.lax.bitcast_convert_type(pairs, jnp.bfloat16)
+    return _weights_of_pairs(pairs, jnp.bfloat16)
 
 
 def _prmt(a: int, b: int, c: int) -> int:
@@ -208,3 +256,20 @@ def decode_bf16_emulated(four_bytes, four_scales) -> np.ndarray:
     halves = np.asarray([w >> (16 * h) & 0xFFFF for w in words for h in range(2)], np.uint16)
     values = halves.view(ml_dtypes.bfloat16).astype(np.float32)
     return (values * np.repeat(scales, 2)).astype(ml_dtypes.bfloat16)  # bf16 x bf16 is exact in float32
+
+
+def decode_rounded_emulated(four_bytes, four_scales, dtype) -> np.ndarray:
+    """decode_rounded's byte operations replayed in Python for four code bytes and their four float32 scales ->
+    the eight weights in column order, `dtype` [8] (the float32 product, rounded)."""
+    code = sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
+    table = _table_words()
+    s7, y = code & 0x77777777, (code << 4) & 0xFFFFFFFF
+    values = []
+    for sel, signs in ((s7, _PAIR_SIGNS[0]), (s7 >> 16, _PAIR_SIGNS[1])):
+        mask = _prmt(y, code, signs)
+        planes = [_lop3(_prmt(t[0], t[1], sel), _prmt(t[2], t[3], sel), mask, _BLEND) for t in table]
+        pairs = [_prmt(planes[a], planes[b], s) for a, b, s in _TRANSPOSE]
+        words = np.asarray([_prmt(pairs[a], pairs[b], s) for a, b, s in _GATHER], np.uint32).view(np.float32)
+        values += [words[1], words[0], words[3], words[2]]  # (T[h0], T[l0], T[h1], T[l1])
+    products = np.asarray(values, np.float32) * np.repeat(np.asarray(four_scales, np.float32), 2)
+    return products.astype(dtype)

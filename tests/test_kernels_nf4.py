@@ -128,6 +128,22 @@ def test_bf16_prmt_decode_scheme_rounds_as_gemv_4bit():
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_rounded_prmt_decode_scheme_gives_dequantize_4bit_weights(dtype):
+    # decode_rounded's byte operations, replayed: NF4 value * scale in float32, rounded to the 16-bit dtype, for
+    # every byte's two codes in all four positions of a 32-bit word, in column order.
+    from fastlora_jax.kernels import nf4_ptx
+    from fastlora_jax.nf4 import NF4_CODE
+
+    table = np.asarray(NF4_CODE, np.float32)
+    scales = np.random.default_rng(0).uniform(0.01, 3.0, (64, 4)).astype(np.float32)
+    for i, word in _code_words():
+        got = nf4_ptx.decode_rounded_emulated(word, scales[i], dtype)  # [8]
+        codes = np.stack([word >> 4, word & 15], axis=-1).reshape(8)
+        want = (table[codes] * np.repeat(scales[i], 2)).astype(dtype)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
 def _bf16(v) -> np.ndarray:
     return np.asarray(v, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
