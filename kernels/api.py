@@ -43,14 +43,15 @@ PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]]
     # 4096->14336 62.7 vs 132.6 (59.5 vs 137.6), 14336->4096 61.4 vs 134.0 (58.1 vs 137.6); 2 tokens 24.3 vs 44.0,
     # 62.9 vs 137.9, 58.7 vs 134.0. Forward + input gradient under the training options, 16 tokens: 43.1 vs 71.0,
     # 116.4 vs 184.0, 117.5 vs 199.2. 4096->1024 is not listed: 13.8 vs 15.2 in one call, 17.7 vs 16.0 (16 tokens)
-    # and 26.6 vs 17.1 (2 tokens) in the rerun. The kernel pads the tokens to 16 rows. One token stays on "reduce"
-    # below, measured faster on the H200 (2026-12-02, forward 29.6, 58.9, 52.9 against the select-tree kernel's
-    # 38.3, 105.2, 113.0); on the H100 the PTX kernel tied or beat it (4096->4096 22.9 vs 22.9, 4096->14336 64.3 vs
-    # 69.0, 14336->4096 57.1 vs 67.8; the rerun 28.9 vs 41.4, 65.9 vs 77.8, 59.1 vs 67.0).
+    # and 26.6 vs 17.1 (2 tokens) in the rerun. The kernel pads the tokens to 16 rows. One token on the 14336-wide
+    # shapes: against "reduce" (below), H100s, session 12, forward, us per layer, rounding dequantize_4bit /
+    # gemv_4bit: 4096->14336 54.5 vs 74.5 / 42.5 vs 45.5, 14336->4096 57.2 vs 68.2 / 42.1 vs 52.0 (with the decode of
+    # session 11: 64.4 vs 75.3 / 49.1 vs 51.0 and 63.2 vs 71.8 / 48.6 vs 56.3). On the H200 (2026-12-02) "reduce" had
+    # beaten the select-tree kernel there (58.9 vs 105.2, 52.9 vs 113.0); the PTX kernel was not measured on it.
     "nf4": (
         (4096, 4096, 2, 16, 0, _ANY_RANK),
-        (4096, 14336, 2, 16, 0, _ANY_RANK),
-        (14336, 4096, 2, 16, 0, _ANY_RANK),
+        (4096, 14336, 1, 16, 0, _ANY_RANK),
+        (14336, 4096, 1, 16, 0, _ANY_RANK),
     ),
 }
 # NF4 at one token on a GPU: the forward as a multiply-and-sum that reads only the 4-bit codes ("reduce") against
@@ -58,8 +59,10 @@ PALLAS_FASTER_ON_GPU: dict[str, tuple[tuple[int, int, int, int, int, int], ...]]
 # the training options): 4096->4096 28.0 vs 43.1 / 22.5 vs 44.0, 4096->14336 61.4 vs 126.8 / 50.9 vs 130.0,
 # 14336->4096 53.8 vs 120.7 / 49.2 vs 131.2, but 4096->1024 16.2 vs 13.3 / 15.7 vs 22.3 (not faster under the
 # defaults generation compiles with). At 16 tokens it was 2-5x slower (each token decodes the weight again).
-# (in, out) where "auto" runs it, for NF4_REDUCE_MAX_TOKENS tokens at most:
-NF4_REDUCE_FASTER_ON_GPU = ((4096, 4096), (4096, 14336), (14336, 4096))
+# 4096->4096 stays here: against the fused kernel on H100s it won once (23.8 vs 27.5 us, session 12 call 1, the
+# earlier decode) and lost once (26.8 vs 24.7, call 6). (in, out) where "auto" runs it, for NF4_REDUCE_MAX_TOKENS
+# tokens at most (the PALLAS_FASTER_ON_GPU rows come first):
+NF4_REDUCE_FASTER_ON_GPU = ((4096, 4096),)
 NF4_REDUCE_MAX_TOKENS = 1
 
 

@@ -145,7 +145,8 @@ def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
     assert api.resolve("lora", "auto", 4096, 4096, 16, 16) == "xla"  # measured, not faster
     assert api.resolve("lora", "auto", 4096, 1024, 4096, 16) == "xla"  # token count not measured
     assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # the whole step is faster with XLA
-    assert api.resolve("nf4", "auto", 4096, 14336, 1) == "reduce"  # one token: the multiply-and-sum form
+    assert api.resolve("nf4", "auto", 4096, 4096, 1) == "reduce"  # one token: the multiply-and-sum form
+    assert api.resolve("nf4", "auto", 4096, 14336, 1) == "pallas"  # ... except where the kernel measured faster
     assert api.resolve("nf4", "auto", 4096, 14336, 16) == "pallas"  # the fused kernel's forward, 2..16 tokens
     assert api.resolve("nf4", "auto", 14336, 4096, 2, 64) == "pallas"  # any rank: the LoRA branch is XLA anyway
     assert api.resolve("nf4", "auto", 4096, 4096, 17) == "xla"  # past the measured token counts
