@@ -17,7 +17,7 @@ from fastlora_jax.kernels import reference
 from fastlora_jax.nf4 import dequantize_nf4, quantize_nf4, stack_nf4
 from helpers import dot_shapes, rel_err
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 # Small tiles: the test shapes need several token, feature and contraction tiles, and padded edges.
 SMALL = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=2, num_warps=4, num_stages=2)
 SPLIT = knf4.BlockSizes(block_m=16, block_n=16, block_k=32, blocks_per_step=1, split_k=3, num_warps=4, num_stages=2)
@@ -57,6 +57,7 @@ def forward_and_grads(fn, x, w, bias, a, b, scaling, g):
 CASES = [  # (tokens, in, out, r, dtype): in a multiple of 64 (NF4 blocks in rows), nothing else of the tiles
     (1, 192, 40, 0, jnp.float32), (5, 192, 40, 0, jnp.bfloat16), (33, 256, 72, 0, jnp.bfloat16),
     (16, 128, 24, 1, jnp.float32), (3, 256, 40, 16, jnp.bfloat16), (21, 128, 72, 128, jnp.float32),
+    (7, 192, 40, 8, jnp.float16),
 ]
 
 
@@ -243,6 +244,19 @@ def test_gemv_4bit_ptx_forward_uses_its_weights():
     got = knf4.nf4_matmul_t(x, w, block_sizes=knf4.BlockSizes.for_forward(16, 96, 2048, "prmt", "gemv_4bit"),
                             rounding="gemv_4bit")
     assert rel_err(got, want) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_rounded_ptx_forward_uses_dequantize_4bit_weights(dtype):
+    # Compiled, at the default tiles (16-bit inputs: the PTX rounds each byte's two products into one pair): the
+    # product is x @ W.T with W dequantize_4bit's weights in dtype; only the accumulation order differs, while
+    # gemv_4bit's weights give 3.5e-3 (bf16) on these inputs and a wrong byte or nibble order ~1.
+    x, w, *_ = make_inputs(16, 2048, 96, 0, dtype, seed=3)
+    weight = np.asarray(dequantize_nf4(w, dtype), np.float64)
+    want = (np.asarray(x, np.float64) @ weight.T).astype(np.float32).astype(dtype).astype(np.float32)
+    got = knf4.nf4_matmul_t(x, w)
+    assert got.dtype == dtype and rel_err(got, want) < 1e-3
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off an NVIDIA GPU")
