@@ -45,8 +45,9 @@ _NEG_ZERO_BF16X2 = 0x80008000  # the FMA's addend: x * s + (-0) is x * s, signed
 _BLEND = 0xD8  # LOP3 truth table of (a & ~c) | (b & c), with a = 0xF0, b = 0xCC, c = 0xAA
 _TRANSPOSE = ((0, 1, 0x5140), (0, 1, 0x7362), (2, 3, 0x5140), (2, 3, 0x7362))  # byte planes -> pairs
 _GATHER = ((0, 2, 0x5410), (0, 2, 0x7632), (1, 3, 0x5410), (1, 3, 0x7632))  # pairs -> the four float32 words
-# decode_bf16 looks up the codes of bytes 0, 1 and of bytes 2, 3 with the bytes themselves as selectors (nibbles
-# l0, h0, l1, h1): their >= 8 masks from the codes << 4 (the l's bit 3 in a sign bit) and the codes (the h's) ...
+# The pair decodes (decode_bf16, decode_rounded) look up the codes of bytes 0, 1 and of bytes 2, 3 with the bytes
+# themselves as selectors (nibbles l0, h0, l1, h1): their >= 8 masks from the codes << 4 (the l's bit 3 in a sign
+# bit) and the codes (the h's) ...
 _PAIR_SIGNS = (0xD9C8, 0xFBEA)
 # ... and the two byte planes of (T[l0], T[h0], T[l1], T[h1]) -> bf16x2 words (T[h0], T[l0]) and (T[h1], T[l1])
 _PAIR_WORDS = (0x4051, 0x6273)
@@ -240,19 +241,22 @@ def _planes_emulated(table: list[list[int]], code: int, shift: int) -> list[int]
     return [_lop3(_prmt(t[0], t[1], s7), _prmt(t[2], t[3], s7), m, _BLEND) for t in table]
 
 
+def _pair_planes_emulated(table: list[list[int]], code: int) -> list[list[int]]:
+    """`_pair_select_lines` then `_lookup_lines` replayed: for bytes 0, 1 and then bytes 2, 3 of `code`, the byte
+    planes of their four codes (l0, h0, l1, h1)."""
+    s7, y = code & 0x77777777, (code << 4) & 0xFFFFFFFF
+    return [[_lop3(_prmt(t[0], t[1], sel), _prmt(t[2], t[3], sel), _prmt(y, code, signs), _BLEND) for t in table]
+            for sel, signs in ((s7, _PAIR_SIGNS[0]), (s7 >> 16, _PAIR_SIGNS[1]))]
+
+
 def decode_bf16_emulated(four_bytes, four_scales) -> np.ndarray:
     """decode_bf16's byte operations replayed in Python for four code bytes and their four scales -> the eight
     weights in column order (byte 0's high nibble, its low nibble, byte 1's high nibble, ...), bfloat16 [8] (the
     bf16x2 FMA: the exact product, rounded)."""
     code = sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
     scales = np.asarray(four_scales, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
-    table = _table_words(ml_dtypes.bfloat16)
-    s7, y = code & 0x77777777, (code << 4) & 0xFFFFFFFF
-    words = []
-    for sel, signs in ((s7, _PAIR_SIGNS[0]), (s7 >> 16, _PAIR_SIGNS[1])):
-        mask = _prmt(y, code, signs)
-        planes = [_lop3(_prmt(t[0], t[1], sel), _prmt(t[2], t[3], sel), mask, _BLEND) for t in table]
-        words += [_prmt(planes[0], planes[1], s) for s in _PAIR_WORDS]
+    words = [_prmt(planes[0], planes[1], s) for planes in _pair_planes_emulated(_table_words(ml_dtypes.bfloat16), code)
+             for s in _PAIR_WORDS]
     halves = np.asarray([w >> (16 * h) & 0xFFFF for w in words for h in range(2)], np.uint16)
     values = halves.view(ml_dtypes.bfloat16).astype(np.float32)
     return (values * np.repeat(scales, 2)).astype(ml_dtypes.bfloat16)  # bf16 x bf16 is exact in float32
@@ -262,12 +266,8 @@ def decode_rounded_emulated(four_bytes, four_scales, dtype) -> np.ndarray:
     """decode_rounded's byte operations replayed in Python for four code bytes and their four float32 scales ->
     the eight weights in column order, `dtype` [8] (the float32 product, rounded)."""
     code = sum(int(v) << (8 * i) for i, v in enumerate(four_bytes))
-    table = _table_words()
-    s7, y = code & 0x77777777, (code << 4) & 0xFFFFFFFF
     values = []
-    for sel, signs in ((s7, _PAIR_SIGNS[0]), (s7 >> 16, _PAIR_SIGNS[1])):
-        mask = _prmt(y, code, signs)
-        planes = [_lop3(_prmt(t[0], t[1], sel), _prmt(t[2], t[3], sel), mask, _BLEND) for t in table]
+    for planes in _pair_planes_emulated(_table_words(), code):
         pairs = [_prmt(planes[a], planes[b], s) for a, b, s in _TRANSPOSE]
         words = np.asarray([_prmt(pairs[a], pairs[b], s) for a, b, s in _GATHER], np.uint32).view(np.float32)
         values += [words[1], words[0], words[3], words[2]]  # (T[h0], T[l0], T[h1], T[l1])
