@@ -417,8 +417,9 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     kernel's default. `rounding` (fastlora_jax.nf4.LAYER_ROUNDINGS: "bitsandbytes" picks per call) gives the same
     weights on every implementation.
     "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). "reduce" is XLA with the forward product
-    as a multiply-and-sum instead of a matmul (what "auto" runs for one token on a GPU; see `api`). The LoRA branch,
-    when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to the NF4 product.
+    as a multiply-and-sum instead of a matmul (what "auto" runs for one token on a GPU where `api` lists it). The
+    LoRA branch, when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to
+    the NF4 product.
     """
     from fastlora_jax.nf4 import LAYER_ROUNDINGS, check_rounding
 
