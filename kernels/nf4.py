@@ -175,7 +175,7 @@ def _decode_tile(codes, am, code_ref, dtype, decode: str, in_dtype: bool):
     r, c = codes.shape
     scale = jnp.broadcast_to(am[:, :, None], (r, c // (_BLOCK // 2), _BLOCK // 2)).reshape(r, c)  # [R, C]
     if decode == "prmt" and in_dtype:
-        return nf4_ptx.decode_bf16(codes, scale).astype(dtype)  # [R, 2C] bfloat16, in column order already
+        return nf4_ptx.decode_bf16(codes, scale)  # [R, 2C] bfloat16 (the only dtype it serves), column order
     if decode == "prmt" and dtype != _F32:
         return nf4_ptx.decode_rounded(codes, scale, dtype)  # [R, 2C], rounded to dtype in the PTX, column order
     if decode == "prmt":

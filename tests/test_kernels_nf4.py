@@ -251,7 +251,7 @@ def test_gemv_4bit_ptx_forward_uses_its_weights():
 def test_rounded_ptx_forward_uses_dequantize_4bit_weights(dtype):
     # Compiled, at the default tiles (16-bit inputs: the PTX rounds each byte's two products into one pair): the
     # product is x @ W.T with W dequantize_4bit's weights in dtype; only the accumulation order differs, while
-    # gemv_4bit's weights give 3.5e-3 (bf16) on these inputs and a wrong byte or nibble order ~1.
+    # gemv_4bit's weights give 3.5e-3 (bf16) on these inputs and a wrong byte or nibble order 1.4.
     x, w, *_ = make_inputs(16, 2048, 96, 0, dtype, seed=3)
     weight = np.asarray(dequantize_nf4(w, dtype), np.float64)
     want = (np.asarray(x, np.float64) @ weight.T).astype(np.float32).astype(dtype).astype(np.float32)
