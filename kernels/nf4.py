@@ -250,11 +250,22 @@ def _operands(w: NF4Array, rows: int):
     return codes, absmax
 
 
-def _compiled(kernel, grid, in_specs, out_spec, out_shape, bs: BlockSizes, interpret: bool, name: str):
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
-                          interpret=interpret,
-                          compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
-                          name=name)
+def _run(kernel, grid, in_specs, out_tile, out_size, dtype, bs: BlockSizes, interpret: bool, name: str, *operands):
+    """pallas_call of `kernel` on grid (rows, cols, split): program (i, j, s) writes out tile (i, j) [out_tile] of
+    the [out_size] output in `dtype`; with split > 1 each share of the contraction writes float32 partial sums,
+    added here (in float32, then cast)."""
+    split = grid[2]
+    if split == 1:
+        out_spec = pl.BlockSpec(out_tile, lambda i, j, s: (i, j))
+        out_shape = jax.ShapeDtypeStruct(out_size, dtype)
+    else:
+        out_spec = pl.BlockSpec((None, *out_tile), lambda i, j, s: (s, i, j))
+        out_shape = jax.ShapeDtypeStruct((split, *out_size), _F32)
+    y = pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
+                       interpret=interpret,
+                       compiler_params=_compat.compiler_params(num_warps=bs.num_warps, num_stages=bs.num_stages),
+                       name=name)(*operands)
+    return y if split == 1 else y.sum(axis=0).astype(dtype)
 
 
 def _full(shape):
@@ -281,16 +292,8 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
     in_specs = [pl.BlockSpec((bs.block_m, k), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((bs.block_n, k // 2), lambda i, j, s: (j, 0)),
                 pl.BlockSpec((bs.block_n, nkb), lambda i, j, s: (j, 0)), _full((16,))]
-    if split == 1:
-        out_spec = pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j, s: (i, j))
-        out_shape = jax.ShapeDtypeStruct((mp, np_), x.dtype)
-    else:
-        out_spec = pl.BlockSpec((None, bs.block_m, bs.block_n), lambda i, j, s: (s, i, j))
-        out_shape = jax.ShapeDtypeStruct((split, mp, np_), _F32)
-    y = _compiled(kernel, (grid_m, grid_n, split), in_specs, out_spec, out_shape, bs, interpret, "nf4_matmul_t")(
-        x_p, codes, absmax, _code_table())
-    if split > 1:
-        y = y.sum(axis=0).astype(x.dtype)
+    y = _run(kernel, (grid_m, grid_n, split), in_specs, (bs.block_m, bs.block_n), (mp, np_), x.dtype, bs, interpret,
+             "nf4_matmul_t", x_p, codes, absmax, _code_table())
     return y[:m, :n]
 
 
@@ -315,16 +318,8 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
     in_specs = [pl.BlockSpec((bs.block_m, np_), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((np_, width // 2), lambda i, j, s: (0, j)),
                 pl.BlockSpec((np_, bps), lambda i, j, s: (0, j)), _full((16,))]
-    if split == 1:
-        out_spec = pl.BlockSpec((bs.block_m, width), lambda i, j, s: (i, j))
-        out_shape = jax.ShapeDtypeStruct((mp, k), g.dtype)
-    else:
-        out_spec = pl.BlockSpec((None, bs.block_m, width), lambda i, j, s: (s, i, j))
-        out_shape = jax.ShapeDtypeStruct((split, mp, k), _F32)
-    dx = _compiled(kernel, (grid_m, grid_n, split), in_specs, out_spec, out_shape, bs, interpret, "nf4_matmul")(
-        g_p, codes, absmax, _code_table())
-    if split > 1:
-        dx = dx.sum(axis=0).astype(g.dtype)
+    dx = _run(kernel, (grid_m, grid_n, split), in_specs, (bs.block_m, width), (mp, k), g.dtype, bs, interpret,
+              "nf4_matmul", g_p, codes, absmax, _code_table())
     return dx[:m]
 
 
