@@ -39,7 +39,11 @@ if TYPE_CHECKING:
 
 _F32 = jnp.float32
 _BLOCK = 64  # bitsandbytes' NF4 blocksize
-_TARGET_PROGRAMS = 264  # two per H200 multiprocessor
+# Programs a kernel's contraction is split until (BlockSizes.split_k=None), per decode: about two per multiprocessor
+# for the select tree and the gather (H200 sweep, session 8); about four for the PTX decode: split so, its
+# dequantize_4bit forward ran 6-9% and its backward 9-15% faster on the 14336-wide shapes at 1 and 16 tokens, and the
+# other two shapes kept their splits (H100, benchmarks/RESULTS.md, "## Kernels", session 13).
+_TARGET_PROGRAMS = {"select": 264, "gather": 264, "prmt": 512}
 DECODES = ("auto", "select", "gather", "prmt")  # how the kernels turn a 4-bit code into its NF4 value
 
 
@@ -58,7 +62,7 @@ class BlockSizes:
     block_n: int = 64  # forward: output features per program (>= 16)
     block_k: int = 64  # backward: output features (contraction rows) per loop step (>= 32)
     blocks_per_step: int = 2  # 64-element NF4 blocks of input features per step (fwd) / per program (bwd)
-    split_k: int | None = None  # programs sharing one contraction; None: enough for ~2 programs per SM
+    split_k: int | None = None  # programs sharing one contraction; None: the decode's _TARGET_PROGRAMS
     num_warps: int = 4
     num_stages: int = 3
     # NF4 values by a tree of selects, "gather" (from the [16] table in memory) or "prmt" (byte permutes in PTX,
@@ -141,14 +145,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _split(steps: int, programs: int, requested: int | None) -> int:
-    """A divisor of `steps`: the requested one, or the smallest giving >= _TARGET_PROGRAMS programs (at most 16)."""
+def _split(steps: int, programs: int, requested: int | None, decode: str) -> int:
+    """A divisor of `steps`: the requested one, or the smallest giving the decode's _TARGET_PROGRAMS programs (at
+    most 16)."""
     if requested is not None:
         if steps % requested:
             raise ValueError(f"split_k={requested} must divide the {steps} contraction steps")
         return requested
     divisors = [d for d in range(1, min(16, steps) + 1) if steps % d == 0]
-    return next((d for d in divisors if programs * d >= _TARGET_PROGRAMS), divisors[-1])
+    return next((d for d in divisors if programs * d >= _TARGET_PROGRAMS[decode]), divisors[-1])
 
 
 def _code_table() -> jax.Array:
@@ -285,7 +290,7 @@ def nf4_matmul_t(x: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = 
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
     grid_m, grid_n = mp // bs.block_m, np_ // bs.block_n
-    split = _split(nkb // bps, grid_m * grid_n, bs.split_k)
+    split = _split(nkb // bps, grid_m * grid_n, bs.split_k, bs.decode)
     codes, absmax = _operands(w, np_)
     x_p = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     kernel = functools.partial(_xwt_kernel, bps=bps, steps=nkb // bps // split, decode=bs.decode, in_dtype=in_dtype)
@@ -309,7 +314,7 @@ def nf4_matmul(g: jax.Array, w: NF4Array, *, block_sizes: BlockSizes | None = No
     bps = next(d for d in (bs.blocks_per_step, 2, 1) if nkb % d == 0)
     mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_k)
     grid_m, grid_n = mp // bs.block_m, nkb // bps
-    split = _split(np_ // bs.block_k, grid_m * grid_n, bs.split_k)
+    split = _split(np_ // bs.block_k, grid_m * grid_n, bs.split_k, bs.decode)
     codes, absmax = _operands(w, np_)
     g_p = jnp.pad(g, ((0, mp - m), (0, np_ - n))) if (mp, np_) != (m, n) else g
     kernel = functools.partial(_xw_kernel, steps=np_ // bs.block_k // split, block_k=bs.block_k, decode=bs.decode,
