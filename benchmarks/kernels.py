@@ -1,4 +1,5 @@
-"""Linear-kernel benchmark on Llama-3.1-8B shapes: the bf16 floor, LoRA (XLA, Pallas) and NF4 (XLA, Pallas, XLA's
+"""Linear-kernel benchmark on Llama-3.1-8B shapes: the bf16 floor, LoRA (XLA, Pallas; opt-in `--paths lora_mosaic`:
+the Mosaic GPU GEMM, Hopper only, at token counts its tiles divide) and NF4 (XLA, Pallas, XLA's
 multiply-and-sum "reduce", and the gather-free formulations of benchmarks/nf4_formulations.py: nf4_split, nf4_concat,
 nf4_select).
 
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax import compiler_options, kernels
-from fastlora_jax.kernels import lora, nf4
+from fastlora_jax.kernels import lora, lora_mosaic, nf4
 from fastlora_jax.nf4 import NF4Array, nf4_sizes
 
 import nf4_formulations  # benchmarks/, beside this script
@@ -44,7 +45,8 @@ SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (in, out)
 TOKENS = (8192, 16, 1)
 RANKS = (16, 64)
 NF4_FORMULATION_PATHS = tuple(f"nf4_{f}" for f in nf4_formulations.FORMULATIONS)  # gather-free decodes
-PATHS = ("bf16", "lora_xla", "lora_pallas", "nf4_xla", "nf4_pallas", "nf4_reduce", *NF4_FORMULATION_PATHS)
+PATHS = ("bf16", "lora_xla", "lora_pallas", "lora_mosaic", "nf4_xla", "nf4_pallas", "nf4_reduce",
+         *NF4_FORMULATION_PATHS)
 REPO = Path(__file__).resolve().parent.parent
 # Decodes of the fused NF4 kernels to time side by side (--nf4-decodes), each with its own default tiles
 NF4_DECODES = ("select", "gather", "prmt", "prmt_gemv")
@@ -257,7 +259,7 @@ def _column(record: dict) -> str:
 
 def table(records: list[dict], shapes, tokens) -> str:
     variants = [f"nf4_pallas[{d}]" for d in NF4_DECODES]
-    cols = (["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas")]
+    cols = (["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas", "lora_mosaic")]
             + ["nf4_xla", "nf4_pallas", "nf4_reduce"] + list(NF4_FORMULATION_PATHS) + variants)
     present = {_column(rec) for rec in records if "tune" not in rec}
     cols = [c for c in cols if c in present]
@@ -285,7 +287,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tune", action="store_true", help="time alternative Pallas tiles first")
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES], help="IN x OUT")
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--paths", nargs="+", default=[p for p in PATHS if p != "lora_mosaic"], choices=PATHS)
     parser.add_argument("--parts", action="store_true",
                         help="also time the NF4 forward and input-gradient halves alone at the token counts <= 64")
     parser.add_argument("--nf4-decodes", nargs="+", default=[], choices=NF4_DECODES,
@@ -300,6 +302,9 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no new measurement after this long")
     parser.add_argument("--tune-reserve-s", type=float, default=25.0, help="of the budget, kept for --tune")
     args = parser.parse_args(argv)
+    if "lora_mosaic" in args.paths and not lora_mosaic.on_hopper():
+        parser.error(f"--paths lora_mosaic needs a Hopper GPU (compute capability 9.0); this is "
+                     f"{jax.devices()[0].device_kind!r}")
     options = compiler_options(*args.xla_option)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     deadline = time.perf_counter() + args.budget_s
@@ -318,6 +323,8 @@ def main(argv=None) -> None:
             for path in args.paths:
                 if path == "nf4_pallas" and m > 1024 and (k, n) != shapes[0]:
                     continue  # recomputes the dequantization per token tile: one shape shows it
+                if path == "lora_mosaic" and not (lora_mosaic.supports(m, n, k) and lora_mosaic.supports(m, k, n)):
+                    continue  # the forward [m, k] @ [k, n] and the input gradient [m, n] @ [n, k] must tile
                 for r in (RANKS if path.startswith("lora") else (0,)):
                     if m == 1 and r not in (0, RANKS[0]):
                         continue  # at one token the rank changes nothing measurable

@@ -237,7 +237,7 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mode", type=parse_mode, default="unsloth")
     p.add_argument("--qlora", action="store_true")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (compile-time study)")
-    p.add_argument("--implementation", default="auto", choices=["auto", "xla", "pallas"])
+    p.add_argument("--implementation", default="auto", choices=["auto", "xla", "pallas", "mosaic"])
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="cross-entropy chunk (tokens)")
     p.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk (default: the mode's)")
     p.add_argument("--layer-loop", action="store_true", help="scan_layers=False: a Python loop over the layers")

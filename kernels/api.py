@@ -1,9 +1,11 @@
-"""The one dispatch point the model calls for every linear layer: implementation "auto" | "xla" | "pallas".
+"""The one dispatch point the model calls for every linear layer: implementation "auto" | "xla" | "pallas" | "mosaic".
 
-"xla" is the plain-XLA formulation (with its own custom_vjp), "pallas" the Pallas kernels (compiled on a GPU,
-interpreted elsewhere), and "auto" picks Pallas only on a GPU and only for the (op, in, out, tokens) where the
-benchmark (benchmarks/kernels.py, recorded in benchmarks/RESULTS.md) measured it faster than XLA, and for NF4 at one
-token on a GPU XLA's multiply-and-sum form ("reduce"); XLA everywhere else.
+"xla" is the plain-XLA formulation (with its own custom_vjp), "pallas" the Pallas kernels (Triton; compiled on a GPU,
+interpreted elsewhere), "mosaic" LoRA's GEMMs with the rank-r term in their epilogue (Pallas Mosaic GPU, Hopper
+only, kernels/lora_mosaic.py; opt-in: not measured faster yet; NF4 layers refuse it), and "auto" picks Pallas only
+on a GPU and only for the (op, in, out, tokens) where the benchmark (benchmarks/kernels.py, recorded in
+benchmarks/RESULTS.md) measured it faster than XLA, and for NF4 at one token on a GPU XLA's multiply-and-sum form
+("reduce"); XLA everywhere else.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fastlora_jax.kernels import _compat, lora, nf4, reference
 if TYPE_CHECKING:
     from fastlora_jax.nf4 import NF4Array
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "mosaic")  # "mosaic": LoRA on Hopper only (kernels/lora_mosaic.py)
 
 _ANY_RANK = 1 << 30
 

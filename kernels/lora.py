@@ -158,13 +158,19 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, bias:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Config:
-    implementation: str  # "xla" | "pallas"
+    implementation: str  # "xla" | "pallas" | "mosaic"
     block_sizes: BlockSizes | None
     interpret: bool | None
 
 
 def _fused(x, w, u, v, bias, transpose: bool, cfg: _Config) -> jax.Array:
     """x @ w + u @ v (+ bias), w and v transposed when `transpose`; all operands in x.dtype."""
+    if cfg.implementation == "mosaic":  # the rank-r term in the GEMM's epilogue (Hopper); v is small: transpose it
+        from fastlora_jax.kernels import lora_mosaic
+
+        dt = x.dtype
+        y = lora_mosaic.lowrank_matmul(x, w.astype(dt), u, (v.T if transpose else v).astype(dt), transpose_w=transpose)
+        return y if bias is None else y + bias.astype(dt)
     if cfg.implementation == "pallas":
         return lowrank_matmul(x, w, u, v, bias, transpose=transpose, block_sizes=cfg.block_sizes,
                               interpret=cfg.interpret)
@@ -232,12 +238,13 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
     """x [..., in] @ w [in, out] + bias + scaling * (x @ a [in, r]) @ b [r, out] -> [..., out] in x.dtype.
 
     Differentiable in x, a, b, scaling and bias; w gets a symbolic-zero cotangent (it is frozen).
-    `implementation` is "xla" or "pallas" (the dispatch in `api` resolves "auto"); `interpret` defaults to
-    "not on a GPU".
+    `implementation` is "xla", "pallas" (Triton; interpreted off a GPU) or "mosaic" (kernels/lora_mosaic.py: Hopper
+    GPUs, token counts and features that divide into its tiles); the dispatch in `api` resolves "auto".
+    `interpret` defaults to "not on a GPU".
     """
     check_lora_shapes(x, w, a, b, scaling, bias)
-    if implementation not in ("xla", "pallas"):
-        raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas'")
+    if implementation not in ("xla", "pallas", "mosaic"):
+        raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'mosaic'")
     lead, n = x.shape[:-1], w.shape[1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
     if x2.shape[0] == 0:

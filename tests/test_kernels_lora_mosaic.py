@@ -1,0 +1,68 @@
+"""The Mosaic GPU LoRA GEMM (kernels/lora_mosaic.py): its products and lora_linear's gradients through it against the
+references, compiled on a Hopper GPU (it has no interpreter); its shape errors on every backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastlora_jax.kernels import lora, lora_mosaic, reference
+from helpers import rel_err
+from test_kernels_lora import forward_and_grads, make_inputs
+
+
+hopper = pytest.mark.skipif(not lora_mosaic.on_hopper(), reason="needs a Hopper GPU (compute capability 9.0): Mosaic GPU "
+                                                     "wgmma kernels do not run elsewhere")
+
+
+def _normal(key, shape, dtype, scale=1.0):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("m, k, n, r, transpose_w", [
+    (128, 64, 256, 1, False), (256, 512, 256, 8, True), (384, 1024, 512, 16, False), (256, 320, 768, 64, True)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_lowrank_matmul_matches_float32_product(m, k, n, r, transpose_w, dtype):
+    keys = jax.random.split(jax.random.key(m + k + n + r), 4)
+    x, u = _normal(keys[0], (m, k), dtype), _normal(keys[2], (m, r), dtype)
+    w = _normal(keys[1], (n, k) if transpose_w else (k, n), dtype, k ** -0.5)
+    v = _normal(keys[3], (r, n), dtype, r ** -0.5)
+    got = jax.jit(lambda *z: lora_mosaic.lowrank_matmul(*z, transpose_w=transpose_w))(x, w, u, v)
+    f32 = lambda z: z.astype(jnp.float32)
+    want = f32(x) @ (f32(w).T if transpose_w else f32(w)) + f32(u) @ f32(v)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert rel_err(got, want) < 1e-2, rel_err(got, want)
+    # The rank-r term is there: without it the product misses by far more than the rounding.
+    assert rel_err(got, f32(x) @ (f32(w).T if transpose_w else f32(w))) > 0.1
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("r", [16, 64])
+def test_lora_linear_mosaic_matches_reference(r):
+    inputs = make_inputs(256, 512, 256, r, jnp.bfloat16, seed=r)
+    got = forward_and_grads(lambda *z: lora.lora_linear(*z, implementation="mosaic"), *inputs)
+    want = forward_and_grads(reference.lora_linear_reference, *inputs)
+    for name, out, ref in zip(("y", "dx", "da", "db", "dbias", "dscaling"), got, want):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, (name, out.shape, out.dtype, ref.shape, ref.dtype)
+        assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
+
+
+def test_lowrank_matmul_refuses_shapes_it_cannot_tile():
+    x, w = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
+    u, v = jnp.zeros((128, 8), jnp.bfloat16), jnp.zeros((8, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"x\.shape=\(128, 64\) w\.shape=\(64, 256\) u\.shape=\(128, 8\) "
+                                         r"v\.shape=\(8, 255\)"):
+        lora_mosaic.lowrank_matmul(x, w, u, v[:, :255])
+    with pytest.raises(ValueError, match=r"\[120, 64\] @ \[64, 256\] does not divide into 128 x 256"):
+        lora_mosaic.lowrank_matmul(x[:120], w, u[:120], v)
+    with pytest.raises(ValueError, match="must all be bfloat16 or all float16; got x.dtype=float32"):
+        lora_mosaic.lowrank_matmul(x.astype(jnp.float32), w, u, v)
+    with pytest.raises(ValueError, match="rank 128 needs .* bytes of shared memory"):
+        lora_mosaic.lowrank_matmul(x, w, jnp.zeros((128, 100), jnp.bfloat16), jnp.zeros((100, 256), jnp.bfloat16))
+    assert lora_mosaic.supports(8192, 14336, 4096) and not lora_mosaic.supports(8192, 14336 + 64, 4096)
+    np.testing.assert_equal(lora_mosaic._padded_rank(1), lora_mosaic.MIN_RANK)
