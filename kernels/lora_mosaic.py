@@ -177,7 +177,7 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, *, tr
     """x [M, K] @ w [K, N] (w [N, K] transposed when transpose_w) + u [M, r] @ v [r, N] -> [M, N] in x.dtype.
 
     One Mosaic GPU kernel (Hopper); bfloat16 or float16 operands of one dtype, float32 accumulation. M, N and K must
-    divide into the tiles (`supports`); r is zero-padded to a power of two >= 16."""
+    divide into the tiles (`supports`); r is zero-padded to a power of two >= MIN_RANK."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     t = tiles or Tiles()

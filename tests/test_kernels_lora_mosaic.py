@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from fastlora_jax.kernels import lora, lora_mosaic, reference
 from helpers import rel_err
 from test_kernels_lora import forward_and_grads, make_inputs
 
-
-hopper = pytest.mark.skipif(not lora_mosaic.on_hopper(), reason="needs a Hopper GPU (compute capability 9.0): Mosaic GPU "
-                                                     "wgmma kernels do not run elsewhere")
+hopper = pytest.mark.skipif(not lora_mosaic.on_hopper(),
+                            reason="needs a Hopper GPU (compute capability 9.0): Mosaic GPU wgmma kernels run nowhere else")
 
 
 def _normal(key, shape, dtype, scale=1.0):
@@ -65,4 +63,4 @@ def test_lowrank_matmul_refuses_shapes_it_cannot_tile():
     with pytest.raises(ValueError, match="rank 128 needs .* bytes of shared memory"):
         lora_mosaic.lowrank_matmul(x, w, jnp.zeros((128, 100), jnp.bfloat16), jnp.zeros((100, 256), jnp.bfloat16))
     assert lora_mosaic.supports(8192, 14336, 4096) and not lora_mosaic.supports(8192, 14336 + 64, 4096)
-    np.testing.assert_equal(lora_mosaic._padded_rank(1), lora_mosaic.MIN_RANK)
+    assert lora_mosaic._padded_rank(1) == lora_mosaic.MIN_RANK and lora_mosaic._padded_rank(65) == 128
