@@ -12,7 +12,8 @@ from helpers import rel_err
 from test_kernels_lora import forward_and_grads, make_inputs
 
 hopper = pytest.mark.skipif(not lora_mosaic.on_hopper(),
-                            reason="needs a Hopper GPU (compute capability 9.0): Mosaic GPU wgmma kernels run nowhere else")
+                            reason="needs a Hopper GPU (compute capability 9.0): Mosaic GPU wgmma kernels "
+                                   "run nowhere else")
 
 
 def _normal(key, shape, dtype, scale=1.0):
