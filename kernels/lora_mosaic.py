@@ -1,6 +1,6 @@
 """LoRA linear's large products on Hopper GPUs as one Pallas Mosaic GPU GEMM each, the rank-r term in its epilogue.
 
-    y = x @ w + u @ v        x [M, K], w [K, N] (or [N, K] read transposed), u [M, r], v [r, N]
+    y = x @ w + u @ vt.T     x [M, K], w [K, N] (or [N, K] read transposed), u [M, r], vt [N, r]
 
 After the main loop has accumulated x @ w for an output tile, one more warpgroup MMA adds u @ v (K = r) to the
 float32 accumulator before the tile is rounded and stored: the [M, N] LoRA term is never written nor read back.
@@ -10,9 +10,11 @@ The kernel is persistent (one program per multiprocessor walks the output tiles)
 warpgroup streams x and w tiles into shared memory through TMA while two compute warpgroups run the MMAs, each on
 its half of the CTA's tile; the layout is that of JAX's own Hopper matmul
 (jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu), which ran at cuBLAS's rate on the 8B step's shapes with 4
-stages. The rank-r tiles leave room for 3 here, and at 3 this kernel took 15-18% longer than cuBLAS without the term
-(0-9% less than XLA's LoRA sum; benchmarks/RESULTS.md, "## Kernels", session 13): `implementation="mosaic"` is
-opt-in. Compiled on Hopper GPUs only (no interpreter).
+stages. Up to rank 16 the rank-r tiles (u and v^T, both rank-minor: wgmma wants one swizzle for both operands) leave
+room for 4 stages too, and the kernel then ran at cuBLAS's rate without the term on the transposed 14336->4096 input
+gradient (1241 vs 1239 us) and 13% above it on 4096->14336 (1382 vs 1221; cuBLAS with XLA's LoRA sum: 1413 and 1523;
+H100, benchmarks/RESULTS.md, "## Kernels", session 14). Ranks 17-64 get 3 stages (15-18% above cuBLAS, session 13).
+Compiled on Hopper GPUs only (no interpreter).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 _SMEM_BYTES = 227 * 1024  # a Hopper multiprocessor's shared memory for one block
-MIN_RANK = 64  # u and v are zero-padded to this rank: Mosaic GPU's layout inference refused rank-16 (32-byte) rows
+MIN_RANK = 16  # u and v^T are zero-padded to this rank (one MMA K step); their rows share one swizzle
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,7 +39,7 @@ class Tiles:
     tile_m: int = 128
     tile_n: int = 128
     tile_k: int = 64
-    stages: int = 3  # 4 leaves no shared memory for the rank-r tiles
+    stages: int = 4  # at ranks above 16 the rank-r tiles leave room for 3 (`default_tiles`)
     split: str = "n"
     band: int = 8
     epilogue_m: int = 64
@@ -74,7 +76,16 @@ def supports(m: int, n: int, k: int, tiles: Tiles | None = None) -> bool:
 
 
 def _padded_rank(r: int) -> int:
-    return max(MIN_RANK, 1 << max(0, r - 1).bit_length())  # 128-byte rows or more: the MMA operand swizzle
+    return max(MIN_RANK, 1 << max(0, r - 1).bit_length())  # a power of two: rows of 32, 64, 128... bytes
+
+
+def default_tiles(rank: int) -> Tiles:
+    """128 x 256 output tiles, 64 deep, with as many pipeline stages (4 or 3) as shared memory holds at `rank`."""
+    rp = _padded_rank(rank)
+    for stages in (4, 3):
+        if Tiles(stages=stages).smem_bytes(rp) <= _SMEM_BYTES:
+            return Tiles(stages=stages)
+    return Tiles(stages=2)  # fits up to rank 64; above, lowrank_matmul names the bytes it would need
 
 
 def _transforms(minor_elems: int, itemsize: int):
@@ -84,8 +95,8 @@ def _transforms(minor_elems: int, itemsize: int):
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem, *, t: Tiles, transpose_w: bool):
-    # x_gmem [M, K], w_gmem [K, N] ([N, K] if transpose_w), u_gmem [M, R], v_gmem [R, N]; out_gmem [M, N]
+def _kernel(x_gmem, w_gmem, u_gmem, vt_gmem, out_gmem, *, t: Tiles, transpose_w: bool):
+    # x_gmem [M, K], w_gmem [K, N] ([N, K] if transpose_w), u_gmem [M, R], vt_gmem [N, R]; out_gmem [M, N]
     import jax.experimental.pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -95,7 +106,8 @@ def _kernel(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem, *, t: Tiles, transpose_w: 
     n, rank = out_gmem.shape[1], u_gmem.shape[1]
     m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k
     k_major = _transforms(t.tile_k, size)  # x tiles [cta_m, tile_k], transposed w tiles [cta_n, tile_k]
-    n_major = _transforms(t.cta_n, size)  # w tiles [tile_k, cta_n], v tiles [R, tile_n]
+    n_major = _transforms(t.cta_n, size)  # w tiles [tile_k, cta_n]
+    r_major = _transforms(rank, size)  # u tiles [tile_m, R], vt tiles [tile_n, R]: wgmma wants one swizzle for both
     w_block = (t.cta_n, t.tile_k) if transpose_w else (t.tile_k, t.cta_n)
 
     def pipeline(body, context):
@@ -111,8 +123,8 @@ def _kernel(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem, *, t: Tiles, transpose_w: 
     @functools.partial(
         pl.run_scoped,
         allocations=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
-        u_smem=plgpu.SMEM((2, t.tile_m, rank), dtype, transforms=_transforms(rank, size)),
-        v_smem=plgpu.SMEM((2, rank, t.tile_n), dtype, transforms=n_major),
+        u_smem=plgpu.SMEM((2, t.tile_m, rank), dtype, transforms=r_major),
+        v_smem=plgpu.SMEM((2, t.tile_n, rank), dtype, transforms=r_major),
         out_smem=plgpu.SMEM((2, 2, t.epilogue_m, t.epilogue_n), out_gmem.dtype,
                             transforms=_transforms(t.epilogue_n, jnp.dtype(out_gmem.dtype).itemsize)),
         lora_loaded=plgpu.Barrier(num_barriers=4),
@@ -133,7 +145,7 @@ def _kernel(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem, *, t: Tiles, transpose_w: 
                 # This warpgroup's rank-r operands travel while the main loop runs.
                 plgpu.copy_gmem_to_smem(u_gmem.at[cta_rows, :].at[wg_rows, :], u_smem.at[wg],
                                         lora_loaded.at[2 * wg])
-                plgpu.copy_gmem_to_smem(v_gmem.at[:, cta_cols].at[:, wg_cols], v_smem.at[wg],
+                plgpu.copy_gmem_to_smem(vt_gmem.at[cta_cols, :].at[wg_cols, :], v_smem.at[wg],
                                         lora_loaded.at[2 * wg + 1])
 
                 @functools.partial(pl.run_scoped, acc=plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
@@ -141,7 +153,7 @@ def _kernel(x_gmem, w_gmem, u_gmem, v_gmem, out_gmem, *, t: Tiles, transpose_w: 
                     run_pipeline(acc)  # acc = x @ w for this tile
                     plgpu.barrier_wait(lora_loaded.at[2 * wg])
                     plgpu.barrier_wait(lora_loaded.at[2 * wg + 1])
-                    plgpu.wgmma(acc, u_smem.at[wg], v_smem.at[wg])  # acc += u @ v, K = R
+                    plgpu.wgmma(acc, u_smem.at[wg], plgpu.transpose_ref(v_smem.at[wg], (1, 0)))  # acc += u @ vt.T
                     plgpu.wgmma_wait(0)
                     y = acc[...].astype(out_gmem.dtype)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -177,10 +189,8 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, *, tr
     """x [M, K] @ w [K, N] (w [N, K] transposed when transpose_w) + u [M, r] @ v [r, N] -> [M, N] in x.dtype.
 
     One Mosaic GPU kernel (Hopper); bfloat16 or float16 operands of one dtype, float32 accumulation. M, N and K must
-    divide into the tiles (`supports`); r is zero-padded to a power of two >= MIN_RANK."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    t = tiles or Tiles()
+    divide into the tiles (`supports`); r is zero-padded to a power of two >= 16."""
+    t = tiles or default_tiles(u.shape[1])
     m, k = x.shape
     n = w.shape[0] if transpose_w else w.shape[1]
     r = u.shape[1]
@@ -198,12 +208,21 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, *, tr
     if t.smem_bytes(rp) > _SMEM_BYTES:
         raise ValueError(f"lowrank_matmul: {t} with rank {rp} needs {t.smem_bytes(rp)} bytes of shared memory; "
                          f"at most {_SMEM_BYTES}")
+    vt = v.T  # [N, r]: small (the caller can pass the LoRA factor that is stored that way and skip this)
     if rp != r:
-        u, v = jnp.pad(u, ((0, 0), (0, rp - r))), jnp.pad(v, ((0, rp - r), (0, 0)))
-    sms = jax.devices()[0].core_count
+        u, vt = jnp.pad(u, ((0, 0), (0, rp - r))), jnp.pad(vt, ((0, 0), (0, rp - r)))
+    return _call(x, w, u, vt, t=t, transpose_w=transpose_w)
+
+
+@functools.partial(jax.jit, static_argnames=("t", "transpose_w"))
+def _call(x, w, u, vt, *, t: Tiles, transpose_w: bool) -> jax.Array:
+    # A jit of its own: a model calls this once per layer and projection, and JAX lowers each distinct jit once
+    # per program (about 0.25 s and 190 kB of module each), so a Python loop over 32 layers costs one lowering.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     call = plgpu.kernel(
         functools.partial(_kernel, t=t, transpose_w=transpose_w),
-        out_type=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        out_type=jax.ShapeDtypeStruct((x.shape[0], vt.shape[0]), x.dtype),
+        grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    return call(x, w, u, v)
+    return call(x, w, u, vt)
