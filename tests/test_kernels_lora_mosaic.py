@@ -65,3 +65,26 @@ def test_lowrank_matmul_refuses_shapes_it_cannot_tile():
         lora_mosaic.lowrank_matmul(x, w, jnp.zeros((128, 100), jnp.bfloat16), jnp.zeros((100, 256), jnp.bfloat16))
     assert lora_mosaic.supports(8192, 14336, 4096) and not lora_mosaic.supports(8192, 14336 + 64, 4096)
     assert lora_mosaic._padded_rank(1) == lora_mosaic.MIN_RANK and lora_mosaic._padded_rank(65) == 128
+
+
+class _Hopper:
+    core_count = 132  # what lowrank_matmul reads from jax.devices()[0]: an H100's multiprocessors
+
+
+@pytest.mark.parametrize("r, transpose_w", [(1, True), (16, False), (64, True)])
+def test_kernel_lowers_for_cuda_and_once_per_program(monkeypatch, r, transpose_w):
+    # On any backend: lowering for cuda runs Mosaic GPU's layout checks (it caught mismatched operand swizzles), and
+    # four calls of one shape must lower into one kernel (a Python loop over layers must not lower it per call).
+    monkeypatch.setattr(jax, "devices", lambda *_: [_Hopper()])
+    x = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16)
+    u, v = jax.ShapeDtypeStruct((256, r), jnp.bfloat16), jax.ShapeDtypeStruct((r, 512), jnp.bfloat16)
+
+    def four_calls(x, w, u, v):
+        for _ in range(4):
+            x = lora_mosaic.lowrank_matmul(x, w, u, v, transpose_w=transpose_w)
+        return x
+
+    text = jax.jit(four_calls).trace(x, w, u, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1, text.count("custom_call @mosaic_gpu")
+    assert text.count("call @_call(") == 4
