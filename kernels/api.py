@@ -2,10 +2,10 @@
 
 "xla" is the plain-XLA formulation (with its own custom_vjp), "pallas" the Pallas kernels (Triton; compiled on a GPU,
 interpreted elsewhere), "mosaic" LoRA's GEMMs with the rank-r term in their epilogue (Pallas Mosaic GPU, Hopper
-only, kernels/lora_mosaic.py; opt-in: not measured faster yet; NF4 layers refuse it), and "auto" picks Pallas only
-on a GPU and only for the (op, in, out, tokens) where the benchmark (benchmarks/kernels.py, recorded in
-benchmarks/RESULTS.md) measured it faster than XLA, and for NF4 at one token on a GPU XLA's multiply-and-sum form
-("reduce"); XLA everywhere else.
+only, kernels/lora_mosaic.py; NF4 layers refuse it). "auto" picks "mosaic" for LoRA on a single Hopper GPU wherever
+its tiles fit, Pallas only on a GPU and only for the (op, in, out, tokens) where the benchmark (benchmarks/kernels.py,
+recorded in benchmarks/RESULTS.md) measured it faster than XLA, and for NF4 at one token on a GPU XLA's
+multiply-and-sum form ("reduce"); XLA everywhere else.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import math
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 
-from fastlora_jax.kernels import _compat, lora, nf4, reference
+from fastlora_jax.kernels import _compat, lora, lora_mosaic, nf4, reference
 
 if TYPE_CHECKING:
     from fastlora_jax.nf4 import NF4Array
@@ -68,20 +69,41 @@ NF4_REDUCE_FASTER_ON_GPU = ((4096, 4096),)
 NF4_REDUCE_MAX_TOKENS = 1
 
 
+# LoRA on a Hopper GPU wherever the Mosaic GEMM's tiles divide the token count and both feature sizes, at ranks up to
+# MOSAIC_MAX_RANK (kernels/lora_mosaic.py: 4 pipeline stages; at rank 64 it has room for 3 and lost to XLA on three
+# of the four 8B shapes). Measured on an NVIDIA H100 (JAX 0.11.2, 2026-12-06, benchmarks/RESULTS.md, session 14):
+# the 8B "unsloth" step 12,716 / 12,643 vs 12,000 / 12,084 tokens/s with XLA, at 17.05 vs 17.27 GiB; the layer's
+# forward + backward at 8192 tokens, r16, per 8B shape 1.12-1.27x the bf16 matmul vs 1.13-1.51x with XLA. Not yet
+# measured through "auto": the "dots" step with the layer loop (its lowering, once per call site then, ran past 170 s).
+MOSAIC_MAX_RANK = 16
+
+
+def _mosaic_fits(in_features: int, out_features: int, tokens: int, rank: int, dtype) -> bool:
+    # One device only: XLA's SPMD partitioner cannot split a custom call, so sharded programs keep XLA's dots.
+    return (dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and rank <= MOSAIC_MAX_RANK
+            and lora_mosaic.on_hopper() and jax.device_count() == 1
+            and lora_mosaic.supports(tokens, out_features, in_features)  # the forward's GEMM
+            and lora_mosaic.supports(tokens, in_features, out_features))  # the input gradient's
+
+
 def _check_implementation(implementation: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; accepted: {', '.join(IMPLEMENTATIONS)}")
     return implementation
 
 
-def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int, rank: int = 0) -> str:
-    """The implementation that runs: "auto" becomes "pallas" only on a GPU and where PALLAS_FASTER_ON_GPU lists the
-    shape, token count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU for the NF4_REDUCE_FASTER_ON_GPU
-    shapes at up to NF4_REDUCE_MAX_TOKENS tokens."""
+def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int, rank: int = 0,
+            dtype=None) -> str:
+    """The implementation that runs: "auto" becomes LoRA's "mosaic" on a Hopper GPU where its tiles fit (16-bit
+    `dtype`, rank <= MOSAIC_MAX_RANK), "pallas" only on a GPU and where PALLAS_FASTER_ON_GPU lists the shape, token
+    count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU for the NF4_REDUCE_FASTER_ON_GPU shapes at up to
+    NF4_REDUCE_MAX_TOKENS tokens; XLA elsewhere."""
     if _check_implementation(implementation) != "auto":
         return implementation
     if not _compat.on_gpu():
         return "xla"
+    if op == "lora" and _mosaic_fits(in_features, out_features, tokens, rank, dtype):
+        return "mosaic"
     for k, n, lo, hi, min_rank, max_rank in PALLAS_FASTER_ON_GPU[op]:
         if (k, n) == (in_features, out_features) and lo <= tokens <= hi and min_rank <= rank <= max_rank:
             return "pallas"
@@ -103,7 +125,7 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
     Gradients flow to x, a, b, scaling and bias; w's cotangent is a symbolic zero (no weight gradient is computed).
     """
     lora.check_lora_shapes(x, w, a, b, scaling, bias)
-    impl = resolve("lora", implementation, w.shape[0], w.shape[1], math.prod(x.shape[:-1]), a.shape[1])
+    impl = resolve("lora", implementation, w.shape[0], w.shape[1], math.prod(x.shape[:-1]), a.shape[1], x.dtype)
     return lora.lora_linear(x, w, a, b, scaling, bias, implementation=impl)
 
 

@@ -144,7 +144,7 @@ def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
     assert api.resolve("lora", "auto", 4096, 4096, 16, 64) == "pallas"
     assert api.resolve("lora", "auto", 4096, 4096, 16, 16) == "xla"  # measured, not faster
     assert api.resolve("lora", "auto", 4096, 1024, 4096, 16) == "xla"  # token count not measured
-    assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # the whole step is faster with XLA
+    assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # not a Hopper GPU (or no dtype given)
     assert api.resolve("nf4", "auto", 4096, 4096, 1) == "reduce"  # one token: the multiply-and-sum form
     assert api.resolve("nf4", "auto", 4096, 14336, 1) == "pallas"  # ... except where the kernel measured faster
     assert api.resolve("nf4", "auto", 4096, 14336, 16) == "pallas"  # the fused kernel's forward, 2..16 tokens
@@ -153,3 +153,24 @@ def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
     assert api.resolve("nf4", "auto", 4096, 1024, 16) == "xla"  # measured, not reliably faster
     assert api.resolve("nf4", "auto", 4096, 1024, 1) == "xla"  # measured, not faster
     assert api.resolve("nf4", "xla", 4096, 14336, 1) == "xla"  # asked for: kept
+
+
+def test_auto_picks_the_mosaic_gemm_where_its_tiles_fit_on_one_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(api._compat, "on_gpu", lambda: True)
+    monkeypatch.setattr(api.lora_mosaic, "on_hopper", lambda: True)
+    monkeypatch.setattr(api.jax, "device_count", lambda: 1)
+    bf16 = jnp.bfloat16
+    assert api.resolve("lora", "auto", 4096, 14336, 8192, 16, bf16) == "mosaic"
+    assert api.resolve("lora", "auto", 4096, 1024, 8192, 1, jnp.float16) == "mosaic"
+    assert api.resolve("lora", "auto", 4096, 14336, 8192, 64, bf16) == "xla"  # rank 64: 3 stages, measured slower
+    assert api.resolve("lora", "auto", 4096, 14336, 8192 - 64, 16, bf16) == "xla"  # tokens not a multiple of 128
+    assert api.resolve("lora", "auto", 4096 + 64, 4096, 8192, 16, bf16) == "xla"  # in: the input gradient's N
+    assert api.resolve("lora", "auto", 4096, 14336, 8192, 16, jnp.float32) == "xla"  # 16-bit operands only
+    assert api.resolve("lora", "auto", 4096, 14336, 8192, 16) == "xla"  # dtype unknown
+    assert api.resolve("lora", "auto", 4096, 1024, 16, 16, bf16) == "pallas"  # 16 tokens: the Triton table
+    assert api.resolve("lora", "xla", 4096, 14336, 8192, 16, bf16) == "xla"
+    monkeypatch.setattr(api.jax, "device_count", lambda: 2)
+    assert api.resolve("lora", "auto", 4096, 14336, 8192, 16, bf16) == "xla"  # a custom call is not partitioned
+    monkeypatch.setattr(api.jax, "device_count", lambda: 1)
+    monkeypatch.setattr(api.lora_mosaic, "on_hopper", lambda: False)
+    assert api.resolve("lora", "auto", 4096, 14336, 8192, 16, bf16) == "xla"
