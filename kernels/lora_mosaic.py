@@ -208,7 +208,7 @@ def lowrank_matmul(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, *, tr
     if t.smem_bytes(rp) > _SMEM_BYTES:
         raise ValueError(f"lowrank_matmul: {t} with rank {rp} needs {t.smem_bytes(rp)} bytes of shared memory; "
                          f"at most {_SMEM_BYTES}")
-    vt = v.T  # [N, r]: small (the caller can pass the LoRA factor that is stored that way and skip this)
+    vt = v.T  # [N, r], rank-minor like u (a small copy; XLA cancels it against a caller's own transpose)
     if rp != r:
         u, vt = jnp.pad(u, ((0, 0), (0, rp - r))), jnp.pad(vt, ((0, 0), (0, rp - r)))
     return _call(x, w, u, vt, t=t, transpose_w=transpose_w)
