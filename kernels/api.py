@@ -2,7 +2,8 @@
 
 "xla" is the plain-XLA formulation (with its own custom_vjp), "pallas" the Pallas kernels (Triton; compiled on a GPU,
 interpreted elsewhere), "mosaic" LoRA's GEMMs with the rank-r term in their epilogue (Pallas Mosaic GPU, Hopper
-only, kernels/lora_mosaic.py; NF4 layers refuse it). "auto" picks "mosaic" for LoRA on a single Hopper GPU wherever
+only, kernels/lora_mosaic.py; NF4 layers take it only with LoRA factors, after XLA dequantizes the weight, and only
+when asked: not measured yet). "auto" picks "mosaic" for LoRA on a single Hopper GPU wherever
 its tiles fit, Pallas only on a GPU and only for the (op, in, out, tokens) where the benchmark (benchmarks/kernels.py,
 recorded in benchmarks/RESULTS.md) measured it faster than XLA, and for NF4 at one token on a GPU XLA's
 multiply-and-sum form ("reduce"); XLA everywhere else.
@@ -103,7 +104,7 @@ def resolve(op: str, implementation: str, in_features: int, out_features: int, t
     if not _compat.on_gpu():
         return "xla"
     if op == "lora" and _mosaic_fits(in_features, out_features, tokens, rank, dtype):
-        return "mosaic"
+        return "mosaic"  # (NF4 + LoRA takes it only when asked: not measured yet)
     for k, n, lo, hi, min_rank, max_rank in PALLAS_FASTER_ON_GPU[op]:
         if (k, n) == (in_features, out_features) and lo <= tokens <= hi and min_rank <= rank <= max_rank:
             return "pallas"
@@ -141,5 +142,5 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     nf4.check_nf4_shapes(x, w, bias, a, b)
     out_features, in_features = w.shape
     impl = resolve("nf4", implementation, in_features, out_features, math.prod(x.shape[:-1]),
-                   0 if a is None else a.shape[1])
+                   0 if a is None else a.shape[1], x.dtype)
     return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation=impl, rounding=rounding)

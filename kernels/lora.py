@@ -161,23 +161,30 @@ class _Config:
     implementation: str  # "xla" | "pallas" | "mosaic"
     block_sizes: BlockSizes | None
     interpret: bool | None
+    nf4_rounding: str | None = None  # w is one NF4 weight [out, in], dequantized with this rounding in each pass
 
 
 def _fused(x, w, u, v, bias, transpose: bool, cfg: _Config) -> jax.Array:
-    """x @ w + u @ v (+ bias), w and v transposed when `transpose`; all operands in x.dtype."""
+    """x @ w + u @ v (+ bias), w and v transposed when `transpose`; all operands in x.dtype. With cfg.nf4_rounding,
+    w is an NF4 weight [out, in] (w.T in these terms), dequantized here and alive only inside this pass."""
+    dt = x.dtype
+    transpose_w = transpose
+    if cfg.nf4_rounding is not None:
+        from fastlora_jax.nf4 import dequantize_nf4
+
+        w, transpose_w = dequantize_nf4(w, dt, cfg.nf4_rounding), not transpose  # [out, in]
     if cfg.implementation == "mosaic":  # the rank-r term in the GEMM's epilogue (Hopper); v is small: transpose it
         from fastlora_jax.kernels import lora_mosaic
 
-        dt = x.dtype
-        y = lora_mosaic.lowrank_matmul(x, w.astype(dt), u, (v.T if transpose else v).astype(dt), transpose_w=transpose)
+        y = lora_mosaic.lowrank_matmul(x, w.astype(dt), u, (v.T if transpose else v).astype(dt),
+                                       transpose_w=transpose_w)
         return y if bias is None else y + bias.astype(dt)
     if cfg.implementation == "pallas":
         return lowrank_matmul(x, w, u, v, bias, transpose=transpose, block_sizes=cfg.block_sizes,
                               interpret=cfg.interpret)
     # XLA: two dots written straight in x.dtype (float32 accumulation inside the GEMM; a float32 output would cost
     # a [M, N] float32 write and a separate convert pass), then one add.
-    dt = x.dtype
-    y = _dot(x, w.astype(dt), transpose, out_dtype=dt)
+    y = _dot(x, w.astype(dt), transpose_w, out_dtype=dt)
     if bias is not None:
         y = y + bias.astype(dt)
     return y + _dot(u, v.astype(dt), transpose, out_dtype=dt)
@@ -252,3 +259,15 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
     cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret)
     y = _lora(x2, w, a, b, jnp.asarray(scaling, _F32), bias, cfg)
     return y.reshape(*lead, n)
+
+
+def nf4_lora_linear(x: jax.Array, w, a: jax.Array, b: jax.Array, scaling: float | jax.Array,
+                    bias: jax.Array | None = None, *, rounding: str, implementation: str = "mosaic") -> jax.Array:
+    """x [M, in] @ dequantize(w, rounding).T + bias + scaling * (x @ a) @ b through this module's custom_vjp, w ONE NF4
+    weight [out, in] dequantized in the forward and again in the backward pass (never kept). `rounding` is one of
+    fastlora_jax.nf4.ROUNDINGS (the caller resolves "bitsandbytes"); `implementation` "mosaic" or "xla" (not
+    "pallas": its kernel reads w in one orientation only)."""
+    if implementation not in ("xla", "mosaic"):
+        raise ValueError(f"nf4_lora_linear: implementation={implementation!r}; accepted: 'xla', 'mosaic'")
+    cfg = _Config(implementation=implementation, block_sizes=None, interpret=None, nf4_rounding=rounding)
+    return _lora(x, w, a, b, jnp.asarray(scaling, _F32), bias, cfg)

@@ -419,14 +419,18 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     "pallas" needs in % 64 == 0 (every 64-block of codes inside one row). "reduce" is XLA with the forward product
     as a multiply-and-sum instead of a matmul (what "auto" runs for one token on a GPU where `api` lists it). The
     LoRA branch, when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to
-    the NF4 product.
+    the NF4 product; "mosaic" (LoRA factors required; Hopper, token count and features that divide its tiles)
+    instead dequantizes w with XLA in each pass and adds the rank-r term inside kernels/lora_mosaic.py's GEMM.
     """
     from fastlora_jax.nf4 import LAYER_ROUNDINGS, check_rounding
 
     check_nf4_shapes(x, w, bias, a, b)
     check_rounding(rounding, LAYER_ROUNDINGS)
-    if implementation not in ("xla", "pallas", "reduce"):
-        raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'reduce'")
+    if implementation not in ("xla", "pallas", "reduce", "mosaic"):
+        raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'reduce', 'mosaic'")
+    if implementation == "mosaic" and a is None:
+        raise ValueError(f"nf4_linear(implementation='mosaic') needs the LoRA factors a and b (the rank-r term is "
+                         f"what its GEMM adds); got a=None for w.shape={w.shape}")
     out_features, in_features = w.shape
     if implementation == "pallas" and in_features % _BLOCK:
         raise ValueError(f"nf4_linear(implementation='pallas') needs in_features % 64 == 0; got w.shape={w.shape}")
@@ -434,6 +438,13 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     x2 = x.reshape(-1, in_features)  # [M, in]
     if x2.shape[0] == 0:
         implementation = "xla"
+    if implementation == "mosaic":  # NF4 + LoRA: kernels/lora.py's custom_vjp, the LoRA term in the GEMM's epilogue
+        from fastlora_jax.kernels.lora import nf4_lora_linear
+        from fastlora_jax.nf4 import rounding_of_call
+
+        call_rounding = rounding_of_call(rounding, x2.shape[0], in_features, differentiated=True)
+        y = nf4_lora_linear(x2, w, a, b, scaling, bias, rounding=call_rounding)
+        return y.reshape(*lead, out_features)
     forward_blocks, backward_blocks = block_sizes if isinstance(block_sizes, tuple) else (block_sizes,) * 2
     cfg = _Config(implementation=implementation, forward_blocks=forward_blocks, backward_blocks=backward_blocks,
                   interpret=interpret, rounding=rounding)

@@ -51,6 +51,22 @@ def test_lora_linear_mosaic_matches_reference(r):
         assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
 
 
+@pytest.mark.gpu
+@hopper
+def test_nf4_lora_linear_mosaic_matches_reference():
+    from test_kernels_nf4 import forward_and_grads as nf4_forward_and_grads
+    from test_kernels_nf4 import make_inputs as nf4_inputs
+
+    from fastlora_jax.kernels import nf4
+
+    inputs = nf4_inputs(256, 512, 256, 16, jnp.bfloat16, seed=7)
+    got = nf4_forward_and_grads(lambda *z: nf4.nf4_linear(*z, implementation="mosaic"), *inputs)
+    want = nf4_forward_and_grads(reference.nf4_linear_reference, *inputs)
+    for name, out, ref in zip(("y", "dx", "dbias", "da", "db"), got, want):
+        assert out.shape == ref.shape and out.dtype == ref.dtype, (name, out.shape, out.dtype, ref.shape, ref.dtype)
+        assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
+
+
 def test_lowrank_matmul_refuses_shapes_it_cannot_tile():
     x, w = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
     u, v = jnp.zeros((128, 8), jnp.bfloat16), jnp.zeros((8, 256), jnp.bfloat16)
