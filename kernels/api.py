@@ -75,7 +75,8 @@ NF4_REDUCE_MAX_TOKENS = 1
 # of the four 8B shapes). Measured on an NVIDIA H100 (JAX 0.11.2, 2026-12-06, benchmarks/RESULTS.md, session 14):
 # the 8B "unsloth" step 12,716 / 12,643 vs 12,000 / 12,084 tokens/s with XLA, at 17.05 vs 17.27 GiB; the layer's
 # forward + backward at 8192 tokens, r16, per 8B shape 1.12-1.27x the bf16 matmul vs 1.13-1.51x with XLA. Not yet
-# measured through "auto": the "dots" step with the layer loop (its lowering, once per call site then, ran past 170 s).
+# measured through "auto": the "dots" step with the layer loop (before the kernel's own jit, which lowers it once per
+# program, that step printed no result within 170 s).
 MOSAIC_MAX_RANK = 16
 
 

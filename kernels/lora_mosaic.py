@@ -80,12 +80,10 @@ def _padded_rank(r: int) -> int:
 
 
 def default_tiles(rank: int) -> Tiles:
-    """128 x 256 output tiles, 64 deep, with as many pipeline stages (4 or 3) as shared memory holds at `rank`."""
-    rp = _padded_rank(rank)
-    for stages in (4, 3):
-        if Tiles(stages=stages).smem_bytes(rp) <= _SMEM_BYTES:
-            return Tiles(stages=stages)
-    return Tiles(stages=2)  # fits up to rank 64; above, lowrank_matmul names the bytes it would need
+    """128 x 256 output tiles, 64 deep: 4 pipeline stages where shared memory holds them at `rank` (up to 16), else
+    3 (enough up to rank 64; above, lowrank_matmul names the bytes it would need)."""
+    four = Tiles(stages=4)
+    return four if four.smem_bytes(_padded_rank(rank)) <= _SMEM_BYTES else Tiles(stages=3)
 
 
 def _transforms(minor_elems: int, itemsize: int):

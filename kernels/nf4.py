@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from fastlora_jax.kernels import _compat, nf4_ptx
-from fastlora_jax.kernels.lora import XA_NAME
+from fastlora_jax.kernels.lora import XA_NAME, nf4_lora_linear
 
 if TYPE_CHECKING:
     from fastlora_jax.nf4 import NF4Array
@@ -439,9 +439,9 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     if x2.shape[0] == 0:
         implementation = "xla"
     if implementation == "mosaic":  # NF4 + LoRA: kernels/lora.py's custom_vjp, the LoRA term in the GEMM's epilogue
-        from fastlora_jax.kernels.lora import nf4_lora_linear
         from fastlora_jax.nf4 import rounding_of_call
 
+        # Its tiles take >= 128 tokens, where "bitsandbytes" dequantizes whether or not the call is differentiated.
         call_rounding = rounding_of_call(rounding, x2.shape[0], in_features, differentiated=True)
         y = nf4_lora_linear(x2, w, a, b, scaling, bias, rounding=call_rounding)
         return y.reshape(*lead, out_features)
