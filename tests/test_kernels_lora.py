@@ -169,7 +169,9 @@ def test_auto_picks_the_mosaic_gemm_where_its_tiles_fit_on_one_hopper_gpu(monkey
     assert api.resolve("lora", "auto", 4096, 14336, 8192, 16) == "xla"  # dtype unknown
     assert api.resolve("lora", "auto", 4096, 1024, 16, 16, bf16) == "pallas"  # 16 tokens: the Triton table
     assert api.resolve("lora", "xla", 4096, 14336, 8192, 16, bf16) == "xla"
-    assert api.resolve("nf4", "auto", 4096, 14336, 8192, 16, bf16) == "xla"  # NF4 + LoRA: only when asked
+    assert api.resolve("nf4", "auto", 4096, 14336, 8192, 16, bf16) == "mosaic"  # NF4 + LoRA, weight dequantized
+    assert api.resolve("nf4", "auto", 4096, 14336, 8192, 0, bf16) == "xla"  # NF4 alone: no rank-r term
+    assert api.resolve("nf4", "auto", 4096, 14336, 8192, 64, bf16) == "xla"
     monkeypatch.setattr(api.jax, "device_count", lambda: 2)
     assert api.resolve("lora", "auto", 4096, 14336, 8192, 16, bf16) == "xla"  # a custom call is not partitioned
     monkeypatch.setattr(api.jax, "device_count", lambda: 1)
