@@ -3,9 +3,10 @@
 "xla" is the plain-XLA formulation (with its own custom_vjp), "pallas" the Pallas kernels (Triton; compiled on a GPU,
 interpreted elsewhere), "mosaic" LoRA's GEMMs with the rank-r term in their epilogue (Pallas Mosaic GPU, Hopper
 only, kernels/lora_mosaic.py; NF4 layers take it only with LoRA factors, after XLA dequantizes the weight). "auto"
-picks "mosaic" for LoRA and NF4 + LoRA on a single Hopper GPU wherever its tiles fit, Pallas only on a GPU and only for the (op, in, out, tokens) where the benchmark (benchmarks/kernels.py,
-recorded in benchmarks/RESULTS.md) measured it faster than XLA, and for NF4 at one token on a GPU XLA's
-multiply-and-sum form ("reduce"); XLA everywhere else.
+picks "mosaic" for LoRA and NF4 + LoRA on a single Hopper GPU wherever its tiles fit, Pallas only on a GPU and only
+for the (op, in, out, tokens) where the benchmark (benchmarks/kernels.py, recorded in benchmarks/RESULTS.md)
+measured it faster than XLA, and for NF4 at one token on a GPU XLA's multiply-and-sum form ("reduce"); XLA
+everywhere else.
 """
 
 from __future__ import annotations
@@ -69,15 +70,15 @@ NF4_REDUCE_FASTER_ON_GPU = ((4096, 4096),)
 NF4_REDUCE_MAX_TOKENS = 1
 
 
-# LoRA and NF4 + LoRA on a Hopper GPU wherever the Mosaic GEMM's tiles divide the token count and both feature sizes, at ranks up to
-# MOSAIC_MAX_RANK (kernels/lora_mosaic.py: 4 pipeline stages; at rank 64 it has room for 3 and lost to XLA on three
-# of the four 8B shapes). Measured on an NVIDIA H100 (JAX 0.11.2, 2026-12-06, benchmarks/RESULTS.md, session 14):
-# the 8B "unsloth" step 12,716 / 12,643 vs 12,000 / 12,084 tokens/s with XLA, at 17.05 vs 17.27 GiB; the layer's
-# forward + backward at 8192 tokens, r16, per 8B shape 1.12-1.27x the bf16 matmul vs 1.13-1.51x with XLA. Through
-# "auto" (session 15, H100, tokens/s against --implementation xla in the same call): 8B "dots" with the layer loop
-# 16,627 / 16,554 vs 16,092 / 16,149 (compiles in 37-55 s vs 29-31 s), 8B "unsloth" 12,434 vs 11,895, 1B "dots"
-# 82,667 vs 79,238; 8B QLoRA "unsloth" (NF4 + LoRA, --implementation mosaic) 11,780 / 11,820 / 11,811 vs 11,612 /
-# 11,549 / 11,596 at 7.50 vs 7.68 GiB.
+# LoRA and NF4 + LoRA on a Hopper GPU wherever the Mosaic GEMM's tiles divide the token count and both feature sizes, at
+# ranks up to MOSAIC_MAX_RANK (kernels/lora_mosaic.py: 4 pipeline stages; at rank 64 it has room for 3 and lost to XLA
+# on three of the four 8B shapes). Measured on an NVIDIA H100 (JAX 0.11.2, 2026-12-06, benchmarks/RESULTS.md, session
+# 14): the 8B "unsloth" step 12,716 / 12,643 vs 12,000 / 12,084 tokens/s with XLA, at 17.05 vs 17.27 GiB; the layer's
+# forward + backward at 8192 tokens, r16, per 8B shape 1.12-1.27x the bf16 matmul vs 1.13-1.51x with XLA. Through "auto"
+# (session 15, H100, tokens/s against --implementation xla in the same call): 8B "dots" with the layer loop 16,627 /
+# 16,554 vs 16,092 / 16,149 (compiles in 37-55 s vs 29-31 s), 8B "unsloth" 12,434 vs 11,895, 1B "dots" 82,667 vs 79,238;
+# 8B QLoRA "unsloth" (NF4 + LoRA, --implementation mosaic) 11,780 / 11,820 / 11,811 vs 11,612 / 11,549 / 11,596 at 7.50
+# vs 7.68 GiB.
 MOSAIC_MAX_RANK = 16
 
 
@@ -98,9 +99,9 @@ def _check_implementation(implementation: str) -> str:
 def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int, rank: int = 0,
             dtype=None) -> str:
     """The implementation that runs: "auto" becomes "mosaic" for LoRA and NF4 + LoRA (rank > 0) on a Hopper GPU
-    where its tiles fit (16-bit `dtype`, rank <= MOSAIC_MAX_RANK), "pallas" only on a GPU and where PALLAS_FASTER_ON_GPU lists the shape, token
-    count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU for the NF4_REDUCE_FASTER_ON_GPU shapes at up to
-    NF4_REDUCE_MAX_TOKENS tokens; XLA elsewhere."""
+    where its tiles fit (16-bit `dtype`, rank <= MOSAIC_MAX_RANK), "pallas" only on a GPU and where
+    PALLAS_FASTER_ON_GPU lists the shape, token count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU for the
+    NF4_REDUCE_FASTER_ON_GPU shapes at up to NF4_REDUCE_MAX_TOKENS tokens; XLA elsewhere."""
     if _check_implementation(implementation) != "auto":
         return implementation
     if not _compat.on_gpu():
