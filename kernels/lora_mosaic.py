@@ -14,6 +14,9 @@ stages. Up to rank 16 the rank-r tiles (u and v^T, both rank-minor: wgmma wants 
 room for 4 stages too, and the kernel then ran at cuBLAS's rate without the term on the transposed 14336->4096 input
 gradient (1241 vs 1239 us) and 13% above it on 4096->14336 (1382 vs 1221; cuBLAS with XLA's LoRA sum: 1413 and 1523;
 H100, benchmarks/RESULTS.md, "## Kernels", session 14). Ranks 17-64 get 3 stages (15-18% above cuBLAS, session 13).
+By default each output tile's pipeline fills and drains on its own; `Tiles(steady=True)` runs one pipeline across a
+program's tiles (opt-in: it lowers on CPU; neither its compiled test nor a timing has run yet). Expected to matter
+more to the forward's 64 K steps a tile than to the input gradient's 224.
 Compiled on Hopper GPUs only (no interpreter).
 """
 
@@ -34,7 +37,10 @@ MIN_RANK = 16  # u and v^T are zero-padded to this rank (one MMA K step); their 
 class Tiles:
     """Tiles of `lowrank_matmul`: each compute warpgroup owns a [tile_m, tile_n] float32 accumulator; the two of a
     CTA split its tile along `split` ("m" or "n"); `stages` x and w tiles are in flight; output tiles are visited
-    in bands `band` tiles wide (L2 reuse of w's panels); the epilogue stores [epilogue_m, epilogue_n] pieces."""
+    in bands `band` tiles wide (L2 reuse of w's panels); the epilogue stores [epilogue_m, epilogue_n] pieces.
+    `steady`: one pipeline across a program's output tiles, the next tile's loads issued while the last steps of
+    this one run (Pallas' pipeline of pipelines; where every program has two tiles or more and the K steps divide
+    into the stages), instead of draining the pipeline after each tile."""
 
     tile_m: int = 128
     tile_n: int = 128
@@ -44,6 +50,7 @@ class Tiles:
     band: int = 8
     epilogue_m: int = 64
     epilogue_n: int = 32
+    steady: bool = False
 
     def __post_init__(self):
         if self.split not in ("m", "n"):
@@ -93,7 +100,7 @@ def _transforms(minor_elems: int, itemsize: int):
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(x_gmem, w_gmem, u_gmem, vt_gmem, out_gmem, *, t: Tiles, transpose_w: bool):
+def _kernel(x_gmem, w_gmem, u_gmem, vt_gmem, out_gmem, *, t: Tiles, transpose_w: bool, programs: int):
     # x_gmem [M, K], w_gmem [K, N] ([N, K] if transpose_w), u_gmem [M, R], vt_gmem [N, R]; out_gmem [M, N]
     import jax.experimental.pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -103,15 +110,18 @@ def _kernel(x_gmem, w_gmem, u_gmem, vt_gmem, out_gmem, *, t: Tiles, transpose_w:
     m, k = x_gmem.shape
     n, rank = out_gmem.shape[1], u_gmem.shape[1]
     m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k
+    # One pipeline across tiles needs a first and a last tile in every program (two tiles each) and slots that line
+    # up from one tile to the next (K steps a multiple of the stages).
+    steady = t.steady and m_tiles * n_tiles >= 2 * programs and k_steps % t.stages == 0
     k_major = _transforms(t.tile_k, size)  # x tiles [cta_m, tile_k], transposed w tiles [cta_n, tile_k]
     n_major = _transforms(t.cta_n, size)  # w tiles [tile_k, cta_n]
     r_major = _transforms(rank, size)  # u tiles [tile_m, R], vt tiles [tile_n, R]: wgmma wants one swizzle for both
     w_block = (t.cta_n, t.tile_k) if transpose_w else (t.tile_k, t.cta_n)
 
-    def pipeline(body, context):
+    def pipeline(body, context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            max_concurrent_steps=t.stages, compute_context=context,
+            max_concurrent_steps=t.stages, compute_context=context, pipeline_state=state,
             in_specs=[plgpu.BlockSpec((t.cta_m, t.tile_k), lambda s: (0, s), transforms=k_major),
                       plgpu.BlockSpec(w_block, (lambda s: (0, s)) if transpose_w else (lambda s: (s, 0)),
                                       transforms=k_major if transpose_w else n_major)])
@@ -175,7 +185,12 @@ def _kernel(x_gmem, w_gmem, u_gmem, vt_gmem, out_gmem, *, t: Tiles, transpose_w:
                 plgpu.wgmma_wait(0)
                 return acc
 
-            pipeline(mma, context)(x_gmem.at[cta_rows, :],
+            state = None
+            if steady:  # START on a program's first tile (fills the stages), STOP on its last (drains them)
+                p = plgpu.PipelinePipeline
+                state = jnp.where(info.local_index == 0, p.START,
+                                  jnp.where(info.local_index == info.num_local_steps - 1, p.STOP, p.STEADY))
+            pipeline(mma, context, state)(x_gmem.at[cta_rows, :],
                                    w_gmem.at[cta_cols, :] if transpose_w else w_gmem.at[:, cta_cols],
                                    allocations=allocations)
 
@@ -218,9 +233,10 @@ def _call(x, w, u, vt, *, t: Tiles, transpose_w: bool) -> jax.Array:
     # per program (about 0.25 s and 190 kB of module each), so a Python loop over 32 layers costs one lowering.
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    programs = jax.devices()[0].core_count  # one per multiprocessor
     call = plgpu.kernel(
-        functools.partial(_kernel, t=t, transpose_w=transpose_w),
+        functools.partial(_kernel, t=t, transpose_w=transpose_w, programs=programs),
         out_type=jax.ShapeDtypeStruct((x.shape[0], vt.shape[0]), x.dtype),
-        grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
+        grid=(programs,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return call(x, w, u, vt)

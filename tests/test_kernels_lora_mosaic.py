@@ -39,6 +39,23 @@ def test_lowrank_matmul_matches_float32_product(m, k, n, r, transpose_w, dtype):
     assert rel_err(got, f32(x) @ (f32(w).T if transpose_w else f32(w))) > 0.1
 
 
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("k", [512, 320])  # 8 K steps: one pipeline across tiles; 5 (not a multiple of 4): per tile
+def test_lowrank_matmul_steady_pipeline_matches_float32_product(k):
+    # Two output tiles or more for every program, so each has a first (START), a last (STOP) and, with three or
+    # more, middle (STEADY) tiles whose loads the memory warpgroup issues while the previous tile still computes.
+    cores = jax.devices()[0].core_count
+    m, n = 4096, 256 * (-(-3 * cores // 32))  # 32 x ceil(3 * cores / 32) tiles: about three per program
+    keys = jax.random.split(jax.random.key(k), 4)
+    x, u = _normal(keys[0], (m, k), jnp.bfloat16), _normal(keys[2], (m, 16), jnp.bfloat16)
+    w, v = _normal(keys[1], (k, n), jnp.bfloat16, k ** -0.5), _normal(keys[3], (16, n), jnp.bfloat16, 0.25)
+    tiles = lora_mosaic.Tiles(steady=True)
+    got = jax.jit(lambda *z: lora_mosaic.lowrank_matmul(*z, tiles=tiles))(x, w, u, v)
+    f32 = lambda z: z.astype(jnp.float32)
+    assert rel_err(got, f32(x) @ f32(w) + f32(u) @ f32(v)) < 1e-2
+
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("r", [16, 64])
@@ -122,3 +139,20 @@ def test_kernel_lowers_for_cuda_and_once_per_program(monkeypatch, r, transpose_w
     text = jax.jit(four_calls).trace(x, w, u, v).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1, text.count("custom_call @mosaic_gpu")
     assert text.count("call @_call(") == 4
+
+
+def _lowered_kernel(monkeypatch, m, k, n, tiles):
+    monkeypatch.setattr(jax, "devices", lambda *_: [_Hopper()])
+    shapes = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((m, k), (k, n), (m, 16), (16, n))]
+    f = lambda *z: lora_mosaic.lowrank_matmul(*z, tiles=tiles)
+    return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_steady_pipeline_applies_only_where_every_program_has_two_tiles(monkeypatch):
+    # 8192 x 14336: 64 x 56 tiles for 132 programs, 64 K steps: the steady pipeline is a different kernel.
+    # 8192 x 1024: 256 tiles, fewer than two per program: the same kernel as without it.
+    plain, steady = lora_mosaic.Tiles(), lora_mosaic.Tiles(steady=True)
+    assert _lowered_kernel(monkeypatch, 8192, 4096, 14336, plain) != _lowered_kernel(monkeypatch, 8192, 4096, 14336,
+                                                                                     steady)
+    assert _lowered_kernel(monkeypatch, 8192, 4096, 1024, plain) == _lowered_kernel(monkeypatch, 8192, 4096, 1024,
+                                                                                    steady)
