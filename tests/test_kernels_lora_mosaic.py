@@ -39,7 +39,6 @@ def test_lowrank_matmul_matches_float32_product(m, k, n, r, transpose_w, dtype):
     assert rel_err(got, f32(x) @ (f32(w).T if transpose_w else f32(w))) > 0.1
 
 
-
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("k", [512, 320])  # 8 K steps: one pipeline across tiles; 5 (not a multiple of 4): per tile
@@ -56,6 +55,7 @@ def test_lowrank_matmul_steady_pipeline_matches_float32_product(k):
     f32 = lambda z: z.astype(jnp.float32)
     assert rel_err(got, f32(x) @ f32(w) + f32(u) @ f32(v)) < 1e-2
 
+
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("r", [16, 64])
@@ -66,7 +66,6 @@ def test_lora_linear_mosaic_matches_reference(r):
     for name, out, ref in zip(("y", "dx", "da", "db", "dbias", "dscaling"), got, want):
         assert out.shape == ref.shape and out.dtype == ref.dtype, (name, out.shape, out.dtype, ref.shape, ref.dtype)
         assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
-
 
 
 @pytest.mark.gpu
@@ -85,6 +84,7 @@ def test_lora_linear_mosaic_under_vmap_matches_each_example_alone():
         alone = jax.jit(grads)(xs[i], a, b)
         for name, got, want in zip(("dx", "da", "db", "y"), batched, alone):
             assert rel_err(got[i], want) < 1e-2, (i, name, rel_err(got[i], want))
+
 
 @pytest.mark.gpu
 @hopper
