@@ -13,7 +13,8 @@ its half of the CTA's tile; the layout is that of JAX's own Hopper matmul
 stages. Up to rank 16 the rank-r tiles (u and v^T, both rank-minor: wgmma wants one swizzle for both operands) leave
 room for 4 stages too, and the kernel then ran at cuBLAS's rate without the term on the transposed 14336->4096 input
 gradient (1241 vs 1239 us) and 13% above it on 4096->14336 (1382 vs 1221; cuBLAS with XLA's LoRA sum: 1413 and 1523;
-H100, benchmarks/RESULTS.md, "## Kernels", session 14). Ranks 17-64 get 3 stages (15-18% above cuBLAS, session 13).
+H100, benchmarks/RESULTS.md, "## Kernels", session 14; 6% above it in session 15's call, 1353 vs 1279). Ranks
+17-64 get 3 stages (15-18% above cuBLAS, session 13).
 By default each output tile's pipeline fills and drains on its own; `Tiles(steady=True)` runs one pipeline across a
 program's tiles (opt-in: it lowers on CPU; neither its compiled test nor a timing has run yet). Expected to matter
 more to the forward's 64 K steps a tile than to the input gradient's 224.
