@@ -94,6 +94,14 @@ def default_tiles(rank: int) -> Tiles:
     return four if four.smem_bytes(_padded_rank(rank)) <= _SMEM_BYTES else Tiles(stages=3)
 
 
+def runs_steady(t: Tiles, m: int, n: int, k: int, programs: int) -> bool:
+    """Whether [m, k] @ [k, n] runs one pipeline across each program's tiles: `t.steady`, a first and a last tile in
+    every one of `programs` (two tiles each or more), and slots that line up from one tile to the next (K steps a
+    multiple of the stages). Elsewhere each tile fills and drains its own pipeline."""
+    tiles, k_steps = (m // t.cta_m) * (n // t.cta_n), k // t.tile_k
+    return t.steady and tiles >= 2 * programs and k_steps % t.stages == 0
+
+
 def _transforms(minor_elems: int, itemsize: int):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -111,9 +119,7 @@ def _kernel(x_gmem, w_gmem, u_gmem, vt_gmem, out_gmem, *, t: Tiles, transpose_w:
     m, k = x_gmem.shape
     n, rank = out_gmem.shape[1], u_gmem.shape[1]
     m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k
-    # One pipeline across tiles needs a first and a last tile in every program (two tiles each) and slots that line
-    # up from one tile to the next (K steps a multiple of the stages).
-    steady = t.steady and m_tiles * n_tiles >= 2 * programs and k_steps % t.stages == 0
+    steady = runs_steady(t, m, n, k, programs)
     k_major = _transforms(t.tile_k, size)  # x tiles [cta_m, tile_k], transposed w tiles [cta_n, tile_k]
     n_major = _transforms(t.cta_n, size)  # w tiles [tile_k, cta_n]
     r_major = _transforms(rank, size)  # u tiles [tile_m, R], vt tiles [tile_n, R]: wgmma wants one swizzle for both

@@ -148,11 +148,20 @@ def _lowered_kernel(monkeypatch, m, k, n, tiles):
     return jax.jit(f).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_steady_pipeline_applies_only_where_every_program_has_two_tiles(monkeypatch):
-    # 8192 x 14336: 64 x 56 tiles for 132 programs, 64 K steps: the steady pipeline is a different kernel.
-    # 8192 x 1024: 256 tiles, fewer than two per program: the same kernel as without it.
-    plain, steady = lora_mosaic.Tiles(), lora_mosaic.Tiles(steady=True)
+def test_steady_pipeline_applies_only_where_every_program_has_two_tiles():
+    t, hopper_programs = lora_mosaic.Tiles(steady=True), _Hopper.core_count
+    assert lora_mosaic.runs_steady(t, 8192, 14336, 4096, hopper_programs)  # 64 x 56 tiles, 64 K steps
+    assert not lora_mosaic.runs_steady(t, 8192, 1024, 4096, hopper_programs)  # 256 tiles: not two per program
+    assert not lora_mosaic.runs_steady(t, 8192, 14336, 4160, hopper_programs)  # 65 K steps, not a multiple of 4
+    assert not lora_mosaic.runs_steady(lora_mosaic.Tiles(steady=False), 8192, 14336, 4096, hopper_programs)
+
+
+def test_steady_pipeline_is_a_different_kernel_only_where_it_applies(monkeypatch):
+    plain, steady = lora_mosaic.Tiles(steady=False), lora_mosaic.Tiles(steady=True)
+    small_plain = _lowered_kernel(monkeypatch, 8192, 4096, 1024, plain)
+    if small_plain != _lowered_kernel(monkeypatch, 8192, 4096, 1024, plain):
+        pytest.skip(f"jax {jax.__version__} on this machine serializes a Mosaic GPU kernel differently at each "
+                    "lowering, so lowered text cannot be compared (runs_steady is tested above)")
     assert _lowered_kernel(monkeypatch, 8192, 4096, 14336, plain) != _lowered_kernel(monkeypatch, 8192, 4096, 14336,
                                                                                      steady)
-    assert _lowered_kernel(monkeypatch, 8192, 4096, 1024, plain) == _lowered_kernel(monkeypatch, 8192, 4096, 1024,
-                                                                                    steady)
+    assert small_plain == _lowered_kernel(monkeypatch, 8192, 4096, 1024, steady)
