@@ -15,9 +15,10 @@ room for 4 stages too, and the kernel then ran at cuBLAS's rate without the term
 gradient (1241 vs 1239 us) and 13% above it on 4096->14336 (1382 vs 1221; cuBLAS with XLA's LoRA sum: 1413 and 1523;
 H100, benchmarks/RESULTS.md, "## Kernels", session 14; 6% above it in session 15's call, 1353 vs 1279). Ranks
 17-64 get 3 stages (15-18% above cuBLAS, session 13).
-By default each output tile's pipeline fills and drains on its own; `Tiles(steady=True)` runs one pipeline across a
-program's tiles (opt-in: it lowers on CPU; neither its compiled test nor a timing has run yet). Expected to matter
-more to the forward's 64 K steps a tile than to the input gradient's 224.
+By default (`Tiles(steady=True)`) one pipeline runs across a program's output tiles, the next tile's loads issued
+while this one finishes, where every program has two tiles or more; session 16 measured it 1.6-3.5% faster on
+4096->14336 (1329 / 1304 against 1351 / 1351 us), the same on the 4096-wide shapes, and the 8B "unsloth" step the
+same within its spread (H100, benchmarks/RESULTS.md, "## Kernels", session 16).
 Compiled on Hopper GPUs only (no interpreter).
 """
 
@@ -51,7 +52,7 @@ class Tiles:
     band: int = 8
     epilogue_m: int = 64
     epilogue_n: int = 32
-    steady: bool = False
+    steady: bool = True
 
     def __post_init__(self):
         if self.split not in ("m", "n"):
