@@ -4,10 +4,11 @@ Both implementations share one `jax.custom_vjp`; they differ only in how the two
   forward  y  = x  @ w   + (s * x @ a) @ b   + bias
   backward dx = dy @ w.T + (s * dy @ b.T) @ a.T
 Each is "a full matmul plus a rank-r correction", which the Pallas kernel `lowrank_matmul` computes in one pass (the
-rank-r product extends the contraction of the same output tile, so the correction costs r/K more FLOPs and no
-extra trip through memory); XLA does it as two matmuls and an add. The skinny products (x @ a, dy @ b.T,
-da = x.T @ dxa, db = xa_s.T @ dy) are plain XLA dots in both. The w cotangent is a symbolic zero (None): no weight
-gradient is ever computed. The residuals are x, the [M, r] product x @ a, and the inputs themselves.
+rank-r product extends the contraction of the same output tile, so the correction costs r/K more FLOPs and no extra
+trip through memory); XLA does it as two matmuls and an add. The skinny products (x @ a, dy @ b.T, da = x.T @ dxa,
+db = xa_s.T @ dy) are plain XLA dots in both, unless `dy_pass="pallas"` computes the two that read dy in one
+pass (kernels/lora_dy.py). The w cotangent is a symbolic zero (None): no weight gradient is ever computed. The
+residuals are x, the [M, r] product x @ a, and the inputs themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
-from fastlora_jax.kernels import _compat
+from fastlora_jax.kernels import _compat, lora_dy
 
 _F32 = jnp.float32
 # The checkpoint_name of the [M, r] product x @ a, in both this module's custom_vjp and nf4_linear's LoRA branch: a
@@ -162,6 +163,7 @@ class _Config:
     block_sizes: BlockSizes | None
     interpret: bool | None
     nf4_rounding: str | None = None  # w is one NF4 weight [out, in], dequantized with this rounding in each pass
+    dy_pass: str = "xla"  # "pallas": dy @ b.T and xa_s.T @ dy in one read of dy (kernels/lora_dy.py)
 
 
 def _fused(x, w, u, v, bias, transpose: bool, cfg: _Config) -> jax.Array:
@@ -209,13 +211,16 @@ def _lora_bwd(cfg: _Config, residuals, g):
     x, w, a, b, s, bias, xa = residuals  # g [M, N]
     dt = x.dtype
     g = g.astype(dt)
-    dyb = _dot(g, b.astype(dt), True)  # [M, r] float32: dy @ b.T
+    xa_s = (s * xa.astype(_F32)).astype(dt)  # [M, r]
+    if cfg.dy_pass == "pallas" and lora_dy.supports(*g.shape):
+        dyb, db = lora_dy.dy_products(g, b.T, xa_s.T, interpret=cfg.interpret)  # [M, r], [r, N] float32
+    else:
+        dyb = _dot(g, b.astype(dt), True)  # [M, r] float32: dy @ b.T
+        db = jax.lax.dot_general(xa_s, g, (((0,), (0,)), ((), ())), preferred_element_type=_F32)  # [r, N]
     ds = jnp.sum(xa.astype(_F32) * dyb)  # d/ds of sum(dy * s * xa @ b)
     dxa = (s * dyb).astype(dt)  # [M, r]
     dx = _fused(g, w, dxa, a.astype(dt), None, True, cfg)  # [M, K] = dy @ w.T + dxa @ a.T
     da = jax.lax.dot_general(x, dxa, (((0,), (0,)), ((), ())), preferred_element_type=_F32)  # [K, r]
-    xa_s = (s * xa.astype(_F32)).astype(dt)
-    db = jax.lax.dot_general(xa_s, g, (((0,), (0,)), ((), ())), preferred_element_type=_F32)  # [r, N]
     dbias = None if bias is None else jnp.sum(g.astype(_F32), axis=0).astype(bias.dtype)
     return dx, None, da.astype(a.dtype), db.astype(b.dtype), ds.astype(s.dtype), dbias
 
@@ -241,22 +246,26 @@ def check_lora_shapes(x, w, a, b, scaling, bias) -> None:
 
 def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling: float | jax.Array,
                 bias: jax.Array | None = None, *, implementation: str = "xla", block_sizes: BlockSizes | None = None,
-                interpret: bool | None = None) -> jax.Array:
+                interpret: bool | None = None, dy_pass: str = "xla") -> jax.Array:
     """x [..., in] @ w [in, out] + bias + scaling * (x @ a [in, r]) @ b [r, out] -> [..., out] in x.dtype.
 
     Differentiable in x, a, b, scaling and bias; w gets a symbolic-zero cotangent (it is frozen).
     `implementation` is "xla", "pallas" (Triton; interpreted off a GPU) or "mosaic" (kernels/lora_mosaic.py: Hopper
     GPUs, token counts and features that divide into its tiles); the dispatch in `api` resolves "auto".
-    `interpret` defaults to "not on a GPU".
+    `interpret` defaults to "not on a GPU". `dy_pass` "pallas" computes the backward's dy @ b.T and xa.T @ dy in
+    one read of dy (kernels/lora_dy.py; opt-in, not yet timed) where [M, out] divides into its blocks, else as
+    "xla" does, in two dots: the same sums in another order.
     """
     check_lora_shapes(x, w, a, b, scaling, bias)
     if implementation not in ("xla", "pallas", "mosaic"):
         raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'mosaic'")
+    if dy_pass not in ("xla", "pallas"):
+        raise ValueError(f"dy_pass={dy_pass!r}; accepted: 'xla', 'pallas'")
     lead, n = x.shape[:-1], w.shape[1]
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
     if x2.shape[0] == 0:
         implementation = "xla"
-    cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret)
+    cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret, dy_pass=dy_pass)
     y = _lora(x2, w, a, b, jnp.asarray(scaling, _F32), bias, cfg)
     return y.reshape(*lead, n)
 
