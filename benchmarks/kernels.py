@@ -16,7 +16,8 @@ a table of ratios to the bf16 floor ends the output.
 kernels with each decode (its default tiles) beside the nf4_pallas path (whose decode is "auto"); "prmt_gemv" is
 "prmt" with `rounding="gemv_4bit"` (bitsandbytes' inference-kernel weights, bf16 PTX tables). `--nf4-rounding
 gemv_4bit` gives the NF4 `--paths` those weights (e.g. "reduce" against "pallas" at one token, as batch-1 decoding
-after `for_inference` computes).
+after `for_inference` computes). `--dy-passes xla pallas` times each LoRA path twice: with the backward's dy @ b.T
+and xa.T @ dy as two XLA dots, and as one Pallas pass over dy (columns "+dy", kernels/lora_dy.py).
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def random_nf4(key, n: int, k: int) -> NF4Array:
 
 
 def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options: dict, forward_only: bool = False,
-          rounding: str = "dequantize_4bit"):
+          rounding: str = "dequantize_4bit", dy_pass: str = "xla"):
     """(jitted function, its arguments) computing `path`'s forward and gradients (only the forward when
-    `forward_only`) for `layers` layers; each layer gives a tuple of outputs. `rounding`: the NF4 paths' weights.
+    `forward_only`) for `layers` layers; each layer gives a tuple of outputs. `rounding`: the NF4 paths' weights;
+    `dy_pass`: the LoRA paths' backward products of dy (`lora_linear(dy_pass=...)`).
 
     Each layer's weights are separate buffers (as a model's parameters are), so no slice copies are timed.
     `options` are the jit's compiler_options (main: fastlora_jax.compiler_options() and the --xla-option pairs).
@@ -116,7 +118,8 @@ def build(path: str, k: int, n: int, m: int, r: int, layers: int, tiles, options
              jax.random.normal(lkeys[i, 2], (r, n), jnp.float32) * 0.01) for i in range(layers)]
 
     def layer(x, g, w, a, b):
-        f = lambda x, a, b: lora.lora_linear(x, w, a, b, 2.0, implementation=impl, block_sizes=tiles)
+        f = lambda x, a, b: lora.lora_linear(x, w, a, b, 2.0, implementation=impl, block_sizes=tiles,
+                                             dy_pass=dy_pass)
         if forward_only:
             return (f(x, a, b),)
         y, vjp = jax.vjp(f, x, a, b)
@@ -228,17 +231,18 @@ _XLA_OUTPUTS: dict[tuple, tuple] = {}  # the XLA path's first-layer outputs per 
 
 
 def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=None, forward_only=False,
-            rounding: str = "dequantize_4bit") -> dict:
+            rounding: str = "dequantize_4bit", dy_pass: str = "xla") -> dict:
     layers = layers_for(k, n, m)
     record = {"path": path, "in": k, "out": n, "tokens": m, "r": r if path.startswith("lora") else None,
-              "layers": layers, **({"forward_only": True} if forward_only else {}), **(tag or {})}
+              "layers": layers, **({"forward_only": True} if forward_only else {}),
+              **({"dy_pass": dy_pass} if dy_pass != "xla" else {}), **(tag or {})}
     family = (path.split("_")[0], k, n, m, r, rounding)  # compared only where the weights are the same
     try:
-        fn, args = build(path, k, n, m, r, layers, tiles, options, forward_only, rounding)
+        fn, args = build(path, k, n, m, r, layers, tiles, options, forward_only, rounding, dy_pass)
         median, times, compile_s, outputs = time_us(fn, args, layers, batches)
         record.update(median_us=round(median, 2), batches_us=[round(t, 2) for t in times],
                       compile_s=round(compile_s, 2))
-        if path.endswith("_xla"):
+        if path.endswith("_xla") and dy_pass == "xla":
             _XLA_OUTPUTS[family] = outputs
         elif family in _XLA_OUTPUTS:  # same inputs (same keys): compare y and grads with the XLA path's
             record["rel_err_vs_xla"] = [float(jnp.linalg.norm((o.astype(jnp.float32) - w.astype(jnp.float32)))
@@ -254,12 +258,14 @@ def measure(path, k, n, m, r, sink, batches, *, options: dict, tiles=None, tag=N
 def _column(record: dict) -> str:
     if "decode" in record:
         return f"nf4_pallas[{record['decode']}]"
-    return record["path"] + (f" r{record['r']}" if record["r"] else "")
+    dy = "+dy" if record.get("dy_pass") == "pallas" else ""
+    return record["path"] + dy + (f" r{record['r']}" if record["r"] else "")
 
 
 def table(records: list[dict], shapes, tokens) -> str:
     variants = [f"nf4_pallas[{d}]" for d in NF4_DECODES]
-    cols = (["bf16"] + [f"{p} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas", "lora_mosaic")]
+    cols = (["bf16"] + [f"{p}{dy} r{r}" for r in RANKS for p in ("lora_xla", "lora_pallas", "lora_mosaic")
+                         for dy in ("", "+dy")]
             + ["nf4_xla", "nf4_pallas", "nf4_reduce"] + list(NF4_FORMULATION_PATHS) + variants)
     present = {_column(rec) for rec in records if "tune" not in rec}
     cols = [c for c in cols if c in present]
@@ -294,6 +300,9 @@ def main(argv=None) -> None:
                         help="also time the fused NF4 kernels with these decodes (at <= 1024 tokens; prmt: GPU)")
     parser.add_argument("--nf4-rounding", default="dequantize_4bit", choices=("dequantize_4bit", "gemv_4bit"),
                         help="the weights of the NF4 --paths (fastlora_jax.nf4.ROUNDINGS)")
+    parser.add_argument("--dy-passes", nargs="+", default=["xla"], choices=("xla", "pallas"),
+                        help="the LoRA paths' backward products of dy: two XLA dots, or one Pallas pass over dy; "
+                             "each LoRA path is timed with each")
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--forward-only", action="store_true",
                         help="time the forward alone (generation), not forward + gradients")
@@ -331,10 +340,12 @@ def main(argv=None) -> None:
                     if time.perf_counter() > main_deadline:
                         continue
                     nf4_path = path.startswith("nf4")
-                    records.append(measure(path, k, n, m, r, sink, args.batches, options=options,
-                                           forward_only=args.forward_only,
-                                           rounding=args.nf4_rounding if nf4_path else "dequantize_4bit",
-                                           tag={"rounding": args.nf4_rounding} if nf4_path else None))
+                    dy_passes = [d for d in ("xla", "pallas") if d in args.dy_passes]  # "xla" first: the reference
+                    for dy_pass in dy_passes if path.startswith("lora") and not args.forward_only else ["xla"]:
+                        records.append(measure(path, k, n, m, r, sink, args.batches, options=options,
+                                               forward_only=args.forward_only, dy_pass=dy_pass,
+                                               rounding=args.nf4_rounding if nf4_path else "dequantize_4bit",
+                                               tag={"rounding": args.nf4_rounding} if nf4_path else None))
             for decode in args.nf4_decodes if m <= 1024 else ():
                 if time.perf_counter() < main_deadline:
                     records.append(measure("nf4_pallas", k, n, m, 0, sink, args.batches, options=options,
