@@ -3,12 +3,12 @@
     gb = dy @ bt          dy [M, N], bt = b.T [N, r]          -> gb [M, r] float32
     db = xat @ dy         xat = (s * x @ a).T [r, M]          -> db [r, N] float32
 
-XLA computes them as two skinny dots, and each reads all of dy: [tokens, out] bf16, 235 MB for an 8B MLP
-projection at 8192 tokens, against 0.5 MB of everything else. Here each program reads one [block_m, span] block of
-dy once, `block_n` columns at a time, and multiplies every piece by both. What a program cannot finish alone is
-written as float32 partial sums and added by XLA: gb over the N / span column spans, db over the M / block_m row
-blocks, 4 r (M N / span + N M / block_m) bytes, about a tenth of dy at the 8B shapes with the default blocks.
-The same sums as XLA's dots in another order: equal to float32 rounding.
+XLA computes them as two skinny dots, and each reads all of dy: [tokens, out] bf16, 235 MB for an 8B MLP projection at
+8192 tokens, against 0.5 MB of everything else. Here each program reads one [block_m, span] block of dy once,
+`block_n` columns at a time, and multiplies every piece by both (`default_blocks`). What a program cannot finish alone
+is written as float32 partial sums and added by XLA: gb over the N / span column spans, db over the M / block_m row
+blocks, 4 r (M N / span + N M / block_m) bytes, about a tenth of dy at the 8B shapes with the default blocks. The same
+sums as XLA's dots in another order: equal to float32 rounding.
 Opt-in (`lora_linear(..., dy_pass="pallas")`) until a GPU measurement decides.
 """
 
@@ -46,9 +46,24 @@ class Blocks:
             raise ValueError(f"Blocks(span={self.span}, block_n={self.block_n}); span must be a multiple of block_n")
 
 
+# About two programs per multiprocessor of an H100 (132): a first guess, as the NF4 kernels' split rule started; the
+# next GPU measurement decides (.bench/s16/dy_ab.py sweeps the blocks).
+_TARGET_PROGRAMS = 256
+
+
+def default_blocks(m: int, n: int) -> Blocks:
+    """Blocks() with its column span halved (down to 128 columns) until dy [m, n] gives _TARGET_PROGRAMS programs:
+    [8192, 14336] keeps 1024 (448 programs), [8192, 4096] takes 512, [8192, 1024] 128."""
+    b = Blocks()
+    while (m // b.block_m) * (n // b.span) < _TARGET_PROGRAMS and b.span > 128:
+        b = dataclasses.replace(b, span=b.span // 2)
+    return b
+
+
 def supports(m: int, n: int, blocks: Blocks | None = None) -> bool:
-    """Whether dy [m, n] divides into the blocks (no padding: padding would copy dy, the very pass this saves)."""
-    b = blocks or Blocks()
+    """Whether dy [m, n] divides into the blocks (`default_blocks` when None; no padding: padding would copy dy,
+    the very pass this saves)."""
+    b = blocks or default_blocks(m, n)
     return m % b.block_m == 0 and n % b.span == 0
 
 
@@ -73,12 +88,13 @@ def _kernel(g_ref, bt_ref, xat_ref, gb_ref, db_ref, *, block_n: int, steps: int)
 def dy_products(g: jax.Array, bt: jax.Array, xat: jax.Array, *, blocks: Blocks | None = None,
                 interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """(g @ bt [M, r], xat @ g [r, N]), both float32, reading g [M, N] once; bt [N, r] and xat [r, M] are cast to
-    g.dtype. Raises ValueError naming the shapes when they mismatch or g does not divide into `blocks`."""
-    b = blocks or Blocks()
+    g.dtype. `blocks` defaults to `default_blocks(M, N)`. Raises ValueError naming the shapes when they mismatch or g
+    does not divide into the blocks."""
     if g.ndim != 2 or bt.ndim != 2 or bt.shape[0] != g.shape[1] or xat.shape != (bt.shape[1], g.shape[0]):
         raise ValueError(f"dy_products: expected g [M, N], bt [N, r], xat [r, M]; got {g.shape=} {bt.shape=} "
                          f"{xat.shape=}")
     (m, n), r = g.shape, bt.shape[1]
+    b = blocks or default_blocks(m, n)
     for name, arr in (("g", g), ("bt", bt), ("xat", xat)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise ValueError(f"dy_products: {name} must be floating point; got {name}.dtype={arr.dtype}")

@@ -42,7 +42,7 @@ def _lowered(fn, *inputs) -> str:
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_lora_linear_gradients_through_the_one_pass_match_reference(dtype, tol):
-    # [256, 1024] divides into the default blocks (one program of 16 steps); [256, 1000] does not and takes the two
+    # [256, 1024] divides into its default blocks (8 programs of 128 columns); [256, 1000] does not and takes the two
     # XLA dots: the same gradients either way.
     for n, one_pass in ((1024, True), (1000, False)):
         inputs = make_inputs(256, 72, n, 16, dtype, seed=n)
@@ -53,6 +53,12 @@ def test_lora_linear_gradients_through_the_one_pass_match_reference(dtype, tol):
         for name, out, ref in zip(("y", "dx", "da", "db", "dbias", "dscaling"), got, want):
             assert out.shape == ref.shape and out.dtype == ref.dtype, (name, out.shape, out.dtype, ref.shape)
             assert rel_err(out, ref) < tol, (n, name, rel_err(out, ref))
+
+
+def test_default_blocks_halve_the_span_until_about_two_programs_per_multiprocessor():
+    spans = {n: lora_dy.default_blocks(8192, n).span for n in (14336, 4096, 1024)}
+    assert spans == {14336: 1024, 4096: 512, 1024: 128}, spans  # 448, 256 and 256 programs of 256 rows
+    assert lora_dy.default_blocks(256, 1024).span == 128  # never narrower than 128 columns
 
 
 def test_dy_pass_is_xla_unless_asked():
