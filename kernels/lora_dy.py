@@ -7,8 +7,9 @@ XLA computes them as two skinny dots, and each reads all of dy: [tokens, out] bf
 8192 tokens, against 0.5 MB of everything else. Here each program reads one [block_m, span] block of dy once,
 `block_n` columns at a time, and multiplies every piece by both (`default_blocks`). What a program cannot finish alone
 is written as float32 partial sums and added by XLA: gb over the N / span column spans, db over the M / block_m row
-blocks, 4 r (M N / span + N M / block_m) bytes, about a tenth of dy at the 8B shapes with the default blocks. The same
-sums as XLA's dots in another order: equal to float32 rounding.
+blocks, 4 r (M N / span + N M / block_m) bytes, a sixth of dy's bytes at [8192, 14336] and a third at [8192, 1024]
+with the default blocks (written, then read by the sum). The same sums as XLA's dots in another order: equal to
+float32 rounding.
 Opt-in (`lora_linear(..., dy_pass="pallas")`) until a GPU measurement decides.
 """
 
