@@ -326,6 +326,7 @@ def main(argv=None) -> None:
           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv[1:], "xla_options": options,
           "auto_table": {op: list(v) for op, v in kernels.PALLAS_FASTER_ON_GPU.items()}}, sink)
     main_deadline = deadline - (args.tune_reserve_s if args.tune else 0.0)
+    dy_passes = [d for d in ("xla", "pallas") if d in args.dy_passes]  # "xla" first: the reference for rel_err_vs_xla
     records = []
     for m in args.tokens:
         for k, n in shapes:
@@ -340,7 +341,6 @@ def main(argv=None) -> None:
                     if time.perf_counter() > main_deadline:
                         continue
                     nf4_path = path.startswith("nf4")
-                    dy_passes = [d for d in ("xla", "pallas") if d in args.dy_passes]  # "xla" first: the reference
                     for dy_pass in dy_passes if path.startswith("lora") and not args.forward_only else ["xla"]:
                         records.append(measure(path, k, n, m, r, sink, args.batches, options=options,
                                                forward_only=args.forward_only, dy_pass=dy_pass,
