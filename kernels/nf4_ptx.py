@@ -179,12 +179,17 @@ def decode_rounded(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     `dtype` (bfloat16 or float16), column order: NF4_CODE[code] * scale in float32, rounded to `dtype` (bitsandbytes'
     dequantize_4bit, as `decode` then a cast). One instance decodes four code bytes into four words, each byte's
     two weights side by side, sharing the selector work between the nibbles."""
+    return _weights_of_pairs(decode_rounded_pairs(codes, scale, dtype), dtype)
+
+
+def decode_rounded_pairs(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """`decode_rounded` before the split: [R, C] int32 words, each byte's two 16-bit weights (the high nibble's in
+    the low half), as a kernel that stores weights writes them."""
     from jax.experimental.pallas import triton as pltriton
 
     shape = jax.ShapeDtypeStruct(codes.shape, jnp.int32)
-    pairs = pltriton.elementwise_inline_asm(_assembly_rounded(_CVT[jnp.dtype(dtype)]), args=[codes, scale],
-                                            constraints=_CONSTRAINTS_ROUNDED, pack=4, result_shape_dtypes=[shape])[0]
-    return _weights_of_pairs(pairs, dtype)
+    return pltriton.elementwise_inline_asm(_assembly_rounded(_CVT[jnp.dtype(dtype)]), args=[codes, scale],
+                                           constraints=_CONSTRAINTS_ROUNDED, pack=4, result_shape_dtypes=[shape])[0]
 
 
 def decode_bf16(codes: jax.Array, scale: jax.Array) -> jax.Array:
@@ -196,13 +201,18 @@ def decode_bf16(codes: jax.Array, scale: jax.Array) -> jax.Array:
     side, sharing the selector work between the nibbles. The words travel as int32 and are split into int16 bits:
     bfloat16-typed results of the assembly gave wrong products (relative error ~1 on an H100, JAX 0.11.2).
     """
+    return _weights_of_pairs(decode_bf16_pairs(codes, scale), jnp.bfloat16)
+
+
+def decode_bf16_pairs(codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """`decode_bf16` before the split: [R, C] int32 words, each byte's two bf16 weights (the high nibble's in the
+    low half)."""
     from jax.experimental.pallas import triton as pltriton
 
     scale_bits = jax.lax.bitcast_convert_type(scale.astype(jnp.bfloat16), jnp.int16)
     shape = jax.ShapeDtypeStruct(codes.shape, jnp.int32)
-    pairs = pltriton.elementwise_inline_asm(_assembly_bf16(), args=[codes, scale_bits], constraints=_CONSTRAINTS_BF16,
-                                            pack=4, result_shape_dtypes=[shape])[0]  # [R, C]
-    return _weights_of_pairs(pairs, jnp.bfloat16)
+    return pltriton.elementwise_inline_asm(_assembly_bf16(), args=[codes, scale_bits], constraints=_CONSTRAINTS_BF16,
+                                           pack=4, result_shape_dtypes=[shape])[0]  # [R, C]
 
 
 def _prmt(a: int, b: int, c: int) -> int:
