@@ -163,6 +163,7 @@ class _Config:
     block_sizes: BlockSizes | None
     interpret: bool | None
     nf4_rounding: str | None = None  # w is one NF4 weight [out, in], dequantized with this rounding in each pass
+    nf4_dequantize: str = "xla"  # "pallas": by kernels/nf4_dequant.py, where the weight divides into its blocks
     dy_pass: str = "xla"  # "pallas": dy @ b.T and xa_s.T @ dy in one read of dy (kernels/lora_dy.py)
 
 
@@ -172,9 +173,14 @@ def _fused(x, w, u, v, bias, transpose: bool, cfg: _Config) -> jax.Array:
     dt = x.dtype
     transpose_w = transpose
     if cfg.nf4_rounding is not None:
+        from fastlora_jax.kernels import nf4_dequant
         from fastlora_jax.nf4 import dequantize_nf4
 
-        w, transpose_w = dequantize_nf4(w, dt, cfg.nf4_rounding), not transpose  # [out, in]
+        if cfg.nf4_dequantize == "pallas" and dt != _F32 and nf4_dequant.supports(w.shape):
+            w = nf4_dequant.dequantize(w, dt, cfg.nf4_rounding, interpret=cfg.interpret)  # the same bits, one pass
+        else:
+            w = dequantize_nf4(w, dt, cfg.nf4_rounding)
+        transpose_w = not transpose  # w is [out, in]
     if cfg.implementation == "mosaic":  # the rank-r term in the GEMM's epilogue (Hopper); v is small: transpose it
         from fastlora_jax.kernels import lora_mosaic
 
@@ -271,12 +277,18 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
 
 
 def nf4_lora_linear(x: jax.Array, w, a: jax.Array, b: jax.Array, scaling: float | jax.Array,
-                    bias: jax.Array | None = None, *, rounding: str, implementation: str = "mosaic") -> jax.Array:
+                    bias: jax.Array | None = None, *, rounding: str, implementation: str = "mosaic",
+                    dequantize: str = "xla") -> jax.Array:
     """x [M, in] @ dequantize(w, rounding).T + bias + scaling * (x @ a) @ b through this module's custom_vjp, w ONE NF4
     weight [out, in] dequantized in the forward and again in the backward pass (never kept). `rounding` is one of
     fastlora_jax.nf4.ROUNDINGS (the caller resolves "bitsandbytes"); `implementation` "mosaic" or "xla" (not
-    "pallas": its kernel reads w in one orientation only)."""
+    "pallas": its kernel reads w in one orientation only). `dequantize` "pallas" dequantizes 16-bit weights with
+    kernels/nf4_dequant.py (opt-in, not yet timed; the same bits) where w divides into its blocks, else as "xla"
+    does (`fastlora_jax.nf4.dequantize_nf4`)."""
     if implementation not in ("xla", "mosaic"):
         raise ValueError(f"nf4_lora_linear: implementation={implementation!r}; accepted: 'xla', 'mosaic'")
-    cfg = _Config(implementation=implementation, block_sizes=None, interpret=None, nf4_rounding=rounding)
+    if dequantize not in ("xla", "pallas"):
+        raise ValueError(f"nf4_lora_linear: dequantize={dequantize!r}; accepted: 'xla', 'pallas'")
+    cfg = _Config(implementation=implementation, block_sizes=None, interpret=None, nf4_rounding=rounding,
+                  nf4_dequantize=dequantize)
     return _lora(x, w, a, b, jnp.asarray(scaling, _F32), bias, cfg)
