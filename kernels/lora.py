@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
-from fastlora_jax.kernels import _compat, lora_dy
+from fastlora_jax.kernels import _compat
 
 _F32 = jnp.float32
 # The checkpoint_name of the [M, r] product x @ a, in both this module's custom_vjp and nf4_linear's LoRA branch: a
@@ -218,6 +218,8 @@ def _lora_bwd(cfg: _Config, residuals, g):
     dt = x.dtype
     g = g.astype(dt)
     xa_s = (s * xa.astype(_F32)).astype(dt)  # [M, r]
+    from fastlora_jax.kernels import lora_dy  # imports this module's helpers: here, not at the top
+
     if cfg.dy_pass == "pallas" and lora_dy.supports(*g.shape):
         dyb, db = lora_dy.dy_products(g, b.T, xa_s.T, interpret=cfg.interpret)  # [M, r], [r, N] float32
     else:

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from fastlora_jax.kernels import _compat
+from fastlora_jax.kernels.lora import _pow2_at_least
 
 _F32 = jnp.float32
-MIN_RANK = 16  # Triton's smallest dot dimension: r is zero-padded to a power of two at least this
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,10 +68,6 @@ def supports(m: int, n: int, blocks: Blocks | None = None) -> bool:
     return m % b.block_m == 0 and n % b.span == 0
 
 
-def _padded_rank(r: int) -> int:
-    return max(MIN_RANK, 1 << max(0, r - 1).bit_length())
-
-
 def _kernel(g_ref, bt_ref, xat_ref, gb_ref, db_ref, *, block_n: int, steps: int):
     # g_ref [bm, span], bt_ref [span, R], xat_ref [R, bm]; gb_ref [bm, R] (this span's part of gb),
     # db_ref [R, span] (this row block's part of db)
@@ -102,7 +98,7 @@ def dy_products(g: jax.Array, bt: jax.Array, xat: jax.Array, *, blocks: Blocks |
     if not supports(m, n, b):
         raise ValueError(f"dy_products: g [{m}, {n}] does not divide into {b.block_m} rows x {b.span} columns "
                          f"(check supports() first)")
-    rp, dt = _padded_rank(r), g.dtype
+    rp, dt = _pow2_at_least(r), g.dtype  # r zero-padded: Triton's smallest dot dimension is 16
     bt_p = jnp.pad(bt.astype(dt), ((0, 0), (0, rp - r)))  # [N, R]
     xat_p = jnp.pad(xat.astype(dt), ((0, rp - r), (0, 0)))  # [R, M]
     row_blocks, spans = m // b.block_m, n // b.span
