@@ -261,7 +261,7 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
     `implementation` is "xla", "pallas" (Triton; interpreted off a GPU) or "mosaic" (kernels/lora_mosaic.py: Hopper
     GPUs, token counts and features that divide into its tiles); the dispatch in `api` resolves "auto".
     `interpret` defaults to "not on a GPU". `dy_pass` "pallas" computes the backward's dy @ b.T and xa.T @ dy in
-    one read of dy (kernels/lora_dy.py; opt-in, not yet timed) where [M, out] divides into its blocks, else as
+    one read of dy (kernels/lora_dy.py; opt-in: slower on the 8B step) where [M, out] divides into its blocks, else as
     "xla" does, in two dots: the same sums in another order.
     """
     check_lora_shapes(x, w, a, b, scaling, bias)
@@ -285,8 +285,8 @@ def nf4_lora_linear(x: jax.Array, w, a: jax.Array, b: jax.Array, scaling: float 
     weight [out, in] dequantized in the forward and again in the backward pass (never kept). `rounding` is one of
     fastlora_jax.nf4.ROUNDINGS (the caller resolves "bitsandbytes"); `implementation` "mosaic" or "xla" (not
     "pallas": its kernel reads w in one orientation only). `dequantize` "pallas" dequantizes 16-bit weights with
-    kernels/nf4_dequant.py (opt-in, not yet timed; the same bits) where w divides into its blocks, else as "xla"
-    does (`fastlora_jax.nf4.dequantize_nf4`)."""
+    kernels/nf4_dequant.py (opt-in: no faster on the 8B step; the same bits) where w divides into its blocks, else
+    as "xla" does (`fastlora_jax.nf4.dequantize_nf4`)."""
     if implementation not in ("xla", "mosaic"):
         raise ValueError(f"nf4_lora_linear: implementation={implementation!r}; accepted: 'xla', 'mosaic'")
     if dequantize not in ("xla", "pallas"):
