@@ -11,8 +11,9 @@ blocks, 4 r (M N / span + N M / block_m) bytes, a sixth of dy's bytes at [8192, 
 with the default blocks (written, then read by the sum). The same sums as XLA's dots in another order: equal to
 float32 rounding.
 Opt-in (`lora_linear(..., dy_pass="pallas")`). Alone it ran 27-32% faster than XLA's two dots on [8192, 14336], but
-the 8B "unsloth" step ran 2.5-3.1% slower with it: each Triton custom call splits XLA's command buffers, and its
-operands must be whole buffers, so dy's slices are copied out (H100, benchmarks/RESULTS.md, session 17).
+the 8B "unsloth" step ran 2.5-3.1% slower with it: a custom call's operands must be whole buffers, so dy's slices
+are copied out, and the step lost more with XLA's command buffers on than off (likely each Triton call splits them;
+not traced) (H100, benchmarks/RESULTS.md, session 17).
 """
 
 from __future__ import annotations
