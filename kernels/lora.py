@@ -167,19 +167,26 @@ class _Config:
     dy_pass: str = "xla"  # "pallas": dy @ b.T and xa_s.T @ dy in one read of dy (kernels/lora_dy.py)
 
 
+def _dequantize(w, dt, cfg: _Config) -> jax.Array:
+    """One NF4 weight [out, in] in dt, by kernels/nf4_dequant.py where cfg asks for it and it applies (the same bits),
+    else by XLA."""
+    from fastlora_jax.nf4 import dequantize_nf4
+
+    if cfg.nf4_dequantize == "pallas" and dt != _F32:
+        from fastlora_jax.kernels import nf4_dequant
+
+        if nf4_dequant.supports(w.shape):
+            return nf4_dequant.dequantize(w, dt, cfg.nf4_rounding, interpret=cfg.interpret)
+    return dequantize_nf4(w, dt, cfg.nf4_rounding)
+
+
 def _fused(x, w, u, v, bias, transpose: bool, cfg: _Config) -> jax.Array:
     """x @ w + u @ v (+ bias), w and v transposed when `transpose`; all operands in x.dtype. With cfg.nf4_rounding,
     w is an NF4 weight [out, in] (w.T in these terms), dequantized here and alive only inside this pass."""
     dt = x.dtype
     transpose_w = transpose
     if cfg.nf4_rounding is not None:
-        from fastlora_jax.kernels import nf4_dequant
-        from fastlora_jax.nf4 import dequantize_nf4
-
-        if cfg.nf4_dequantize == "pallas" and dt != _F32 and nf4_dequant.supports(w.shape):
-            w = nf4_dequant.dequantize(w, dt, cfg.nf4_rounding, interpret=cfg.interpret)  # the same bits, one pass
-        else:
-            w = dequantize_nf4(w, dt, cfg.nf4_rounding)
+        w = _dequantize(w, dt, cfg)  # [out, in]
         transpose_w = not transpose  # w is [out, in]
     if cfg.implementation == "mosaic":  # the rank-r term in the GEMM's epilogue (Hopper); v is small: transpose it
         from fastlora_jax.kernels import lora_mosaic
@@ -213,18 +220,24 @@ def _lora_fwd(x, w, a, b, s, bias, cfg: _Config):
     return y, (x, w, a, b, s, bias, xa)
 
 
+def _dy_products(g, b, xa_s, cfg: _Config):
+    """(dy @ b.T [M, r], xa_s.T @ dy [r, N]), float32: in one pass over dy (kernels/lora_dy.py) where cfg asks for
+    it and it applies, else two XLA dots."""
+    if cfg.dy_pass == "pallas":
+        from fastlora_jax.kernels import lora_dy  # imports this module's helpers: here, not at the top
+
+        if lora_dy.supports(*g.shape):
+            return lora_dy.dy_products(g, b.T, xa_s.T, interpret=cfg.interpret)
+    return (_dot(g, b.astype(g.dtype), True),
+            jax.lax.dot_general(xa_s, g, (((0,), (0,)), ((), ())), preferred_element_type=_F32))
+
+
 def _lora_bwd(cfg: _Config, residuals, g):
     x, w, a, b, s, bias, xa = residuals  # g [M, N]
     dt = x.dtype
     g = g.astype(dt)
     xa_s = (s * xa.astype(_F32)).astype(dt)  # [M, r]
-    from fastlora_jax.kernels import lora_dy  # imports this module's helpers: here, not at the top
-
-    if cfg.dy_pass == "pallas" and lora_dy.supports(*g.shape):
-        dyb, db = lora_dy.dy_products(g, b.T, xa_s.T, interpret=cfg.interpret)  # [M, r], [r, N] float32
-    else:
-        dyb = _dot(g, b.astype(dt), True)  # [M, r] float32: dy @ b.T
-        db = jax.lax.dot_general(xa_s, g, (((0,), (0,)), ((), ())), preferred_element_type=_F32)  # [r, N]
+    dyb, db = _dy_products(g, b, xa_s, cfg)  # [M, r], [r, N] float32: dy @ b.T, xa_s.T @ dy
     ds = jnp.sum(xa.astype(_F32) * dyb)  # d/ds of sum(dy * s * xa @ b)
     dxa = (s * dyb).astype(dt)  # [M, r]
     dx = _fused(g, w, dxa, a.astype(dt), None, True, cfg)  # [M, K] = dy @ w.T + dxa @ a.T

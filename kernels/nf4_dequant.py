@@ -10,7 +10,7 @@ where that PTX cannot run) and stores each byte's two weights as one 32-bit word
 values: nothing is gathered and nothing is interleaved. The double-dequantized block absmax comes from XLA (1/64 of
 the weights, `fastlora_jax.nf4.dequantize_absmax`), as in the fused kernels.
 Opt-in (`nf4_lora_linear(..., dequantize="pallas")`). It ran 14-25% faster than XLA's on the 8B's large weights
-(1.9-2.0 TB/s) and the same on the small ones; the 8B QLoRA "unsloth" step ran +0.4% with it, within the spread
+(1.8-2.0 TB/s) and the same on the small ones; the 8B QLoRA "unsloth" step ran +0.4% with it, within the spread
 (H100, benchmarks/RESULTS.md, session 17).
 """
 
