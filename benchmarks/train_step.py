@@ -119,6 +119,7 @@ def build(args):
                    use_gradient_checkpointing=args.mode)
     model.model.mlp_chunk_size = args.mlp_chunk
     model.model.scan_layers = not args.layer_loop
+    model.model.mlp_dequantize_once = not args.mlp_dequantize_per_chunk
     return model, config
 
 
@@ -204,7 +205,7 @@ def run(args) -> dict:
     compile_s = time.perf_counter() - t0
     result = dict(system="fastlora-jax", model=args.model, layers=config.num_hidden_layers, batch=args.batch,
                   seq=args.seq, mode=str(args.mode), qlora=args.qlora, implementation=args.implementation,
-                  chunk=args.chunk, mlp_chunk=args.mlp_chunk,
+                  chunk=args.chunk, mlp_chunk=args.mlp_chunk, mlp_dequantize_per_chunk=args.mlp_dequantize_per_chunk,
                   layer_loop=args.layer_loop, xla_flags=os.environ.get("XLA_FLAGS", ""),
                   xla_options=xla_options(args), dynamic_slice_fusions=_count_slice_fusions(compiled),
                   compile_s=round(compile_s, 1), init_s=round(init_s, 1), **_memory(compiled))
@@ -241,6 +242,8 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_SIZE, help="cross-entropy chunk (tokens)")
     p.add_argument("--mlp-chunk", type=int, default=None, help="tokens per MLP chunk (default: the mode's)")
     p.add_argument("--layer-loop", action="store_true", help="scan_layers=False: a Python loop over the layers")
+    p.add_argument("--mlp-dequantize-per-chunk", action="store_true",
+                   help="mlp_dequantize_once=False: NF4 MLP weights dequantized in every MLP chunk")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an XLA option for this step's compilation (jax.jit compiler_options), over the library's "
                         "fastlora_jax.compiler_options(); repeatable")

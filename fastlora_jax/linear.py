@@ -72,16 +72,19 @@ class LoraLinear(nnx.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:  # x [..., in] -> [..., out]
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None,
+                 dequantized: jax.Array | None = None) -> jax.Array:  # x [..., in] -> [..., out]
+        """`dequantized`: an NF4 base's `weight_for_calls` array for x's token count (None for any other base)."""
         a, b, scale = read(self.lora_a), read(self.lora_b), read(self.layer_scale)
+        base_kw = {} if dequantized is None else {"dequantized": dequantized}
         if rng is not None and self.dropout > 0.0:
             # Dropout on the LoRA branch only: x @ W + s * (drop(x) @ A) @ B = base(x) + lora(drop(x)).
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
             x_drop = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
             xa = jnp.einsum("...i,ir->...r", x_drop, a.astype(x.dtype))  # [..., r]
             delta = jnp.einsum("...r,ro->...o", xa, b.astype(x.dtype), preferred_element_type=jnp.float32)
-            return (self.base(x).astype(jnp.float32) + scale * delta).astype(x.dtype)
-        return self.base.with_lora(x, a, b, scale)
+            return (self.base(x, **base_kw).astype(jnp.float32) + scale * delta).astype(x.dtype)
+        return self.base.with_lora(x, a, b, scale, **base_kw)
 
     def delta_weight(self) -> jax.Array:
         """scaling * A @ B as a float32 [*stack, in, out] array (what merging adds to the base weight)."""

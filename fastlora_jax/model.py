@@ -19,7 +19,8 @@ from jax.ad_checkpoint import checkpoint_name
 from fastlora_jax import remat
 from fastlora_jax.attention import attention
 from fastlora_jax.config import LlamaConfig
-from fastlora_jax.linear import Linear
+from fastlora_jax.linear import Linear, LoraLinear
+from fastlora_jax.nf4 import NF4Linear
 from fastlora_jax.rope import apply_rope, inverse_frequencies, rope_angles
 from fastlora_jax.variables import TRAINABLE, Frozen, read
 
@@ -49,6 +50,7 @@ class AttentionInputs(NamedTuple):
     write_index: jax.Array | None  # [] int32 cache slot of the first query token (generation), else None
     causal: bool = True  # query t attends keys <= t on top of `mask` (False against a cache: the mask says it all)
     mlp_chunk: int | None = None  # tokens per MLP chunk (None: all at once)
+    mlp_dequantize_once: bool = True  # NF4 MLP weights dequantized once per pass for all chunks, not once per chunk
     batch_sharding: object = None  # a jax.sharding.Mesh under FSDP/data parallelism: activations stay batch-sharded
 
 
@@ -127,15 +129,31 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, **kw)
         self.down_proj = Linear(f, d, **kw)
 
-    def __call__(self, x, rngs=(None,) * 3):  # [B, T, D] -> [B, T, D]
-        gate = checkpoint_name(_call(self.gate_proj, x, rngs[0]), "gate_proj")
-        up = checkpoint_name(_call(self.up_proj, x, rngs[1]), "up_proj")
-        return checkpoint_name(_call(self.down_proj, jax.nn.silu(gate) * up, rngs[2]), "down_proj")
+    def weights_for_chunks(self, tokens: int, dtype) -> tuple:
+        """(gate, up, down): each NF4 projection's weight dequantized once for calls of `tokens` tokens in dtype,
+        None for the others (16-bit weights are read in place)."""
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        return tuple(_weight_for_calls(layer, tokens, dtype) for layer in layers)
+
+    def __call__(self, x, rngs=(None,) * 3, dequantized=(None,) * 3):  # [B, T, D] -> [B, T, D]
+        """`dequantized`: `weights_for_chunks(T * B, x.dtype)`, or Nones (each NF4 weight dequantized in the call)."""
+        gate = checkpoint_name(_call(self.gate_proj, x, rngs[0], dequantized[0]), "gate_proj")
+        up = checkpoint_name(_call(self.up_proj, x, rngs[1], dequantized[1]), "up_proj")
+        return checkpoint_name(_call(self.down_proj, jax.nn.silu(gate) * up, rngs[2], dequantized[2]), "down_proj")
 
 
-def _call(layer, x, rng):
-    """Calls a linear layer; LoRA layers take a dropout rng, frozen ones do not."""
-    return layer(x) if rng is None else layer(x, rng)
+def _weight_for_calls(layer, tokens: int, dtype) -> jax.Array | None:
+    """The weight of an NF4 layer (bare or under LoRA) dequantized for many calls (NF4Linear.weight_for_calls);
+    None for any other layer."""
+    base = layer.base if isinstance(layer, LoraLinear) else layer
+    return base.weight_for_calls(tokens, dtype) if isinstance(base, NF4Linear) else None
+
+
+def _call(layer, x, rng, dequantized=None):
+    """Calls a linear layer; LoRA layers take a dropout rng, frozen ones do not; NF4 ones may take their weight
+    already dequantized."""
+    args = (x,) if rng is None else (x, rng)
+    return layer(*args) if dequantized is None else layer(*args, dequantized=dequantized)
 
 
 class DecoderLayer(nnx.Module):
@@ -154,10 +172,12 @@ class DecoderLayer(nnx.Module):
         x = checkpoint_name(constrain_batch(x, inputs.batch_sharding), "layer_input")
         attn_out, cache_kv = self.self_attn(self.input_layernorm(x), inputs, cache_kv, rngs[:4])
         x = x + attn_out
-        return x + self._mlp_block(x, rngs[4:], inputs.mlp_chunk), cache_kv
+        return x + self._mlp_block(x, rngs[4:], inputs.mlp_chunk, inputs.mlp_dequantize_once), cache_kv
 
-    def _mlp_block(self, x, rngs, chunk: int | None):
-        """post_attention_layernorm + MLP, over token chunks of `chunk` (each recomputed in the backward pass)."""
+    def _mlp_block(self, x, rngs, chunk: int | None, dequantize_once: bool):
+        """post_attention_layernorm + MLP, over token chunks of `chunk` (each recomputed in the backward pass). With
+        `dequantize_once`, NF4 MLP weights are dequantized before the chunk loop (once in each pass, 352 MB of bf16
+        held during the loop for 8B), not in every chunk."""
         B, T, D = x.shape
         if chunk is None or B * T <= chunk:
             return self.mlp(self.post_attention_layernorm(x), rngs)
@@ -165,12 +185,16 @@ class DecoderLayer(nnx.Module):
         flat = x.reshape(B * T, D)
         if n * chunk != B * T:
             flat = jnp.pad(flat, ((0, n * chunk - B * T), (0, 0)))
+        dequantized = (None,) * 3
+        if dequantize_once:
+            dtype = jax.eval_shape(self.post_attention_layernorm, flat[:1]).dtype  # the MLP's input dtype
+            dequantized = self.mlp.weights_for_chunks(chunk, dtype)
 
         @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
         def one(_, xs):
             xc, i = xs  # [C, D], chunk index
             chunk_rngs = tuple(None if r is None else jax.random.fold_in(r, i) for r in rngs)
-            return None, self.mlp(self.post_attention_layernorm(xc[None]), chunk_rngs)[0]
+            return None, self.mlp(self.post_attention_layernorm(xc[None]), chunk_rngs, dequantized)[0]
 
         _, out = jax.lax.scan(one, None, (flat.reshape(n, chunk, D), jnp.arange(n)))  # [n, C, D]
         return out.reshape(n * chunk, D)[: B * T].reshape(B, T, D)
@@ -184,6 +208,9 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.gradient_checkpointing: bool | str = False  # a fastlora_jax.remat mode
         self.mlp_chunk_size: int | None = None  # tokens per MLP chunk; None: the checkpointing mode's default
+        # True: NF4 MLP weights are dequantized once per pass before the chunk loop, not in each chunk (8B QLoRA:
+        # 352 MB of bf16 held during the loop). False: in each chunk (the least memory).
+        self.mlp_dequantize_once = True
         # True: the layers run under one jax.lax.scan (compile time flat in depth). False: a Python loop of per-layer
         # checkpoints (training forward only; generation and "long_context" always scan): compiles 3-5x longer, but
         # no copies of saved activations into the scan's stacked residuals ("dots": 8B +3%, 1B +4.6%; "unsloth"
@@ -198,7 +225,8 @@ class LlamaModel(nnx.Module):
         inputs, positions = _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache)
         inputs = inputs._replace(**dict(zip(("cos", "sin"), rope_angles(positions, inverse_frequencies(self.config)))))
         mode = self.gradient_checkpointing
-        inputs = inputs._replace(mlp_chunk=self.mlp_chunk_size or remat.mlp_chunk_size(mode), batch_sharding=self.mesh)
+        inputs = inputs._replace(mlp_chunk=self.mlp_chunk_size or remat.mlp_chunk_size(mode), batch_sharding=self.mesh,
+                                 mlp_dequantize_once=self.mlp_dequantize_once)
         L = self.config.num_hidden_layers
         layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, L)
         k = remat.layers_per_block(mode, L)

@@ -436,14 +436,23 @@ class NF4Linear(nnx.Module):
         return NF4Array(self.packed[...], self.absmax_q[...], self.nested_absmax[...], self.offset[...],
                         shape=(self.out_features, self.in_features), dtype=self.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # x [..., in] -> [..., out]
-        return kernels.nf4_linear(x, self.nf4(), read(self.bias), implementation=self.implementation,
-                                  rounding=self.rounding)
+    def weight_for_calls(self, tokens: int, dtype) -> jax.Array | None:
+        """One layer's weight [out, in] dequantized once for many calls of `tokens` tokens in dtype, to pass to each
+        as `dequantized` (the same bits they would dequantize in each pass); None where those calls would not
+        dequantize it (`fastlora_jax.kernels.nf4_weight_for_calls`)."""
+        return kernels.nf4_weight_for_calls(self.nf4(), tokens, dtype, implementation=self.implementation,
+                                            rounding=self.rounding)
 
-    def with_lora(self, x: jax.Array, a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
-        """x @ W.T + bias + scaling * (x @ a) @ b; a [in, r], b [r, out]; no gradient reaches the NF4 weight."""
+    def __call__(self, x: jax.Array, dequantized: jax.Array | None = None) -> jax.Array:  # x [..., in] -> [..., out]
+        return kernels.nf4_linear(x, self.nf4(), read(self.bias), implementation=self.implementation,
+                                  rounding=self.rounding, dequantized=dequantized)
+
+    def with_lora(self, x: jax.Array, a: jax.Array, b: jax.Array, scaling: jax.Array,
+                  dequantized: jax.Array | None = None) -> jax.Array:
+        """x @ W.T + bias + scaling * (x @ a) @ b; a [in, r], b [r, out]; no gradient reaches the NF4 weight.
+        `dequantized`: `weight_for_calls`'s array for x's token count, used instead of dequantizing W."""
         return kernels.nf4_linear(x, self.nf4(), read(self.bias), a, b, scaling, implementation=self.implementation,
-                                  rounding=self.rounding)
+                                  rounding=self.rounding, dequantized=dequantized)
 
     def dense_weight(self) -> jax.Array:
         """The dequantized weight [*stack, in, out] (for merging and export: dequantize_4bit's, whatever

@@ -7,6 +7,7 @@ dequant-matmul + XLA), `nf4_ptx` (the PTX NF4 decodes), `nf4_dequant` (NF4 to 16
 `reference` (the pure-jnp statements of the maths), `_compat` (the Pallas-version corner).
 """
 
-from fastlora_jax.kernels.api import IMPLEMENTATIONS, PALLAS_FASTER_ON_GPU, linear, lora_linear, nf4_linear
+from fastlora_jax.kernels.api import (IMPLEMENTATIONS, PALLAS_FASTER_ON_GPU, linear, lora_linear, nf4_linear,
+                                      nf4_weight_for_calls)
 
-__all__ = ["IMPLEMENTATIONS", "PALLAS_FASTER_ON_GPU", "linear", "lora_linear", "nf4_linear"]
+__all__ = ["IMPLEMENTATIONS", "PALLAS_FASTER_ON_GPU", "linear", "lora_linear", "nf4_linear", "nf4_weight_for_calls"]

@@ -135,15 +135,34 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
 
 def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
                b: jax.Array | None = None, scaling: float | jax.Array = 0.0, *,
-               implementation: str = "auto", rounding: str = "dequantize_4bit") -> jax.Array:
+               implementation: str = "auto", rounding: str = "dequantize_4bit",
+               dequantized: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ dequantize(w).T + bias (+ scaling * (x @ a) @ b) with w ONE NF4 weight [out, in] (HF layout).
 
-    The 16-bit weight exists only inside the call (the backward pass dequantizes again); gradients flow to x, bias
-    and the LoRA factors a [in, r], b [r, out]; none to w. `rounding`: fastlora_jax.nf4.LAYER_ROUNDINGS, the same on
-    every implementation ("bitsandbytes": gemv_4bit's weights for a one-token call that nothing differentiates).
+    The 16-bit weight exists only inside the call (the backward pass dequantizes again), unless `dequantized` is
+    `nf4_weight_for_calls`'s array for this call's token count; gradients flow to x, bias and the LoRA factors
+    a [in, r], b [r, out]; none to w. `rounding`: fastlora_jax.nf4.LAYER_ROUNDINGS, the same on every
+    implementation ("bitsandbytes": gemv_4bit's weights for a one-token call that nothing differentiates).
     """
     nf4.check_nf4_shapes(x, w, bias, a, b)
     out_features, in_features = w.shape
     impl = resolve("nf4", implementation, in_features, out_features, math.prod(x.shape[:-1]),
                    0 if a is None else a.shape[1], x.dtype)
-    return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation=impl, rounding=rounding)
+    return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation=impl, rounding=rounding, dequantized=dequantized)
+
+
+def nf4_weight_for_calls(w: NF4Array, tokens: int, dtype, *, implementation: str = "auto",
+                         rounding: str = "dequantize_4bit") -> jax.Array | None:
+    """ONE NF4 weight dequantized once for many `nf4_linear` calls of `tokens` tokens in dtype (the MLP's token
+    chunks): [out, in], the bits each call would dequantize in each pass, to pass as their `dequantized`. None where
+    such calls read the NF4 codes themselves (Pallas, "reduce": nothing to share) or where their rounding depends on
+    whether they are differentiated ("bitsandbytes" at one token)."""
+    from fastlora_jax.nf4 import dequantize_nf4, rounding_of_call
+
+    out_features, in_features = w.shape
+    if resolve("nf4", implementation, in_features, out_features, tokens, 0, dtype) in ("pallas", "reduce"):
+        return None  # rank 0: "mosaic" (which needs LoRA factors) resolves to "xla" here; both dequantize with XLA
+    call_rounding = rounding_of_call(rounding, tokens, in_features, differentiated=True)
+    if call_rounding != rounding_of_call(rounding, tokens, in_features, differentiated=False):
+        return None
+    return dequantize_nf4(w, dtype, call_rounding)

@@ -162,6 +162,7 @@ class _Config:
     implementation: str  # "xla" | "pallas" | "mosaic"
     block_sizes: BlockSizes | None
     interpret: bool | None
+    weight_out_in: bool = False  # w is [out, in] (HF layout: an NF4 weight, or one dequantized by the caller)
     nf4_rounding: str | None = None  # w is one NF4 weight [out, in], dequantized with this rounding in each pass
     nf4_dequantize: str = "xla"  # "pallas": by kernels/nf4_dequant.py, where the weight divides into its blocks
     dy_pass: str = "xla"  # "pallas": dy @ b.T and xa_s.T @ dy in one read of dy (kernels/lora_dy.py)
@@ -181,13 +182,13 @@ def _dequantize(w, dt, cfg: _Config) -> jax.Array:
 
 
 def _fused(x, w, u, v, bias, transpose: bool, cfg: _Config) -> jax.Array:
-    """x @ w + u @ v (+ bias), w and v transposed when `transpose`; all operands in x.dtype. With cfg.nf4_rounding,
-    w is an NF4 weight [out, in] (w.T in these terms), dequantized here and alive only inside this pass."""
+    """x @ w + u @ v (+ bias), w and v transposed when `transpose`; all operands in x.dtype. With cfg.weight_out_in,
+    w is [out, in] (w.T in these terms); with cfg.nf4_rounding, an NF4 weight dequantized here and alive only inside
+    this pass."""
     dt = x.dtype
-    transpose_w = transpose
     if cfg.nf4_rounding is not None:
         w = _dequantize(w, dt, cfg)  # [out, in]
-        transpose_w = not transpose  # w is [out, in]
+    transpose_w = transpose != cfg.weight_out_in
     if cfg.implementation == "mosaic":  # the rank-r term in the GEMM's epilogue (Hopper); v is small: transpose it
         from fastlora_jax.kernels import lora_mosaic
 
@@ -295,15 +296,20 @@ def nf4_lora_linear(x: jax.Array, w, a: jax.Array, b: jax.Array, scaling: float 
                     bias: jax.Array | None = None, *, rounding: str, implementation: str = "mosaic",
                     dequantize: str = "xla") -> jax.Array:
     """x [M, in] @ dequantize(w, rounding).T + bias + scaling * (x @ a) @ b through this module's custom_vjp, w ONE NF4
-    weight [out, in] dequantized in the forward and again in the backward pass (never kept). `rounding` is one of
-    fastlora_jax.nf4.ROUNDINGS (the caller resolves "bitsandbytes"); `implementation` "mosaic" or "xla" (not
-    "pallas": its kernel reads w in one orientation only). `dequantize` "pallas" dequantizes 16-bit weights with
-    kernels/nf4_dequant.py (opt-in: no faster on the 8B step; the same bits) where w divides into its blocks, else
-    as "xla" does (`fastlora_jax.nf4.dequantize_nf4`)."""
+    weight [out, in] dequantized in the forward and again in the backward pass (never kept), or that weight already
+    dequantized to x.dtype by the caller (a [out, in] array, used as is: `rounding` and `dequantize` then do nothing).
+    `rounding` is one of fastlora_jax.nf4.ROUNDINGS (the caller resolves "bitsandbytes"); `implementation` "mosaic"
+    or "xla" (not "pallas": its kernel reads w in one orientation only). `dequantize` "pallas" dequantizes 16-bit
+    weights with kernels/nf4_dequant.py (opt-in: no faster on the 8B step; the same bits) where w divides into its
+    blocks, else as "xla" does (`fastlora_jax.nf4.dequantize_nf4`)."""
     if implementation not in ("xla", "mosaic"):
         raise ValueError(f"nf4_lora_linear: implementation={implementation!r}; accepted: 'xla', 'mosaic'")
     if dequantize not in ("xla", "pallas"):
         raise ValueError(f"nf4_lora_linear: dequantize={dequantize!r}; accepted: 'xla', 'pallas'")
-    cfg = _Config(implementation=implementation, block_sizes=None, interpret=None, nf4_rounding=rounding,
-                  nf4_dequantize=dequantize)
+    dense = isinstance(w, jax.Array)
+    if dense and (w.shape != (b.shape[1], a.shape[0]) or w.dtype != x.dtype):
+        raise ValueError(f"nf4_lora_linear: a dequantized w must be [out, in] in x.dtype; got w {w.shape} {w.dtype}, "
+                         f"x {x.shape} {x.dtype}, a {a.shape}, b {b.shape}")
+    cfg = _Config(implementation=implementation, block_sizes=None, interpret=None, weight_out_in=True,
+                  nf4_rounding=None if dense else rounding, nf4_dequantize=dequantize)
     return _lora(x, w, a, b, jnp.asarray(scaling, _F32), bias, cfg)

@@ -344,12 +344,20 @@ class _Config:
         return self if rounding == self.rounding else dataclasses.replace(self, rounding=rounding)
 
 
+def _weight(w, dtype, rounding: str) -> jax.Array:
+    """W [out, in] in dtype: dequantized here (alive only inside this pass), or w itself where the caller passed the
+    weight already dequantized (nf4_linear's `dequantized`)."""
+    if isinstance(w, jax.Array):
+        return w
+    from fastlora_jax.nf4 import dequantize_nf4
+
+    return dequantize_nf4(w, dtype, rounding)
+
+
 def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
     if cfg.implementation == "pallas":
         return nf4_matmul_t(x, w, block_sizes=cfg.forward_blocks, interpret=cfg.interpret, rounding=cfg.rounding)
-    from fastlora_jax.nf4 import dequantize_nf4
-
-    weight = dequantize_nf4(w, x.dtype, cfg.rounding)  # [out, in], alive only inside this call
+    weight = _weight(w, x.dtype, cfg.rounding)  # [out, in]
     if cfg.implementation == "reduce":  # [M, 1, in] * [out, in] summed over in: XLA fuses the decoding into the sum
         return jnp.sum(x.astype(_F32)[:, None, :] * weight.astype(_F32), axis=-1).astype(x.dtype)
     return jax.lax.dot_general(x, weight, (((1,), (1,)), ((), ()))).astype(x.dtype)
@@ -358,9 +366,7 @@ def _matmul_t(x, w, cfg: _Config):  # x [M, in] @ W.T -> [M, out]
 def _matmul(g, w, cfg: _Config):  # g [M, out] @ W -> [M, in] ("reduce" too: only its forward was measured faster)
     if cfg.implementation == "pallas":
         return nf4_matmul(g, w, block_sizes=cfg.backward_blocks, interpret=cfg.interpret, rounding=cfg.rounding)
-    from fastlora_jax.nf4 import dequantize_nf4
-
-    return jnp.dot(g, dequantize_nf4(w, g.dtype, cfg.rounding)).astype(g.dtype)
+    return jnp.dot(g, _weight(w, g.dtype, cfg.rounding)).astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -410,7 +416,8 @@ def check_nf4_shapes(x, w, bias, a, b) -> None:
 def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
                b: jax.Array | None = None, scaling: float | jax.Array = 0.0, *, implementation: str = "xla",
                block_sizes: BlockSizes | tuple[BlockSizes, BlockSizes] | None = None,
-               interpret: bool | None = None, rounding: str = "dequantize_4bit") -> jax.Array:
+               interpret: bool | None = None, rounding: str = "dequantize_4bit",
+               dequantized: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ dequantize(w, rounding).T + bias (+ scaling * (x @ a) @ b) -> [..., out] in x.dtype.
 
     `block_sizes` ("pallas"): one BlockSizes for both kernels, a (forward, backward) pair, or None for each
@@ -421,6 +428,9 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     LoRA branch, when given, is the reference formulation (plain XLA, differentiated by JAX) in x.dtype, added to
     the NF4 product; "mosaic" (LoRA factors required; Hopper, token count and features that divide its tiles)
     instead dequantizes w with XLA in each pass and adds the rank-r term inside kernels/lora_mosaic.py's GEMM.
+    `dequantized` ("xla" and "mosaic" only): w already dequantized to x.dtype [out, in] with this call's rounding
+    (`weight_for_calls`), used instead of dequantizing w in each pass: for a caller that runs many calls on one
+    weight, such as the MLP's token chunks.
     """
     from fastlora_jax.nf4 import LAYER_ROUNDINGS, check_rounding
 
@@ -434,21 +444,29 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     out_features, in_features = w.shape
     if implementation == "pallas" and in_features % _BLOCK:
         raise ValueError(f"nf4_linear(implementation='pallas') needs in_features % 64 == 0; got w.shape={w.shape}")
+    if dequantized is not None:
+        if implementation not in ("xla", "mosaic"):
+            raise ValueError(f"nf4_linear(implementation={implementation!r}) reads the NF4 codes itself; "
+                             f"`dequantized` is accepted with 'xla' and 'mosaic' only")
+        if dequantized.shape != w.shape or dequantized.dtype != x.dtype:
+            raise ValueError(f"nf4_linear: dequantized must be [out, in] in x.dtype; got {dequantized.shape} "
+                             f"{dequantized.dtype} for w.shape={w.shape}, x.dtype={x.dtype}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)  # [M, in]
     if x2.shape[0] == 0:
         implementation = "xla"
+    weight = w if dequantized is None else dequantized  # an NF4Array, or [out, in] in x.dtype
     if implementation == "mosaic":  # NF4 + LoRA: kernels/lora.py's custom_vjp, the LoRA term in the GEMM's epilogue
         from fastlora_jax.nf4 import rounding_of_call
 
         # Its tiles take >= 128 tokens, where "bitsandbytes" dequantizes whether or not the call is differentiated.
         call_rounding = rounding_of_call(rounding, x2.shape[0], in_features, differentiated=True)
-        y = nf4_lora_linear(x2, w, a, b, scaling, bias, rounding=call_rounding)
+        y = nf4_lora_linear(x2, weight, a, b, scaling, bias, rounding=call_rounding)
         return y.reshape(*lead, out_features)
     forward_blocks, backward_blocks = block_sizes if isinstance(block_sizes, tuple) else (block_sizes,) * 2
     cfg = _Config(implementation=implementation, forward_blocks=forward_blocks, backward_blocks=backward_blocks,
                   interpret=interpret, rounding=rounding)
-    y = _nf4_base(x2, w, bias, cfg)  # [M, out]
+    y = _nf4_base(x2, weight, bias, cfg)  # [M, out]
     if a is not None:  # GEMM outputs in x.dtype as in kernels/lora.py's XLA path (no [M, out] float32 pass)
         dt = x.dtype
         xa = checkpoint_name(jnp.dot(x2, a.astype(dt), preferred_element_type=dt), XA_NAME)  # [M, r]

@@ -102,6 +102,30 @@ def test_nf4_lora_linear_mosaic_matches_reference():
         assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
 
 
+@pytest.mark.gpu
+@hopper
+def test_nf4_lora_linear_mosaic_with_the_weight_dequantized_by_the_caller():
+    """The MLP chunks' path (the weight dequantized once, kernels.nf4_weight_for_calls): the same bits as
+    dequantizing it in each pass."""
+    import numpy as np
+    from test_kernels_nf4 import forward_and_grads as nf4_forward_and_grads
+    from test_kernels_nf4 import make_inputs as nf4_inputs
+
+    from fastlora_jax import kernels
+    from fastlora_jax.kernels import nf4
+
+    inputs = nf4_inputs(256, 512, 256, 16, jnp.bfloat16, seed=7)
+
+    def once(x, w, bias, a, b, scaling):
+        dense = kernels.nf4_weight_for_calls(w, x.shape[0], x.dtype, implementation="mosaic")
+        return nf4.nf4_linear(x, w, bias, a, b, scaling, implementation="mosaic", dequantized=dense)
+
+    got = nf4_forward_and_grads(once, *inputs)
+    want = nf4_forward_and_grads(lambda *z: nf4.nf4_linear(*z, implementation="mosaic"), *inputs)
+    for name, out, ref in zip(("y", "dx", "dbias", "da", "db"), got, want):
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=name)
+
+
 def test_lowrank_matmul_refuses_shapes_it_cannot_tile():
     x, w = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((64, 256), jnp.bfloat16)
     u, v = jnp.zeros((128, 8), jnp.bfloat16), jnp.zeros((8, 256), jnp.bfloat16)

@@ -343,6 +343,29 @@ def test_nf4_lora_through_the_lora_custom_vjp_matches_reference(m, k, n, r, dtyp
         assert rel_err(out, ref) < TOL[dtype], (name, rel_err(out, ref))
 
 
+@pytest.mark.parametrize("m, k, n, r, dtype", [c for c in CASES if c[3]][:2])
+def test_nf4_lora_with_the_weight_dequantized_by_the_caller(m, k, n, r, dtype):
+    # The MLP's token chunks pass the weight dequantized once (kernels.nf4_weight_for_calls): the same bits out, and
+    # gradients, as dequantizing it inside the custom_vjp in each pass.
+    from fastlora_jax.nf4 import dequantize_nf4
+
+    def nf4_lora(dequantize_first):
+        def fn(x, w, bias, a, b, scaling):
+            weight = dequantize_nf4(w, x.dtype) if dequantize_first else w
+            return lora.nf4_lora_linear(x, weight, a, b, scaling, bias, rounding="dequantize_4bit",
+                                        implementation="xla")
+        return fn
+
+    inputs = make_inputs(m, k, n, r, dtype, seed=m + r)
+    for name, out, ref in zip(("y", "dx", "dbias", "da", "db"), forward_and_grads(nf4_lora(True), *inputs),
+                              forward_and_grads(nf4_lora(False), *inputs)):
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref), err_msg=name)
+    x, w, bias, a, b, scaling, _ = inputs
+    with pytest.raises(ValueError, match=r"a dequantized w must be \[out, in\] in x.dtype; got w \(%d, %d\)" % (k, n)):
+        lora.nf4_lora_linear(x, dequantize_nf4(w, x.dtype).T, a, b, scaling, rounding="dequantize_4bit",
+                             implementation="xla")
+
+
 def test_mosaic_needs_the_lora_factors():
     x, w, *_ = make_inputs(4, 128, 24, 0, jnp.bfloat16)
     with pytest.raises(ValueError, match=r"'mosaic'\) needs the LoRA factors a and b .*w.shape=\(24, 128\)"):
