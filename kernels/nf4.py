@@ -16,7 +16,8 @@ programs whose float32 partial sums XLA adds. The XLA path dequantizes the whole
 calls one matmul; its "reduce" variant writes the forward as a multiply-and-sum, which XLA fuses with the decoding
 into one reduction kernel that reads only the codes (no 16-bit weight written; each token decodes the weight again,
 so it pays at one token only). All share a custom_vjp whose only residuals are the NF4 arrays: the backward
-dequantizes again.
+dequantizes again. A caller that runs many calls on one weight (the MLP's token chunks) may dequantize it once
+(`api.nf4_weight_for_calls`) and pass it as `dequantized` to the XLA and Mosaic paths: the same bits.
 """
 
 from __future__ import annotations
