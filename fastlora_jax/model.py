@@ -150,9 +150,9 @@ def _weight_for_calls(layer, tokens: int, dtype) -> jax.Array | None:
 
 
 def _call(layer, x, rng, dequantized=None):
-    """Calls a linear layer; LoRA layers take a dropout rng, frozen ones do not; NF4 ones may take their weight
-    already dequantized."""
-    args = (x,) if rng is None else (x, rng)
+    """Calls a linear layer: only LoRA layers take the dropout rng (the frozen projections `target_modules` leaves
+    out take none); NF4 ones, bare or under LoRA, may take their weight already dequantized."""
+    args = (x, rng) if rng is not None and isinstance(layer, LoraLinear) else (x,)
     return layer(*args) if dequantized is None else layer(*args, dequantized=dequantized)
 
 
@@ -208,8 +208,8 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.gradient_checkpointing: bool | str = False  # a fastlora_jax.remat mode
         self.mlp_chunk_size: int | None = None  # tokens per MLP chunk; None: the checkpointing mode's default
-        # True: NF4 MLP weights are dequantized once per pass before the chunk loop, not in each chunk (8B QLoRA:
-        # 352 MB of bf16 held during the loop). False: in each chunk (the least memory).
+        # True: NF4 MLP weights are dequantized once per pass before the chunk loop, not in each chunk (8B QLoRA
+        # "unsloth": 3.1% faster, peak 0.03 GiB higher; benchmarks/RESULTS.md, session 18). False: in each chunk.
         self.mlp_dequantize_once = True
         # True: the layers run under one jax.lax.scan (compile time flat in depth). False: a Python loop of per-layer
         # checkpoints (training forward only; generation and "long_context" always scan): compiles 3-5x longer, but

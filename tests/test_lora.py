@@ -256,6 +256,14 @@ def test_dropout_only_with_rng_and_only_on_the_lora_branch():
     np.testing.assert_array_equal(forward(model, x, jax.random.key(0)), forward(model, x))
 
 
+def test_dropout_with_some_projections_left_frozen():
+    # PEFT's common set-up (q and v only, dropout on): the frozen k, o and MLP layers take no dropout rng.
+    model = get_peft_model(tiny(), lora_dropout=0.1, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    x = ids()
+    a, eval_out = forward(model, x, jax.random.key(0)), forward(model, x)
+    assert a.shape == eval_out.shape and not np.allclose(a, eval_out)
+
+
 def test_one_optimizer_step_updates_exactly_the_trainable_state():
     model = get_peft_model(tiny(tie_word_embeddings=False, attention_bias=True), r=4, init_lora_weights=False,
                            bias="all", modules_to_save=["lm_head"])
