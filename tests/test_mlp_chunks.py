@@ -24,7 +24,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 BYTE_TABLE = (256, 2)  # the [256, 2] table dequantize_nf4 gathers each code byte's two values from
 
 
-def _qlora_model(lora_mlp: bool):
+def _qlora_model(lora_mlp: bool, dropout: float = 0.0):
     """A bf16 Llama whose MLP projections are NF4 (under LoRA when `lora_mlp`), with random LoRA B factors."""
     model = Llama(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     mlp = model.model.layers.mlp
@@ -33,7 +33,8 @@ def _qlora_model(lora_mlp: bool):
         nf4 = stack_nf4([quantize_nf4(np.ascontiguousarray(w.T).astype(jnp.bfloat16)) for w in dense])
         setattr(mlp, name, NF4Linear.from_nf4(nf4))
     targets = ["q_proj", "v_proj", *(MLP if lora_mlp else ())]
-    get_peft_model(model, r=4, lora_alpha=8, target_modules=targets, use_gradient_checkpointing="unsloth")
+    get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
+                   use_gradient_checkpointing="unsloth")
     flat = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
     nnx.update(model, nnx.from_flat_state(
         [(p, v.replace(jax.random.normal(jax.random.key(i), v[...].shape) * 0.1)) for i, (p, v) in enumerate(flat)]))
@@ -41,14 +42,14 @@ def _qlora_model(lora_mlp: bool):
     return model
 
 
-def _loss_and_grads_fn(model, dequantize_once: bool):
+def _loss_and_grads_fn(model, dequantize_once: bool, dropout_rng=None):
     graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
     ids = jax.random.randint(jax.random.key(1), (B, T), 0, CONFIG.vocab_size)
 
     def mean_loss(trainable):
         m = nnx.merge(graphdef, trainable, frozen)
         m.model.mlp_dequantize_once = dequantize_once
-        loss_sum, n = causal_lm_loss(m, ids, ids, chunk_size=16)
+        loss_sum, n = causal_lm_loss(m, ids, ids, chunk_size=16, dropout_rng=dropout_rng)
         return loss_sum / n
 
     return jax.value_and_grad(mean_loss), trainable
@@ -69,11 +70,13 @@ def _table_gathers_by_depth(jaxpr, depth: int = 0) -> list[int]:
     return depths
 
 
-@pytest.mark.parametrize("lora_mlp", [True, False], ids=["lora_on_nf4", "frozen_nf4"])
-def test_dequantize_once_gives_the_same_loss_and_gradients(lora_mlp):
-    model = _qlora_model(lora_mlp)
-    once_fn, trainable = _loss_and_grads_fn(model, True)
-    per_chunk_fn, _ = _loss_and_grads_fn(model, False)
+@pytest.mark.parametrize("lora_mlp, dropout", [(True, 0.0), (False, 0.0), (True, 0.1)],
+                         ids=["lora_on_nf4", "frozen_nf4", "lora_dropout"])
+def test_dequantize_once_gives_the_same_loss_and_gradients(lora_mlp, dropout):
+    model = _qlora_model(lora_mlp, dropout)
+    rng = jax.random.key(7) if dropout else None  # dropout: LoraLinear calls its NF4 base, not with_lora
+    once_fn, trainable = _loss_and_grads_fn(model, True, rng)
+    per_chunk_fn, _ = _loss_and_grads_fn(model, False, rng)
     (loss, grads), (ref_loss, ref_grads) = jax.jit(once_fn)(trainable), jax.jit(per_chunk_fn)(trainable)
     np.testing.assert_array_equal(np.asarray(loss), np.asarray(ref_loss))
     leaves, ref_leaves = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
