@@ -55,13 +55,12 @@ def causal_lm_loss(model, input_ids: jax.Array, labels: jax.Array, *, attention_
 
 def output_head(model, dtype) -> tuple[jax.Array, str, jax.Array | None]:
     """(weight, layout, bias) of the model's output head in `dtype`: lm_head [D, V] ("dv") or the tied
-    embedding [V, D] ("vd"). A head wrapped in LoRA is folded to a dense weight (the gradient still reaches A, B)."""
+    embedding [V, D] ("vd"), each the weight its module's forward multiplies by (under modules_to_save, the trained
+    copy). A head wrapped in LoRA is folded to a dense weight (the gradient still reaches A, B)."""
     lm_head = model.lm_head
     if lm_head is None:
-        return read(model.model.embed_tokens.weight, dtype), "vd", None
+        return model.model.embed_tokens.dense_weight().astype(dtype), "vd", None
     bias = read(getattr(lm_head, "bias", None), jnp.float32)
-    if hasattr(lm_head, "weight"):
-        return read(lm_head.weight, dtype), "dv", bias
     if hasattr(lm_head, "delta_weight"):  # LoraLinear around the head
         base = lm_head.base
         weight = base.dense_weight().astype(jnp.float32) + lm_head.delta_weight()

@@ -91,6 +91,10 @@ class Embed(nnx.Module):
     def attend(self, h: jax.Array) -> jax.Array:  # tied output head: [..., D] -> [..., V]
         return jnp.einsum("...d,vd->...v", h, read(self.weight, h.dtype))
 
+    def dense_weight(self) -> jax.Array:
+        """The [V, D] weight (the tied output head's too)."""
+        return read(self.weight)
+
 
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, stack, rngs, implementation: str):

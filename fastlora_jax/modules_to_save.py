@@ -21,7 +21,7 @@ class SavedEmbed(nnx.Module):
 
     def __init__(self, original: nnx.Module):
         self.weight = original.weight  # Frozen [V, D], model dtype
-        self.trainable_weight = TrainableCopy(original.weight[...].astype(jnp.float32))
+        self.trainable_weight = TrainableCopy(jnp.array(original.weight[...], jnp.float32, copy=True))  # own buffer
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -32,6 +32,10 @@ class SavedEmbed(nnx.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:  # tied output head: [..., D] -> [..., V]
         return jnp.einsum("...d,vd->...v", h, read(self.trainable_weight, h.dtype))
+
+    def dense_weight(self) -> jax.Array:
+        """The trained [V, D] weight in the model dtype (the tied output head's too)."""
+        return read(self.trainable_weight, self.dtype)
 
 
 class SavedLinear(nnx.Module):
@@ -44,7 +48,7 @@ class SavedLinear(nnx.Module):
         self.implementation = original.implementation
         self.weight = original.weight  # Frozen [in, out], model dtype
         self.bias = original.bias  # None: Llama's lm_head has no bias
-        self.trainable_weight = TrainableCopy(original.weight[...].astype(jnp.float32))
+        self.trainable_weight = TrainableCopy(jnp.array(original.weight[...], jnp.float32, copy=True))  # own buffer
 
     @property
     def dtype(self) -> jnp.dtype:

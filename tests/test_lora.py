@@ -264,6 +264,53 @@ def test_dropout_with_some_projections_left_frozen():
     assert a.shape == eval_out.shape and not np.allclose(a, eval_out)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_trains_the_saved_head(tied):
+    # The chunked loss reads the output head's weight itself: under modules_to_save it must be the trained copy, so
+    # its loss and gradients equal those of the full logits (which the module's forward computes).
+    from fastlora_jax.loss import causal_lm_loss
+
+    model = get_peft_model(tiny(tie_word_embeddings=tied), r=4, modules_to_save=["lm_head"], init_lora_weights=False)
+    saved = model.model.embed_tokens if tied else model.lm_head
+    saved.trainable_weight.value = saved.trainable_weight[...] * 3.0  # the copy now differs from the original
+    graphdef, trainable, frozen = nnx.split(model, fastlora_jax.TRAINABLE, ...)
+    x = ids()
+
+    def chunked(trainable):
+        total, count = causal_lm_loss(nnx.merge(graphdef, trainable, frozen), x, x, chunk_size=4)
+        return total / count
+
+    def full_logits(trainable):
+        logits = nnx.merge(graphdef, trainable, frozen)(x)[:, :-1].astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    (loss, grads), (ref_loss, ref_grads) = jax.value_and_grad(chunked)(trainable), jax.value_and_grad(full_logits)(
+        trainable)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))
+    flat, ref_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(ref_grads))
+    assert flat.keys() == ref_flat.keys()
+    for path in flat:
+        g, r = np.asarray(flat[path][...]), np.asarray(ref_flat[path][...])
+        assert np.abs(g - r).max() <= 1e-4 * max(np.abs(r).max(), 1e-6), path
+    head_grad = flat[("model", "embed_tokens", "trainable_weight") if tied else ("lm_head", "trainable_weight")]
+    assert np.abs(np.asarray(head_grad[...])).max() > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_float32_modules_to_save_trains_under_a_donating_step(tied):
+    # The float32 master copy of a float32 weight must be its own buffer: make_train_step donates the trainable
+    # state and passes the frozen state beside it, so a shared buffer would be donated and read in one call.
+    model = get_peft_model(tiny(tie_word_embeddings=tied), r=4, modules_to_save=["lm_head"])
+    frozen_before = np.asarray(model.lm_head.weight[...] if not tied else model.model.embed_tokens.weight[...])
+    step = fastlora_jax.make_train_step(model, optax.adam(1e-2))
+    x = ids()
+    losses = [float(step(dict(input_ids=x, labels=x))["loss"]) for _ in range(2)]
+    assert losses[1] < losses[0]
+    saved = model.model.embed_tokens if tied else model.lm_head
+    np.testing.assert_array_equal(np.asarray(saved.weight[...]), frozen_before)  # the original stays as it was
+    assert not np.array_equal(np.asarray(saved.trainable_weight[...]), frozen_before)
+
+
 def test_one_optimizer_step_updates_exactly_the_trainable_state():
     model = get_peft_model(tiny(tie_word_embeddings=False, attention_bias=True), r=4, init_lora_weights=False,
                            bias="all", modules_to_save=["lm_head"])
