@@ -32,6 +32,8 @@ _UNSUPPORTED = {"use_dora": (False, None), "lora_bias": (False, None), "fan_in_f
                 "exclude_modules": (None, [], ""), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
                 "arrow_config": (None,), "megatron_config": (None,), "use_bdlora": (None, False),
                 "layers_pattern_is_regex": (None, False)}
+# PEFT initialisations that set A and B only (the base weights stay), so an adapter's weights replace all they did.
+_INITS_OF_A_AND_B_ONLY = ("orthogonal", "eva")
 _LAYER_MODULE = re.compile(r"model\.layers\.(\d+)\.((?:self_attn|mlp)\.[a-z_]+_proj)")
 
 
@@ -60,7 +62,13 @@ def read_adapter_config(directory: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory!r} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
     with open(path) as f:
-        return json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); a PEFT adapter_config.json is a JSON object") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}; a PEFT adapter_config.json is a JSON object")
+    return config
 
 
 def lora_kwargs(adapter_config: dict[str, Any], where: str = "adapter_config.json") -> dict[str, Any]:
@@ -77,8 +85,11 @@ def lora_kwargs(adapter_config: dict[str, Any], where: str = "adapter_config.jso
     if "r" not in adapter_config or "target_modules" not in adapter_config:
         raise ValueError(f"{where}: 'r' and 'target_modules' are required; got fields {sorted(adapter_config)}")
     init = adapter_config.get("init_lora_weights", True)
-    if init == "loftq":  # LoftQ only initialises A and B, which the adapter's weights replace
+    if init in _INITS_OF_A_AND_B_ONLY:  # they set A and B alone, which the adapter's weights replace
         init = True
+    # PEFT re-runs the other methods when it loads an adapter (LoraLayer.update_layer), and pissa, olora and loftq
+    # replace the base weights there: so does get_peft_model with the same init_lora_weights (and loftq_config).
+    loftq = adapter_config.get("loftq_config") or None if init == "loftq" else None
     targets = adapter_config["target_modules"]
     return dict(
         r=adapter_config["r"], lora_alpha=adapter_config.get("lora_alpha", 8),
@@ -86,7 +97,7 @@ def lora_kwargs(adapter_config: dict[str, Any], where: str = "adapter_config.jso
         target_modules=targets if isinstance(targets, str) else sorted(targets),
         layers_to_transform=adapter_config.get("layers_to_transform"),
         layers_pattern=adapter_config.get("layers_pattern"), use_rslora=bool(adapter_config.get("use_rslora")),
-        modules_to_save=adapter_config.get("modules_to_save"), init_lora_weights=init,
+        modules_to_save=adapter_config.get("modules_to_save"), init_lora_weights=init, loftq_config=loftq,
     )
 
 

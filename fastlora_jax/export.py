@@ -51,10 +51,15 @@ def save_pretrained(model, save_directory: str, *, tokenizer=None, safe_serializ
         merge.write_checkpoint(save_directory, model, tokenizer, dtype=model.dtype, max_shard_size=max_shard_size,
                                tensors=merge.merged_tensors(model, model.dtype))
         return
-    if str(model.peft_config.init_lora_weights).startswith(("pissa", "olora")):
-        warnings.warn(f"init_lora_weights={model.peft_config.init_lora_weights!r}: the adapter is relative to the "
-                      "residual base; PEFT recomputes that residual from the original base when it loads the "
-                      "adapter (as for PEFT's own saves)", stacklevel=3)
+    init = str(model.peft_config.init_lora_weights)
+    if init.startswith(("pissa", "olora", "loftq")):
+        randomized = (" The randomized SVD of pissa_niter_K gives the same residual again only with the same random "
+                      "state: fastlora-jax's loader uses random_state=3407, PEFT's torch's global RNG."
+                      if init.startswith("pissa_niter") else "")
+        warnings.warn(f"init_lora_weights={init!r}: the adapter is relative to the base weights this init replaced "
+                      "(PiSSA, OLoRA: their residual; LoftQ: their NF4 dequantization); PEFT and fastlora-jax "
+                      "recompute them from the original base when they load the adapter (as for PEFT's own saves)."
+                      + randomized, stacklevel=3)
     config = peft.adapter_config_dict(model.peft_config, model.name_or_path)
     tensors = peft.adapter_tensors(model, save_embedding_layers)
     with atomic.staged_directory(save_directory, commit_last=(peft.CONFIG_NAME,),
@@ -87,7 +92,8 @@ def load_adapter(model, adapter_directory: str, *, adapter_name: str = "default"
     weights = os.path.join(str(adapter_directory), peft.WEIGHTS_NAME)
     if model.peft_config is None:
         mode = "unsloth" if use_gradient_checkpointing is None else use_gradient_checkpointing
-        abstract = nnx.eval_shape(lambda: lora.get_peft_model(_skeleton(model), **kwargs))
+        shapes_only = {**kwargs, "init_lora_weights": True, "loftq_config": None}  # the init changes no shape
+        abstract = nnx.eval_shape(lambda: lora.get_peft_model(_skeleton(model), **shapes_only))
         peft.load_adapter_tensors(abstract, tensors, weights, check_only=True)
         lora.get_peft_model(model, use_gradient_checkpointing=mode, **kwargs)
     else:

@@ -84,7 +84,8 @@ def init_with_base(init: str, key: jax.Array, base, r: int, scaling: float, mask
         return base, a, b
     if isinstance(base, nf4.NF4Linear):
         if init == "loftq":
-            raise ValueError("init_lora_weights='loftq' needs the full-precision weights, as PEFT's LoftQ: load the "
+            raise ValueError("init_lora_weights='loftq' needs the full-precision weights, as PEFT's LoftQ (which "
+                             "replaces them by their NF4 dequantization, also when it loads a LoftQ adapter): load the "
                              "model without load_in_4bit")
         if init != "olora":
             raise TypeError(f"init_lora_weights={init!r} over an NF4 base: initialize PiSSA under float32, float16 "

@@ -211,3 +211,40 @@ def test_mismatched_adapters_raise_naming_the_mismatch(bases, tmp_path):
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(NotImplementedError, match=r"use_dora=True"):
         _ours(base_dir).load_adapter(str(dora))
+
+
+def test_loftq_adapter_reloads_on_the_base_loftq_made(bases, tmp_path):
+    """LoftQ replaces the targeted base weights by their NF4 dequantization, and PEFT does so again when it loads a
+    LoftQ adapter: so do ours, and the reloaded model equals the trained one (not the adapter over the original
+    base). Over an NF4 base, where LoftQ cannot run, loading names the reason."""
+    base_dir = bases({})
+    model = get_peft_model(_ours(base_dir), r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                           init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+    _randomize(model)
+    trained = logits(model)
+    adapter = str(tmp_path / "loftq")
+    with pytest.warns(UserWarning, match="LoftQ: their NF4 dequantization"):
+        model.save_pretrained(adapter)
+    assert rel_err(logits(_ours(base_dir).load_adapter(adapter)), trained) < 1e-6
+    assert rel_err(logits(FastLanguageModel.from_pretrained(adapter, dtype="float32")[0]), trained) < 1e-6
+    nf4_model, _ = FastLanguageModel.from_pretrained(base_dir, dtype="float32", load_in_4bit=True)
+    with pytest.raises(ValueError, match="loftq.*full-precision.*also when it loads a LoftQ adapter"):
+        nf4_model.load_adapter(adapter)
+
+
+def test_adapters_of_inits_that_set_only_a_and_b_load_with_peft_outputs(bases, tmp_path):
+    """PEFT's "orthogonal" init sets A and B alone (the base stays), so its adapters load as any other."""
+    base_dir = bases({})
+    adapter = str(tmp_path / "orthogonal")
+    ref = _peft_trained(base_dir, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                       init_lora_weights="orthogonal"), adapter)
+    assert json.load(open(os.path.join(adapter, "adapter_config.json")))["init_lora_weights"] == "orthogonal"
+    assert rel_err(logits(_ours(base_dir).load_adapter(adapter)), ref) < 1e-4
+
+
+def test_unreadable_adapter_config_names_the_file(bases, tmp_path):
+    for name, text in (("corrupt", '{"r": 4,'), ("list", "[4]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}/adapter_config.json .*JSON"):
+            _ours(bases({})).load_adapter(str(tmp_path / name))
