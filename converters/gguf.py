@@ -23,7 +23,7 @@ from fastlora_jax.converters.gguf_tokenizer import (  # noqa: F401  re-exported:
     _tokenizer_metadata, load_gguf_tokenizer)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-QUANTIZATION_METHODS = ("f16", "bf16", "q8_0")
+QUANTIZATION_METHODS = ("f32", "f16", "bf16", "q8_0")
 
 # GGUF tensor names (llama.cpp's `blk.N.*`) <-> Hugging Face Llama names; the data both directions read.
 GLOBAL_NAMES = {
@@ -295,8 +295,8 @@ def _encode(w: np.ndarray, key: str, method: str) -> tuple[np.ndarray, Any]:
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if w.ndim == 1:
-        return w, T.F32  # norms and biases stay float32, as llama.cpp writes them
+    if w.ndim == 1 or method == "f32":
+        return w.astype(np.float32), T.F32  # norms and biases stay float32, as llama.cpp writes them
     if method == "bf16":
         return gguf.quants.quantize(w, T.BF16), T.BF16
     if method == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0:
@@ -316,7 +316,7 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: Iter
 
     `tensors` yields `(hf_key, array [out, in])` one at a time (streamed through a spooled temporary file);
     `lm_head.weight` is dropped when the config ties it. Linear weights are stored as `quantization_method`
-    ("f16", "bf16" or "q8_0"), norms and biases as float32. Written to a temporary name, then renamed.
+    ("f32", "f16", "bf16" or "q8_0"), norms and biases as float32. Written to a temporary name, then renamed.
     """
     import gguf
 
@@ -334,8 +334,8 @@ def write_gguf(path: str | os.PathLike, hf_config: dict[str, Any], tensors: Iter
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantization_method]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantization_method]
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), "llama", use_temp_file=True)

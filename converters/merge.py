@@ -42,10 +42,13 @@ def parse_size(size: int | str) -> int:
 
 
 def resolve_dtype(dtype, model) -> jnp.dtype:
-    """None -> the model's 16-bit dtype (float32 stays float32); else "bfloat16" / "float16" / "float32"."""
+    """None -> the model's 16-bit dtype (float32 stays float32); else "bfloat16" / "float16" / "float32" (a name,
+    a jnp or a torch dtype)."""
     if dtype is None:
         return jnp.dtype(model.dtype)
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    from fastlora_jax.loading import dtype_name
+
+    name = dtype_name(dtype)
     if name not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; accepted: None (the model's dtype), {', '.join(map(repr, _DTYPES))}")
     return jnp.dtype(_DTYPES[name])
@@ -189,8 +192,10 @@ def hf_config_dict(model, dtype, quantization_config: dict | None = None) -> dic
 
 def generation_config_dict(model) -> dict[str, Any]:
     """generation_config.json: the base checkpoint's when it has one, else the special tokens of the config."""
-    path = os.path.join(str(model.name_or_path or ""), "generation_config.json")
-    if model.name_or_path and os.path.isfile(path):
+    source = str(model.name_or_path or "")
+    source = os.path.dirname(source) if os.path.isfile(source) else source  # a GGUF file: its directory
+    path = os.path.join(source, "generation_config.json")
+    if source and os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
     mc = model.config
@@ -210,7 +215,14 @@ def save_tokenizer(directory: str, tokenizer) -> None:
 
 def write_checkpoint(save_directory: str, model, tokenizer, *, dtype, tensors: Iterator[tuple[str, np.ndarray]],
                      quantization_config: dict | None = None, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
-    """A transformers checkpoint directory: shards (+ index), config.json, generation_config.json, tokenizer."""
+    """A transformers checkpoint directory: shards (+ index), config.json, generation_config.json, tokenizer.
+    Refuses a directory that holds a PEFT adapter: every loader would load the adapter instead of this checkpoint."""
+    from fastlora_jax.converters.peft import CONFIG_NAME
+
+    if os.path.isfile(os.path.join(save_directory, CONFIG_NAME)):
+        raise FileExistsError(f"{save_directory!r} holds a PEFT adapter ({CONFIG_NAME}): transformers and "
+                              "fastlora-jax would load that adapter, not the merged checkpoint. Save it to another "
+                              "directory, or remove the adapter's files first")
     with atomic.staged_directory(save_directory, commit_last=(INDEX_NAME, "config.json"), stale=STALE) as stage:
         write_shards(stage, tensors, max_shard_size)
         atomic.write_json(os.path.join(stage, "generation_config.json"), generation_config_dict(model))

@@ -24,6 +24,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     impl = resolve(implementation, q, k, mask, causal)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA's CPU dot has no float16 x float16 -> float32 (the grouped-query einsum's): the same products in float32
+        # (the probabilities are then not rounded to float16 before their product with v)
+        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal).astype(jnp.float16)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
 
 

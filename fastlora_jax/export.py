@@ -20,8 +20,8 @@ from flax import nnx
 from fastlora_jax.converters import atomic, merge, peft
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
-GGUF_METHODS = ("f16", "bf16", "q8_0")
-_GGUF_ALIASES = {"not_quantized": None, "fast_quantized": "q8_0", "f32": None}  # Unsloth's names
+GGUF_METHODS = ("f32", "f16", "bf16", "q8_0")
+_GGUF_ALIASES = {"not_quantized": None, "fast_quantized": "q8_0"}  # Unsloth's names
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "chat_template.jinja")
 
@@ -224,12 +224,19 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, *, save_m
 
 
 def save_pretrained_gguf(model, save_directory: str, tokenizer=None, *, quantization_method: str = "f16",
-                         file_name: str | None = None) -> str:
+                         file_name: str | None = None) -> str | list[str]:
     """Writes `<save_directory>/model.<METHOD>.gguf` of the merged model (tokenizer and chat template included
-    when a tokenizer is given) and returns its path. quantization_method: "f16", "bf16" or "q8_0" (Unsloth's
-    "not_quantized" is the model's 16-bit type, "fast_quantized" is q8_0)."""
+    when a tokenizer is given) and returns its path. quantization_method: "f32", "f16", "bf16" or "q8_0" (Unsloth's
+    "not_quantized" is the model's 16-bit type, "fast_quantized" is q8_0), or a list of them (as Unsloth: one
+    file each, their paths returned as a list)."""
     from fastlora_jax.converters import gguf
 
+    if isinstance(quantization_method, (list, tuple)):
+        if file_name is not None or not quantization_method:
+            raise ValueError(f"quantization_method={quantization_method!r} with file_name={file_name!r}; accepted: "
+                             "a non-empty list of methods without file_name (each file is named by its method)")
+        return [save_pretrained_gguf(model, save_directory, tokenizer, quantization_method=m)
+                for m in quantization_method]
     method = quantization_method.lower() if isinstance(quantization_method, str) else quantization_method
     if method in _GGUF_ALIASES:
         method = _GGUF_ALIASES[method] or ("bf16" if model.dtype == jnp.bfloat16 else "f16")

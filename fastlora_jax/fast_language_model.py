@@ -68,7 +68,10 @@ class FastLanguageModel:
         config = LlamaConfig.from_hf_config(hf_config)
         model = build_model(config, tensors, dtype=dtype, implementation=implementation, mesh=mesh,
                             load_in_4bit=load_in_4bit, hf_config=hf_config)
-        model.name_or_path = str(model_name)
+        # where an adapter's base_model_name_or_path points: the GGUF file itself when `gguf_file` picked one of
+        # a directory's (or a cached repo's) files; the alias stands for its one file
+        by_file = gguf_file is not None and str(model_name) not in resolve.SMOLLM2_ALIASES
+        model.name_or_path = str(resolved.gguf_path) if by_file else str(model_name)
         model.max_seq_length = max_seq_length
         return model, tokenizer
 

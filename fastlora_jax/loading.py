@@ -16,17 +16,27 @@ from fastlora_jax.model import Llama
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def dtype_name(dtype) -> str:
+    """The name of a dtype given as a string, a numpy / jnp dtype or a torch dtype ("torch.float16" -> "float16");
+    ValueError naming the value when it is none of these."""
+    if isinstance(dtype, str):
+        return dtype.removeprefix("torch.")
+    if str(dtype).startswith("torch."):  # a torch.dtype, named without importing torch
+        return str(dtype).removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r} is not a dtype; accepted: a name such as 'bfloat16', a jnp / numpy dtype "
+                         "or a torch dtype") from None
+
+
 def resolve_dtype(dtype) -> jnp.dtype:
-    """None -> bfloat16 on GPU, float32 elsewhere; a name or a jnp dtype -> that dtype."""
+    """None -> bfloat16 on GPU, float32 elsewhere; a name, a jnp or a torch dtype -> that dtype."""
     if dtype is None:
         return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}; accepted: None, {', '.join(map(repr, DTYPES))} or a jnp dtype")
-        return DTYPES[dtype]
-    name = np.dtype(dtype).name
+    name = dtype_name(dtype)
     if name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; accepted: None, {', '.join(map(repr, DTYPES))} or a jnp dtype")
+        raise ValueError(f"dtype={dtype!r}; accepted: None, {', '.join(map(repr, DTYPES))}, a jnp or a torch dtype")
     return DTYPES[name]
 
 

@@ -262,7 +262,7 @@ def _rel(out, ref):
     return float((out - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("method, tol", [("f16", 2e-3), ("bf16", 1.5e-2), ("q8_0", 4e-2)])
+@pytest.mark.parametrize("method, tol", [("f32", 1e-5), ("f16", 2e-3), ("bf16", 1.5e-2), ("q8_0", 4e-2)])
 def test_write_gguf_read_back_by_transformers(tmp_path, tiny_tokenizer, method, tol):
     import gguf
 
@@ -273,8 +273,8 @@ def test_write_gguf_read_back_by_transformers(tmp_path, tiny_tokenizer, method, 
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
     assert back.config.tie_word_embeddings is False and back.config.num_key_value_heads == 2
     # Every tensor is exactly the original stored in the requested type.
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[method]
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[method]
     ours = dict(gg.read_gguf(path).tensors())
     for key, w in model.state_dict().items():
         w = w.numpy()
@@ -362,7 +362,7 @@ def test_write_gguf_errors_leave_previous_file(tmp_path, tiny_tokenizer):
     bad = ((k, v[:, :-1] if k.endswith("q_proj.weight") else v) for k, v in _state(model))
     with pytest.raises(ValueError, match=r"q_proj\.weight: shape \(64, 63\) does not match the config's \(64, 64\)"):
         gg.write_gguf(path, cfg, bad, tiny_tokenizer)
-    with pytest.raises(ValueError, match=r"quantization_method='q4_k' is not supported; supported: f16, bf16, q8_0"):
+    with pytest.raises(ValueError, match=r"quantization_method='q4_k' is not supported; supported: f32, f16, bf16, q8_0"):
         gg.write_gguf(path, cfg, _state(model), tiny_tokenizer, "q4_k")
     with pytest.raises(ValueError, match=r"overflow float16"):
         gg.write_gguf(path, cfg, ((k, v * 1e6) for k, v in _state(model)), tiny_tokenizer)

@@ -70,6 +70,10 @@ def tokenizer():
 def lora_model(base, seed=0, load_in_4bit=False, **settings):
     model, _ = FastLanguageModel.from_pretrained(base, dtype="float32", load_in_4bit=load_in_4bit)
     get_peft_model(model, **{**LORA, **settings})
+    return perturbed(model, seed)
+
+
+def perturbed(model, seed=0):
     state = nnx.state(model, TRAINABLE)
     keys = iter(jax.random.split(jax.random.key(seed), 64))
     for _, var in nnx.to_flat_state(state):  # every adapter weight, copy and bias away from its init
@@ -190,8 +194,64 @@ def test_gguf_f16_export_read_back_by_transformers(base_without_bias, tokenizer,
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file="model.F16.gguf",
                                                            dtype=torch.float32)
     assert rel_err(torch_logits(hf), ours) < 2e-3
-    with pytest.raises(ValueError, match=r"quantization_method='q4_k_m'; accepted: 'f16', 'bf16', 'q8_0'"):
+    with pytest.raises(ValueError, match=r"quantization_method='q4_k_m'; accepted: 'f32', 'f16', 'bf16', 'q8_0'"):
         model.save_pretrained_gguf(str(tmp_path / "x"), tokenizer, quantization_method="q4_k_m")
+
+
+def test_gguf_f32_and_a_list_of_methods(base_without_bias, tokenizer, tmp_path):
+    """"f32" stores every tensor in float32 (not the model's 16-bit type); a list writes one file a method (as
+    Unsloth) and returns their paths."""
+    gguf = pytest.importorskip("gguf")
+    model = lora_model(base_without_bias, bias="none")
+    out = str(tmp_path / "gguf")
+    paths = model.save_pretrained_gguf(out, tokenizer, quantization_method=["f32", "q8_0"])
+    assert [os.path.basename(p) for p in paths] == ["model.F32.gguf", "model.Q8_0.gguf"]
+    reader = gguf.GGUFReader(paths[0])
+    assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
+    ours, _ = FastLanguageModel.from_pretrained(out, gguf_file="model.F32.gguf", dtype="float32")
+    assert rel_err(logits(ours), logits(model)) < 1e-5  # float32 all the way: only the merge's rounding
+    with pytest.raises(ValueError, match=r"a non-empty list of methods without file_name"):
+        model.save_pretrained_gguf(out, tokenizer, quantization_method=["f16"], file_name="x.gguf")
+
+
+def test_adapter_of_a_gguf_base_reloads_from_its_directory(base_without_bias, tokenizer, tmp_path):
+    """An adapter trained over a GGUF picked by gguf_file names that file as its base, so from_pretrained(adapter)
+    finds it again."""
+    pytest.importorskip("gguf")
+    lora_model(base_without_bias, bias="none").merge_and_unload().save_pretrained_gguf(
+        str(tmp_path / "g"), tokenizer, quantization_method="f32")
+    base, _ = FastLanguageModel.from_pretrained(str(tmp_path / "g"), gguf_file="model.F32.gguf", dtype="float32")
+    model = perturbed(get_peft_model(base, r=4, lora_alpha=8))
+    ours = logits(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert config["base_model_name_or_path"].endswith("model.F32.gguf")
+    again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), dtype="float32")
+    assert rel_err(logits(again), ours) < 1e-6
+
+
+def test_merged_save_refuses_a_directory_holding_an_adapter(base, tokenizer, tmp_path):
+    """Every loader prefers adapter_config.json: a merged checkpoint written beside an adapter would never load.
+    The directory is left as it was."""
+    model = lora_model(base)
+    out = str(tmp_path / "both")
+    model.save_pretrained(out)
+    before = snapshot(out)
+    for method in ("merged_16bit", "merged_4bit"):
+        with pytest.raises(FileExistsError, match=r"holds a PEFT adapter \(adapter_config.json\)"):
+            model.save_pretrained_merged(out, tokenizer, save_method=method)
+    assert snapshot(out) == before
+
+
+def test_merged_save_takes_torch_dtypes(base, tmp_path):
+    model = lora_model(base)
+    out = str(tmp_path / "fp16")
+    model.save_pretrained_merged(out, save_method="merged_16bit", dtype=torch.float16)
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "float16"
+    with pytest.raises(ValueError, match=r"dtype=torch.int8; accepted: None \(the model's dtype\)"):
+        model.save_pretrained_merged(str(tmp_path / "x"), save_method="merged_16bit", dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"dtype=\[1\] is not a dtype"):
+        model.save_pretrained_merged(str(tmp_path / "x"), save_method="merged_16bit", dtype=[1])
 
 
 class _Interrupted(RuntimeError):

@@ -70,3 +70,14 @@ def test_bf16_checkpoint_loads_in_bf16(hf_llama):
     ours = np.asarray(model(jnp.asarray(ids)).astype(jnp.float32))
     ref = _torch_logits(torch_model.to(torch.bfloat16).float(), ids)
     assert rel_err(ours, ref) < 2e-2
+
+
+def test_float16_runs_on_every_backend(hf_llama):
+    """float16 (a name or torch.float16, as Unsloth users pass it) runs on CPU too, where XLA's dot has no float16
+    x float16 -> float32 (the grouped-query attention's einsum): logits near transformers' float32 ones."""
+    directory, torch_model = hf_llama(tie_word_embeddings=False)
+    model, _ = FastLanguageModel.from_pretrained(directory, dtype=torch.float16)
+    assert model.model.layers.self_attn.q_proj.weight[...].dtype == jnp.float16
+    ids = np.random.default_rng(4).integers(0, 256, (2, 8))
+    ours = np.asarray(model(jnp.asarray(ids)).astype(jnp.float32))
+    assert rel_err(ours, _torch_logits(torch_model, ids)) < 1e-2
