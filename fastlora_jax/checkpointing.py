@@ -4,6 +4,8 @@ A checkpoint is one orbax step directory (`<directory>/<step>/`) with two items:
 variables by path, the optimizer state leaves in tree order, the base dropout key) and "meta" (JSON: the step, the
 shapes of every trainable variable, and whatever the caller adds, e.g. the data position and the loss history).
 Restoring checks the checkpoint against the model first and names every mismatch (other r, other targets).
+Saving a step the directory already holds (an earlier run's, when a run resumed from an earlier step) replaces it,
+writing the new checkpoint completely before the old one goes.
 
 Used with a `fastlora_jax.training.TrainStep`::
 
@@ -14,8 +16,10 @@ Used with a `fastlora_jax.training.TrainStep`::
 
 from __future__ import annotations
 
+import copy
 import os
 import re
+import shutil
 from typing import Any
 
 import jax
@@ -26,6 +30,7 @@ from flax import nnx
 from fastlora_jax.variables import TRAINABLE
 
 FORMAT_VERSION = 1
+STAGING_DIRNAME = ".replacing"  # where `Checkpointer.save` writes a step that replaces an existing one
 
 
 def _key(path) -> str:
@@ -90,6 +95,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saved: set[int] = set()  # steps this Checkpointer wrote
 
     # ------------------------------------------------------------------ queries
 
@@ -120,20 +126,46 @@ class Checkpointer:
 
     def save(self, train_step, *, meta: dict[str, Any] | None = None) -> int:
         """Saves the train step's model trainable state, optimizer state, rng and step (+ `meta`); returns the step.
-        Returns without writing when that step is already saved."""
+
+        A step this Checkpointer saved already is not written again (e.g. a final save right after a periodic one).
+        A step found in the directory from an earlier run (a run resumed from an earlier step) is replaced: the new
+        checkpoint is written completely beside it, then swapped in (`_replace`)."""
         step = int(train_step.step)
-        if step in self.all_steps():
+        if step in self._saved:
             return step
         trainable = trainable_arrays(train_step.model)
         opt_leaves = jax.tree_util.tree_leaves(train_step.opt_state)
         state = {"trainable": trainable, "opt_state": {f"{i:05d}": x for i, x in enumerate(opt_leaves)},
                  "rng": train_step.rng}
-        info = {**(meta or {}), "format": FORMAT_VERSION, "step": step,
+        # A copy: orbax writes the JSON in the background, after the caller may have appended to its lists.
+        info = {**copy.deepcopy(meta or {}), "format": FORMAT_VERSION, "step": step,
                 "trainable": {k: _spec(v) for k, v in trainable.items()},
                 "opt_state": [_spec(x) for x in opt_leaves]}
         args = self._ocp.args
-        self._manager.save(step, args=args.Composite(state=args.StandardSave(state), meta=args.JsonSave(info)))
+        composite = args.Composite(state=args.StandardSave(state), meta=args.JsonSave(info))
+        if step in self.all_steps():
+            self._replace(step, composite)
+        else:  # force: orbax would skip a step below the latest one (an earlier run's later steps)
+            self._manager.save(step, args=composite, force=True)
+        self._saved.add(step)
         return step
+
+    def _replace(self, step: int, composite) -> None:
+        """Writes `step` over the directory's existing checkpoint of that step, never leaving a partial one: the new
+        checkpoint is written (synchronously) under STAGING_DIRNAME, then the old step directory is moved aside
+        and the new one renamed into its place (renames within one directory), and the old one deleted."""
+        self._manager.wait_until_finished()
+        staging = os.path.join(self.directory, STAGING_DIRNAME)
+        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted replacement left
+        options = self._ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+        with self._ocp.CheckpointManager(staging, options=options) as writer:
+            writer.save(step, args=composite, force=True)
+            writer.wait_until_finished()
+        target, old = os.path.join(self.directory, str(step)), os.path.join(staging, f"{step}.replaced")
+        os.rename(target, old)
+        os.rename(os.path.join(staging, str(step)), target)
+        shutil.rmtree(staging)
+        self._manager.reload()
 
     def restore(self, train_step, step: int | None = None) -> dict[str, Any]:
         """Restores a step (the latest by default) into the train step and its model; returns the step's meta.

@@ -46,6 +46,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r}; accepted: an integer in [0, 2**63)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -159,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-steps", type=_positive_int, default=500,
                    help="orbax checkpoint every N steps, and at the end (default: %(default)s)")
     f.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: %(default)s)")
-    f.add_argument("--seed", type=int, default=3407, help="LoRA init and data order seed (default: %(default)s)")
+    f.add_argument("--seed", type=_seed, default=3407, help="LoRA init and data order seed (default: %(default)s)")
     f.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUTPUT/checkpoints (same options as that run)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -187,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "in), gguf (llama.cpp file of the merged model)")
     e.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="merged_16bit weight dtype (default: %(default)s)")
-    e.add_argument("--quantization", choices=("f16", "bf16", "q8_0"), default="f16",
+    e.add_argument("--quantization", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
                    help="gguf tensor type (default: %(default)s)")
 
     d = sub.add_parser("demo", help="the main job: teach SmolLM2-135M-Instruct the bundled Zorbland facts",
@@ -272,23 +282,44 @@ def generate(args) -> int:
     if tokenizer is None:
         raise ValueError(f"--model {args.model!r} has no tokenizer files; generate needs one")
     use_chat = not args.no_chat_template and getattr(tokenizer, "chat_template", None)
-    if use_chat:
-        enc = tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in args.prompt],
-                                            add_generation_prompt=True, padding=True, return_tensors="np",
-                                            return_dict=True)
-    else:
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        enc = tokenizer(args.prompt, padding=True, return_tensors="np")
-    out = generate_ids(for_inference(model), enc["input_ids"], max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, attention_mask=enc["attention_mask"],
+    ids, mask = _left_padded(_prompt_ids(tokenizer, args.prompt, chat=use_chat))
+    out = generate_ids(for_inference(model), ids, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, attention_mask=mask,
                        eos_token_id=tokenizer.eos_token_id, seed=args.seed)
-    prompt_len = enc["input_ids"].shape[1]
+    prompt_len = ids.shape[1]
     for i, row in enumerate(np.asarray(out)):
         if i:
             print()
         print(tokenizer.decode(row[prompt_len:], skip_special_tokens=True).strip(), flush=True)
     return 0
+
+
+def _prompt_ids(tokenizer, prompts: list[str], *, chat: bool) -> list[list[int]]:
+    """Each prompt's token ids: a chat user message followed by the generation prompt, or the raw text."""
+    if chat:
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        encoded = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, return_dict=True)
+    else:
+        encoded = tokenizer(prompts)
+    rows = [list(row) for row in encoded["input_ids"]]
+    empty = [p for p, row in zip(prompts, rows) if not row]
+    if empty:
+        raise ValueError(f"--prompt {empty[0]!r} encodes to no token; accepted: a prompt with some text")
+    return rows
+
+
+def _left_padded(rows: list[list[int]]):
+    """ids, attention mask [B, T] of token lists padded on the left. The tokenizer needs no pad token: generate
+    puts its own pad id in the masked slots (0 here), and the answers are decoded from after the prompts."""
+    import numpy as np
+
+    width = max(len(row) for row in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = row
+        mask[b, width - len(row):] = 1
+    return ids, mask
 
 
 def export(args) -> int:

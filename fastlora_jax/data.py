@@ -321,6 +321,29 @@ def count_tokens(batch: dict[str, np.ndarray], pad_token_id: int = 0) -> int:
     return int(padding.size - trailing.sum())
 
 
+def check_token_ids(ids, vocab_size: int, *, where: str) -> None:
+    """Raises ValueError when an id of `ids` (any int array) is outside [0, vocab_size), naming the largest (or the
+    most negative) one: the model would gather past its embeddings, which JAX does without an error (a NaN loss,
+    junk tokens). One host-side min / max over the ids."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return
+    largest, smallest = int(ids.max()), int(ids.min())
+    if largest >= vocab_size:
+        raise ValueError(f"{where} holds token id {largest} but the model's vocab_size is {vocab_size} (ids "
+                         f"0..{vocab_size - 1}); likely cause: a tokenizer with added tokens the model's embeddings do "
+                         "not have; use the model's own tokenizer, or resize the embeddings to the tokenizer's length "
+                         "(transformers' resize_token_embeddings) and load that checkpoint")
+    if smallest < 0:
+        raise ValueError(f"{where} holds token id {smallest}; accepted: ids in [0, {vocab_size})")
+
+
+def check_rows_vocab(rows: Sequence[dict[str, np.ndarray]], vocab_size: int, *, where: str = "the dataset") -> None:
+    """`check_token_ids` over the input_ids and the labels (other than -100) of tokenized rows."""
+    ids = [r["input_ids"] for r in rows] + [r["labels"][r["labels"] != IGNORE_INDEX] for r in rows if "labels" in r]
+    check_token_ids(np.concatenate(ids) if ids else np.zeros(0, np.int32), vocab_size, where=where)
+
+
 def prepare_rows(dataset, tokenizer, *, max_seq_length: int, packing: bool = False,
                  train_on_responses_only: bool | None = None, dataset_text_field: str = "text"
                  ) -> list[dict[str, np.ndarray]]:

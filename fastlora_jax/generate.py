@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fastlora_jax.data import check_token_ids
 from fastlora_jax.model import KVCache
 
 MAX_EOS_IDS = 8  # end tokens are passed to the compiled loop as a fixed-size array (padded with -1)
@@ -42,7 +43,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     eos_token_id: an id or a list of ids that end a row; None takes `model.config.eos_token_id`, [] never stops.
     After its end token a row holds `pad_token_id` (None: the config's pad id, else the first end id, else 0).
     As transformers does, the output keeps the prompt as given (padding included) and ends when every row has
-    finished, so `steps` <= max_new_tokens.
+    finished, so `steps` <= max_new_tokens. Raises ValueError when a prompt token (padding aside) or the pad id is
+    not an id of the model's vocabulary.
     """
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -62,6 +64,10 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
         pad_token_id = model.config.pad_token_id
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos[0] >= 0 else 0
+    vocab_size = model.config.vocab_size
+    check_token_ids(ids[mask], vocab_size, where="input_ids")  # padding slots get pad_token_id, checked next
+    if pad_token_id >= vocab_size:  # it fills the prompt bucket's padding slots, which the model embeds
+        raise ValueError(f"pad_token_id={pad_token_id!r}; accepted: an id < the model's vocab_size {vocab_size}")
 
     left_ids, left_mask = _left_align(ids, mask, pad_token_id)
     B, T = ids.shape

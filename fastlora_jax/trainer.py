@@ -8,7 +8,8 @@ The run: tokenize (and pack) the dataset, AdamW with weight decay under a linear
 warm-up, a jitted step over the trainable state only (`fastlora_jax.training`), a tqdm bar with loss, learning rate
 and tokens/s, periodic eval loss, orbax checkpoints every `save_steps` in `output_dir/checkpoints`, and a loss-curve
 PNG in `output_dir`. `resume_from_checkpoint=True` continues from the latest checkpoint with the same data order,
-rng and optimizer state, so its losses equal those of an uninterrupted run.
+rng and optimizer state, so its losses equal those of an uninterrupted run. Resuming from an earlier checkpoint
+warns about the later ones (of the abandoned run), and the new run replaces each as it saves that step.
 """
 
 from __future__ import annotations
@@ -96,6 +97,15 @@ class SFTConfig:
             raise ValueError(f"weight_decay={self.weight_decay!r}; accepted: a number >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r}; accepted: a number > 0, or None (no clipping)")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value!r}; accepted: 0 <= {name} < 1 (as torch's AdamW)")
+        if not self.adam_epsilon >= 0:
+            raise ValueError(f"adam_epsilon={self.adam_epsilon!r}; accepted: a number >= 0 (as torch's AdamW)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r}; accepted: an int in [0, 2**63) (it seeds numpy's data order and "
+                             "JAX's dropout key)")
         if not isinstance(self.resume_from_checkpoint, (bool, str, os.PathLike)):
             raise ValueError(f"resume_from_checkpoint={self.resume_from_checkpoint!r}; accepted: True, False or a "
                              "checkpoint directory")
@@ -165,6 +175,11 @@ class SFTTrainer:
         self.train_rows = data_lib.prepare_rows(train_dataset, self.tokenizer, packing=self.args.packing, **common)
         self.eval_rows = (None if eval_dataset is None else
                           data_lib.prepare_rows(eval_dataset, self.tokenizer, packing=False, **common))
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab_size is not None:
+            data_lib.check_rows_vocab(self.train_rows, vocab_size, where="train_dataset")
+            if self.eval_rows is not None:
+                data_lib.check_rows_vocab(self.eval_rows, vocab_size, where="eval_dataset")
         self.log_history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ sizes
@@ -247,13 +262,15 @@ class SFTTrainer:
                 metrics = step_fn(batch)
                 step = step_fn.step
                 loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                if not bool(metrics["finite"]):
                     manager.wait()
                     last = manager.latest_step()
                     kept = (f"the last checkpoint is step {last} in {manager.directory}" if last is not None
                             else "no checkpoint was saved")
+                    reason = ("not finite" if not (math.isfinite(loss) and math.isfinite(grad_norm)) else
+                              "finite, but the updated weights are not: check the learning rate and AdamW settings")
                     raise FloatingPointError(f"training stopped at step {step}: loss={loss}, grad_norm={grad_norm} "
-                                             f"(not finite); the model keeps the weights before step {step}; {kept}")
+                                             f"({reason}); the model keeps the weights before step {step}; {kept}")
                 losses.append((step, loss))
                 meter.add(loss, data_lib.count_tokens(batch, self.pad_token_id))
                 bar.update(1)
@@ -317,6 +334,11 @@ class SFTTrainer:
             raise ValueError(f"the checkpoint of step {step_fn.step} was written with {theirs} (rows per step = "
                              "per_device_train_batch_size x gradient_accumulation_steps; rows of the tokenized "
                              f"dataset); this run has {mine}: the data order would differ")
+        later = [s for s in manager.all_steps() if s > step_fn.step]
+        if later:
+            warnings.warn(f"resuming from step {step_fn.step} while {manager.directory} holds the later steps {later} "
+                          "of the run that went on from it: they belong to that abandoned run, and each is replaced "
+                          "when this run saves that step", stacklevel=3)
         if int(meta["seed"]) != self.args.seed:
             warnings.warn(f"resuming with seed={meta['seed']} from the checkpoint (args.seed={self.args.seed})",
                           stacklevel=3)

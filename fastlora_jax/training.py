@@ -18,9 +18,10 @@ A hand-written loop::
 The step splits the model into its trainable state (`fastlora_jax.TRAINABLE`) and everything else, and
 differentiates a function of the trainable state only: frozen weights get no gradient and no optimizer state.
 The trainable arrays and the optimizer state are donated to the step (read them back from the model, not from
-arrays held since before the step). A step whose loss or gradient is not finite leaves the state unchanged and
-reports `finite=False`. Both steps compile with `fastlora_jax.compiler_options()` (cuBLAS for every matmul,
-so the LoRA sums fuse into the GEMMs on a GPU).
+arrays held since before the step). A step whose loss, gradient or updated trainable weights are not finite (the
+latter e.g. from an optimizer's division by zero) leaves the state unchanged and reports `finite=False`. Both steps
+compile with `fastlora_jax.compiler_options()` (cuBLAS for every matmul, so the LoRA sums fuse into the GEMMs on a
+GPU).
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def weight_decay_mask(params: nnx.State):
 def global_norm(tree) -> jax.Array:
     """sqrt(sum of squares) over every leaf, in float32."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _all_finite(tree) -> jax.Array:
+    """True when every element of every leaf is finite (a bool [])."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def _split(model):
@@ -141,7 +147,8 @@ class TrainStep:
     batch: dict of [R, T] arrays with R = gradient_accumulation_steps * micro-batch rows; the step runs the
       micro-batches one after another (`jax.lax.scan`), sums their losses and gradients and divides by the number
       of target tokens of the whole batch (so accumulation equals one large batch).
-    metrics: {"loss": mean loss [], "n_tokens": [], "grad_norm": before clipping [], "finite": bool []}.
+    metrics: {"loss": mean loss [], "n_tokens": [], "grad_norm": before clipping [], "finite": bool [] (False: the
+      step was skipped, its loss, gradient or updated weights not finite)}.
     Attributes: `opt_state` (optax state of the trainable state only), `step` (updates done: it selects the dropout
     rng), `rng` (the base dropout key, from `seed`, or the model's peft_config.random_state, or 0).
     """
@@ -212,7 +219,7 @@ def _train_update(trainable, opt_state, frozen, batch, rng, *, statics: _StepSta
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
     updates, new_opt_state = statics.tx.update(grads, opt_state, trainable)
     new_trainable = optax.apply_updates(trainable, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_trainable)
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731  a bad step changes nothing
     new_trainable = jax.tree.map(keep, new_trainable, trainable)
     new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
@@ -292,6 +299,14 @@ class AdamW:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+    def __post_init__(self):
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value!r}; accepted: 0 <= {name} < 1 (as torch's AdamW)")
+        if not self.eps >= 0:
+            raise ValueError(f"eps={self.eps!r}; accepted: a number >= 0 (as torch's AdamW)")
 
     @property
     def schedule(self) -> optax.Schedule:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fastlora_jax import cli, main_job
-from helpers import make_hf_llama, rel_err
+from helpers import make_hf_llama, rel_err, tiny_chat_tokenizer
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 
@@ -84,6 +84,8 @@ def test_help_documents_every_option():
     (["finetune", "--data", __file__, "--output", "o", "--gradient-checkpointing", "sometimes"], "'sometimes'"),
     (["finetune", "--data", __file__, "--output", "o", "--lora-dropout", "1.5"], "'1.5'; accepted: a number in"),
     (["finetune", "--data", __file__, "--output", __file__], "exists and is not a directory"),
+    (["finetune", "--data", __file__, "--output", "o", "--seed", "-5"],
+     "argument --seed: '-5'; accepted: an integer in [0, 2**63)"),
     (["export", "--adapter", ".", "--output", "o", "--format", "onnx"], "'onnx'"),
     (["generate", "--adapter", "no/such/dir", "--prompt", "hi"], "'no/such/dir' is not an existing directory"),
     (["generate"], "--prompt"),
@@ -170,6 +172,28 @@ def test_finetune_three_steps_then_export_and_generate(tiny, tmp_path, capsys):
     assert cli.main(["generate", "--model", directory, "--adapter", str(out), "--prompt", "Who rules Zorbland?",
                      "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
     assert len(capsys.readouterr().out.strip().split("\n\n")) == 2
+
+
+def test_generate_with_a_chat_tokenizer_without_pad_token_pads_prompts_on_the_left(tmp_path, capsys):
+    directory = tmp_path / "model"
+    make_hf_llama(directory, seed=0, vocab_size=260)
+    tokenizer = tiny_chat_tokenizer()
+    tokenizer.pad_token = None  # as Llama-3's
+    tokenizer.save_pretrained(directory)
+
+    def answers(*prompts, raw=False):
+        argv = ["generate", "--model", str(directory), "--max-new-tokens", "3"]
+        argv += [a for p in prompts for a in ("--prompt", p)] + (["--no-chat-template"] if raw else [])
+        capsys.readouterr()
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        return capsys.readouterr().out.rstrip("\n").split("\n\n")
+
+    for raw in (False, True):
+        batch = answers("hi", "a longer prompt", raw=raw)
+        assert batch == answers("hi", raw=raw) + answers("a longer prompt", raw=raw), raw  # padding changes nothing
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(directory), "--prompt", "", "--no-chat-template"]) == 1
+    assert "--prompt '' encodes to no token" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- the main job

@@ -186,6 +186,25 @@ def test_for_inference_and_for_training_switch_the_flag_and_the_nf4_rounding():
     assert [layer.rounding for layer in layers] == ["gemv_4bit"] + ["dequantize_4bit"] * others
 
 
+def test_prompt_ids_outside_the_vocab_are_refused_and_padding_slots_are_not_checked():
+    model = _model()
+    ids, mask = _prompts()
+    bad = ids.copy()
+    bad[0, -1] = CONFIG.vocab_size + 2
+    with pytest.raises(ValueError, match=r"input_ids holds token id 258 but the model's vocab_size is 256 .*added "
+                                         r"tokens.*resize the embeddings"):
+        gen.generate(model, bad, attention_mask=mask, max_new_tokens=2)
+    bad[0, -1] = -1
+    with pytest.raises(ValueError, match=r"input_ids holds token id -1; accepted: ids in \[0, 256\)"):
+        gen.generate(model, bad, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pad_token_id=256; accepted: an id < the model's vocab_size 256"):
+        gen.generate(model, ids, attention_mask=mask, max_new_tokens=2, pad_token_id=256)
+    reference = gen.generate(model, ids, attention_mask=mask, max_new_tokens=2)
+    junk_padding = np.where(mask == 1, ids, 10_000)  # never fed to the model: generate pads with its own id
+    out = gen.generate(model, junk_padding, attention_mask=mask, max_new_tokens=2)
+    np.testing.assert_array_equal(np.asarray(out)[:, 7:], np.asarray(reference)[:, 7:])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(top_p=0.0), "top_p=0.0"),

@@ -205,3 +205,106 @@ def test_config_rejects_bad_values_naming_them():
     assert trainer.args.packing and trainer.max_seq_length == 8 and trainer.buckets == (8,)
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['max_len'\]"):
         SFTTrainer(None, None, records, max_len=8)
+
+
+def test_resume_from_an_earlier_step_warns_and_replaces_the_abandoned_runs_later_checkpoints(tmp_path):
+    records = [{"input_ids": [1 + i, 2, 3, 4]} for i in range(8)]
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=1, save_steps=2,
+                     max_seq_length=8, seed=0, disable_tqdm=True, lr_scheduler_type="constant")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(step, seen=None):
+        def callback(trainer, log):
+            if seen is not None:
+                seen[log["step"]] = {p: np.array(v[...])
+                                     for p, v in nnx.to_flat_state(nnx.state(trainer.model, TRAINABLE))}
+            if log["step"] == step:
+                raise Stop
+        return callback
+
+    with pytest.raises(Stop):  # the abandoned run: checkpoints 2, 4, 6
+        SFTTrainer(lora_model(dropout=0.0), None, records, args=dataclass_replace(args, learning_rate=1e-1),
+                   loss_fn=poison_loss, callbacks=[stop_at(6)]).train()
+    seen = {}
+    resumed = SFTTrainer(lora_model(dropout=0.0), None, records,
+                         args=dataclass_replace(args, learning_rate=1e-3,
+                                                resume_from_checkpoint=str(tmp_path / "checkpoints" / "2")),
+                         loss_fn=poison_loss, callbacks=[stop_at(7, seen)])
+    with pytest.warns(UserWarning, match=r"resuming from step 2 while .* holds the later steps \[4, 6\]"):
+        with pytest.raises(Stop):
+            resumed.train()
+    with Checkpointer(tmp_path / "checkpoints") as manager:
+        assert manager.all_steps() == [2, 4, 6]
+        metas = {step: manager.read_meta(step) for step in (2, 4, 6)}
+        step = TrainStep(lora_model(dropout=0.0), AdamW(lr_scheduler_type="constant", learning_rate=1e-3,
+                                                         total_steps=8))
+        manager.restore(step, 6)
+    assert [s for s, _ in metas[6]["loss_history"]] == [1, 2, 3, 4, 5, 6]
+    assert metas[4]["loss_history"] == metas[6]["loss_history"][:4]  # both written by the resumed run
+    assert metas[2]["loss_history"] == metas[6]["loss_history"][:2]
+    for path, value in nnx.to_flat_state(nnx.state(step.model, TRAINABLE)):
+        np.testing.assert_array_equal(np.asarray(value[...]), seen[6][path])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4", "6"]  # no staging left
+
+
+def test_a_checkpoint_holds_the_meta_as_it_was_when_saved(tmp_path):
+    step = TrainStep(lora_model(dropout=0.0), AdamW(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=8))
+    history = [(1, 0.5)]
+    with Checkpointer(tmp_path, async_save=True) as manager:
+        manager.save(step, meta={"loss_history": history})
+        history.append((2, 0.25))  # the caller goes on while orbax writes in the background
+        manager.wait()
+        assert manager.read_meta()["loss_history"] == [[1, 0.5]]
+
+
+def test_token_ids_outside_the_model_vocab_are_refused_when_the_dataset_is_tokenized(tokenizer):
+    model = get_peft_model(random_model(LlamaConfig.from_hf_config(TINY), seed=0), r=4,  # vocab 256
+                           target_modules=["q_proj"], use_gradient_checkpointing=False)
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in FACTS]
+    # The chat tokenizer's specials are ids 256..258, past this model's embeddings.
+    with pytest.raises(ValueError, match=r"train_dataset holds token id 258 but the model's vocab_size is 256 .*"
+                                         r"added tokens.*resize the embeddings"):
+        SFTTrainer(model, tokenizer, chats, args=SFTConfig(max_seq_length=64))
+    good = [{"input_ids": [1, 2, 3, 4]}]
+    with pytest.raises(ValueError, match=r"eval_dataset holds token id 300 but the model's vocab_size is 256"):
+        SFTTrainer(model, None, good, eval_dataset=[{"input_ids": [1, 2, 300]}], args=SFTConfig(max_seq_length=8))
+    with pytest.raises(ValueError, match=r"train_dataset holds token id -1; accepted: ids in \[0, 256\)"):
+        SFTTrainer(model, None, [{"input_ids": [1, -1, 3]}], args=SFTConfig(max_seq_length=8))
+    with pytest.raises(ValueError, match=r"train_dataset holds token id 999"):  # labels are gathered too
+        SFTTrainer(model, None, [{"input_ids": [1, 2, 3], "labels": [-100, 2, 999]}], args=SFTConfig(max_seq_length=8))
+    assert SFTTrainer(model, None, good, args=SFTConfig(max_seq_length=8)).train_rows[0]["input_ids"].max() == 4
+
+
+def test_config_and_adamw_refuse_adam_settings_torch_refuses_and_negative_seeds():
+    for kwargs, needle in [({"adam_beta1": 1.0}, r"adam_beta1=1.0; accepted: 0 <= adam_beta1 < 1"),
+                           ({"adam_beta1": -0.1}, r"adam_beta1=-0.1; accepted: 0 <= adam_beta1 < 1"),
+                           ({"adam_beta2": 1.0}, r"adam_beta2=1.0; accepted: 0 <= adam_beta2 < 1"),
+                           ({"adam_beta2": float("nan")}, r"adam_beta2=nan"),
+                           ({"adam_epsilon": -1e-8}, r"adam_epsilon=-1e-08; accepted: a number >= 0"),
+                           ({"seed": -5}, r"seed=-5; accepted: an int in \[0, 2\*\*63\)"),
+                           ({"seed": 2**63}, r"seed=9223372036854775808; accepted"),
+                           ({"seed": 1.5}, r"seed=1.5; accepted")]:
+        with pytest.raises(ValueError, match=needle):
+            SFTConfig(**kwargs)
+    SFTConfig(adam_beta1=0.0, adam_beta2=0.0, adam_epsilon=0.0, seed=0)  # the range ends torch accepts
+    for kwargs, needle in [({"b1": 1.0}, r"b1=1.0; accepted: 0 <= b1 < 1"), ({"b2": 1.5}, r"b2=1.5; accepted"),
+                           ({"eps": -1.0}, r"eps=-1.0; accepted: a number >= 0")]:
+        with pytest.raises(ValueError, match=needle):
+            AdamW(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=10, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_non_finite_updated_weights_stop_training_at_that_step_keeping_the_weights(tmp_path):
+    # A learning rate past float32's range: step 1's loss and gradient are finite, its updated weights are not.
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=1, save_steps=1,
+                     max_seq_length=8, learning_rate=1e39, lr_scheduler_type="constant", disable_tqdm=True)
+    model = lora_model(dropout=0.0)
+    before = {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, TRAINABLE))}
+    trainer = SFTTrainer(model, None, [{"input_ids": [1, 2, 3, 4]}] * 4, args=args, loss_fn=poison_loss)
+    with pytest.raises(FloatingPointError, match=r"stopped at step 1: loss=0\.\d+, grad_norm=\d.*finite, but the "
+                                                 r"updated weights are not.*no checkpoint was saved"):
+        trainer.train()
+    for path, value in nnx.to_flat_state(nnx.state(model, TRAINABLE)):
+        np.testing.assert_array_equal(np.asarray(value[...]), before[path])

@@ -118,3 +118,16 @@ def test_no_trainable_state_and_weight_decay_mask():
     flags = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
     assert any(flags.values()) and any("bias" in k for k in flags)
     assert all(flag == ("bias" not in k) for k, flag in flags.items())
+
+
+def test_a_step_whose_updated_weights_are_not_finite_changes_nothing():
+    model = lora_model()
+    before = trainable_arrays(model)
+    step = make_train_step(model, optax.adam(1e-3, b1=1.0))  # step 1 divides by 1 - b1 = 0: NaN updates
+    metrics = step(memorisation_batch())
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"])
+    after = trainable_arrays(model)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value)
+    assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree_util.tree_leaves(step.opt_state) if x.ndim)
