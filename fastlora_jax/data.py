@@ -74,16 +74,18 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def record_kind(record: dict, dataset_text_field: str = "text") -> str:
-    """Which format a record is in: "input_ids", "text", "messages" or "prompt_completion"."""
-    if "input_ids" in record:
+    """Which format a record is in: "input_ids", "text", "messages" or "prompt_completion". A field holding None
+    counts as absent (a datasets.Dataset of mixed records gives every row every column, None where it has none)."""
+    present = {key for key, value in record.items() if value is not None}
+    if "input_ids" in present:
         return "input_ids"
-    if dataset_text_field in record:
+    if dataset_text_field in present:
         return "text"
-    if "messages" in record:
+    if "messages" in present:
         return "messages"
-    if "prompt" in record and "completion" in record:
+    if "prompt" in present and "completion" in present:
         return "prompt_completion"
-    raise ValueError(f"record with keys {sorted(record)}: expected a {dataset_text_field!r} field, 'messages', "
+    raise ValueError(f"record with fields {sorted(present)}: expected a {dataset_text_field!r} field, 'messages', "
                      "'prompt' and 'completion', or 'input_ids'")
 
 

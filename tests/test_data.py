@@ -46,6 +46,20 @@ def test_load_records_list_jsonl_and_datasets(tmp_path):
         data.tokenize_record({"body": "x"}, None)
 
 
+def test_mixed_dataset_rows_take_the_format_of_their_non_null_fields(tokenizer):
+    """A datasets.Dataset of text and chat records gives every row both columns, None where a record had none:
+    each row is read as the record it was."""
+    import datasets
+
+    rows = data.load_records(datasets.Dataset.from_dict({"text": ["hello world", None], "messages": [None, CHAT]}))
+    assert rows[1]["text"] is None
+    assert [data.record_kind(r) for r in rows] == ["text", "messages"]
+    np.testing.assert_array_equal(data.tokenize_record(rows[1], tokenizer)[0],
+                                  data.tokenize_record({"messages": CHAT}, tokenizer)[0])
+    with pytest.raises(ValueError, match=r"record with fields \[\]"):
+        data.record_kind({"text": None, "messages": None})
+
+
 def test_text_record_trains_on_every_token_and_ends_with_eos(tokenizer):
     ids, labels = data.tokenize_record({"text": "hello world"}, tokenizer)
     expected = tokenizer("hello world")["input_ids"] + [tokenizer.eos_token_id]
