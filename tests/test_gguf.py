@@ -245,7 +245,7 @@ def _tiny_llama(**overrides):
     """A random transformers Llama (GQA, non-trivial norms) whose vocabulary holds the tiny tokenizer's."""
     kw = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, rms_norm_eps=1e-5,
-              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+              max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **overrides})).eval()
     with torch.no_grad():

@@ -81,3 +81,30 @@ def test_float16_runs_on_every_backend(hf_llama):
     ids = np.random.default_rng(4).integers(0, 256, (2, 8))
     ours = np.asarray(model(jnp.asarray(ids)).astype(jnp.float32))
     assert rel_err(ours, _torch_logits(torch_model, ids)) < 1e-2
+
+
+def test_max_seq_length_beyond_the_model_scales_rope_linearly_as_unsloth(hf_llama):
+    """max_seq_length above max_position_embeddings applies linear RoPE scaling by their ratio (Unsloth's rule, with
+    a warning): logits equal transformers' with that rope_scaling, which merged exports write. None takes the
+    model's own length; within it nothing changes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory, torch_model = hf_llama(max_position_embeddings=256)
+    ids = np.random.default_rng(5).integers(0, 256, (1, 300))
+    with pytest.warns(UserWarning, match=r"at most 256 positions; max_seq_length=1024 applies linear RoPE scaling of "
+                                         r"factor 4"):
+        model, _ = FastLanguageModel.from_pretrained(directory, max_seq_length=1024, dtype="float32")
+    assert model.config.to_hf_config()["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}  # for exports
+    config = LlamaConfig.from_pretrained(directory)
+    config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}  # transformers 5's field
+    scaled = LlamaForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32).eval()
+    assert rel_err(np.asarray(model(jnp.asarray(ids))), _torch_logits(scaled, ids)) < 1e-4
+    unscaled, _ = FastLanguageModel.from_pretrained(directory, max_seq_length=None, dtype="float32")
+    assert unscaled.max_seq_length == 256 and unscaled.config.rope_scaling.rope_type == "default"
+    assert rel_err(np.asarray(unscaled(jnp.asarray(ids))), _torch_logits(torch_model, ids)) < 1e-4
+    llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=64)
+    directory3, _ = hf_llama(max_position_embeddings=256, rope_scaling=llama3, rope_theta=500000.0)
+    with pytest.warns(UserWarning, match="'llama3' RoPE scaling is kept"):
+        kept, _ = FastLanguageModel.from_pretrained(directory3, max_seq_length=1024, dtype="float32")
+    assert kept.config.rope_scaling.rope_type == "llama3"
