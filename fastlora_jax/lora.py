@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fastlora_jax import lora_init, remat
 from fastlora_jax.config import LlamaConfig
@@ -326,6 +327,9 @@ def _make_config(model, *, target_modules, layers_to_transform, layers_pattern, 
             return tuple(sorted(x)) if isinstance(x, (set, frozenset)) else tuple(x)
         raise ValueError(f"{what}={x!r}; accepted: a list of names, a str, or None")
 
+    for name in ("r", "lora_alpha", "lora_dropout", "random_state"):  # numpy scalars as PEFT takes them
+        if isinstance(fields.get(name), np.generic):
+            fields[name] = fields[name].item()
     if isinstance(layers_to_transform, (list, tuple)):
         layers_to_transform = tuple(layers_to_transform)
     elif layers_to_transform is not None and not isinstance(layers_to_transform, int):

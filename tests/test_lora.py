@@ -235,6 +235,14 @@ def test_errors(kwargs, error, match):
     assert model.peft_config is None and isinstance(model.model.layers.self_attn.q_proj, fastlora_jax.linear.Linear)
 
 
+def test_numpy_scalars_are_taken_as_their_python_values():
+    """PEFT takes r=np.int64(8) and friends (e.g. from a sweep's numpy grid): so do we, stored as Python numbers."""
+    config = get_peft_model(tiny(), r=np.int64(8), lora_alpha=np.float32(16), lora_dropout=np.float64(0.0),
+                            random_state=np.int32(1)).peft_config
+    assert (config.r, config.lora_alpha, config.random_state) == (8, 16.0, 1) and type(config.r) is int
+    assert config == get_peft_model(tiny(), r=8, lora_alpha=16.0, random_state=1).peft_config
+
+
 def test_dropout_only_with_rng_and_only_on_the_lora_branch():
     model = get_peft_model(tiny(), lora_dropout=0.5, init_lora_weights=False)
     x = ids()
