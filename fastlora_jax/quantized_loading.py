@@ -1,10 +1,12 @@
 """NF4 weights while loading: quantize each decoder linear weight as it streams (load_in_4bit=True), or take a
-pre-quantized bitsandbytes checkpoint's NF4 tensors as they are. Never a 16-bit copy of the whole model.
+pre-quantized bitsandbytes checkpoint's NF4 tensors as they are (its 16-bit decoder layers, if any, quantized as
+they stream). Never a 16-bit copy of the whole model.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -32,6 +34,7 @@ class NF4Collector:
         self.weights: dict[str, dict[int, NF4Array]] = {name: {} for name in LINEAR_NAMES}
         self.bias: dict[str, dict[int, np.ndarray]] = {name: {} for name in LINEAR_NAMES}
         self._pending: dict[str, dict[str, np.ndarray]] = {}  # bnb prefix -> its tensors seen so far
+        self.quantized_here: dict[str, list[int]] = {name: [] for name in LINEAR_NAMES}  # 16-bit in a bnb checkpoint
 
     def filter(self, tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
         for key, tensor in tensors:
@@ -42,6 +45,12 @@ class NF4Collector:
             layer, name, suffix = int(m.group(1)), m.group(2), m.group(3)
             if suffix == "bias":
                 self.bias[name][layer] = np.asarray(tensor).astype(self.dtype)
+            elif self.prequantized and suffix == "weight" and np.asarray(tensor).dtype != np.uint8:
+                # not packed codes (uint8): a layer the checkpoint keeps in 16-bit (llm_int8_skip_modules, as
+                # Unsloth's dynamic 4-bit checkpoints), quantized as load_in_4bit does: a projection's layers share
+                # one format
+                self.weights[name][layer] = quantize_nf4(np.asarray(tensor).astype(self.dtype))
+                self.quantized_here[name].append(layer)
             elif self.prequantized and suffix in bnb.BNB_SUFFIXES:
                 prefix = f"model.layers.{layer}.{name}"
                 group = self._pending.setdefault(prefix, {})
@@ -60,6 +69,12 @@ class NF4Collector:
         missing = [f"model.layers.{i}.{name}.weight" for i in range(self.num_layers) if i not in got]
         if missing:
             raise ValueError(f"checkpoint does not fit the model: missing keys: {', '.join(missing[:20])}")
+        if self.quantized_here[name]:
+            layers = ", ".join(f"model.layers.{i}.{name}" for i in sorted(self.quantized_here[name]))
+            warnings.warn(f"the bitsandbytes checkpoint keeps {layers} in 16-bit (llm_int8_skip_modules); every "
+                          f"layer's {name} shares one format here, so these were quantized to NF4 on load, as "
+                          "load_in_4bit=True does (their outputs differ from transformers' 16-bit ones by NF4's "
+                          "rounding)", stacklevel=4)
         return stack_nf4([got[i] for i in range(self.num_layers)])
 
     def biases(self, name: str) -> np.ndarray | None:

@@ -10,7 +10,7 @@ import ml_dtypes  # noqa: F401  (lets safetensors.numpy read bfloat16)
 import numpy as np
 import pytest
 
-from fastlora_jax import nf4
+from fastlora_jax import FastLanguageModel, nf4
 from fastlora_jax.converters import bnb
 
 from helpers import make_hf_llama, rel_err
@@ -159,3 +159,21 @@ def test_malformed_layer_tensors_raise(checkpoints):
     raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
     with pytest.raises(ValueError, match="blocksize=128"):
         bnb.bnb_tensors_to_nf4(config, prefix, {**layer, f"{prefix}.{bnb.QUANT_STATE_KEY}": raw})
+
+
+def test_checkpoint_keeping_some_layers_in_16bit_loads_them_quantized(checkpoints, tmp_path):
+    """Unsloth's dynamic 4-bit checkpoints keep some decoder projections in 16-bit (llm_int8_skip_modules). Each
+    projection's layers are stacked in one format here, so those load quantized as load_in_4bit=True quantizes them
+    (with a warning naming them); every other layer keeps the checkpoint's own NF4 bytes."""
+    root, original, _, _, _ = checkpoints
+    skip = "model.layers.1.mlp.down_proj"
+    _, config, tensors = _quantized_by_transformers(
+        os.path.join(root, "bf16"), str(tmp_path / "mixed"), **NF4_CONFIG, llm_int8_skip_modules=["lm_head", skip])
+    assert tensors[f"{skip}.weight"].dtype == np.dtype(jnp.bfloat16) and f"{skip}.weight.absmax" not in tensors
+    with pytest.warns(UserWarning, match=rf"keeps {skip} in 16-bit \(llm_int8_skip_modules\)"):
+        mixed, _ = FastLanguageModel.from_pretrained(str(tmp_path / "mixed"), dtype="bfloat16")
+    on_load, _ = FastLanguageModel.from_pretrained(os.path.join(root, "bf16"), dtype="bfloat16", load_in_4bit=True)
+    for name in ("down_proj", "up_proj"):
+        a, b = getattr(mixed.model.layers.mlp, name).nf4(), getattr(on_load.model.layers.mlp, name).nf4()
+        for field in ("packed", "absmax_q", "nested_absmax", "offset"):
+            assert np.asarray(getattr(a, field)).tobytes() == np.asarray(getattr(b, field)).tobytes(), (name, field)
