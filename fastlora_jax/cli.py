@@ -36,24 +36,23 @@ def _one_line(message) -> str:
 
 # ------------------------------------------------------------------------------------------------ value checks
 
-def _positive_int(text: str) -> int:
+def _integer(text: str, accepted: str, ok) -> int:
+    """int(text) where ok(value), else an argparse error naming the text and what is accepted."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}; accepted: an integer >= 1")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r}; accepted: {accepted}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, "an integer >= 1", lambda value: value >= 1)
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{text!r}; accepted: an integer in [0, 2**63)")
-    return value
+    return _integer(text, "an integer in [0, 2**63)", lambda value: 0 <= value < 2**63)
 
 
 def _positive_float(text: str) -> float:
