@@ -144,7 +144,7 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     a [in, r], b [r, out]; none to w. `rounding`: fastlora_jax.nf4.LAYER_ROUNDINGS, the same on every
     implementation ("bitsandbytes": gemv_4bit's weights for a one-token call that nothing differentiates).
     """
-    nf4.check_nf4_shapes(x, w, bias, a, b)
+    nf4.check_nf4_shapes(x, w, bias, a, b, scaling)
     out_features, in_features = w.shape
     impl = resolve("nf4", implementation, in_features, out_features, math.prod(x.shape[:-1]),
                    0 if a is None else a.shape[1], x.dtype)

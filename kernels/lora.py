@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -250,9 +251,24 @@ def _lora_bwd(cfg: _Config, residuals, g):
 _lora.defvjp(_lora_fwd, _lora_bwd)
 
 
+def check_arrays_and_scaling(where: str, arrays, scaling) -> None:
+    """Raises ValueError unless each of `arrays` ((name, value) pairs; None skipped) is an array and `scaling` is
+    real: a Python or numpy number, or an integer or float array (traced too; the shape checks want it 0-d)."""
+    for name, arr in arrays:
+        if arr is not None and not (hasattr(arr, "ndim") and hasattr(arr, "dtype")):
+            raise ValueError(f"{where}: {name} must be an array; got a {type(arr).__name__}")
+    real = (isinstance(scaling, (int, float)) and not isinstance(scaling, bool)) or (
+        hasattr(scaling, "dtype")
+        and (jnp.issubdtype(scaling.dtype, jnp.floating) or jnp.issubdtype(scaling.dtype, jnp.integer)))
+    if not real:
+        raise ValueError(f"{where}: scaling must be a real scalar (a number or a 0-d array); got "
+                         f"{type(scaling).__name__} {str(scaling)[:60]}")
+
+
 def check_lora_shapes(x, w, a, b, scaling, bias) -> None:
     """Raises ValueError naming the shapes unless x [..., in], w [in, out], a [in, r], b [r, out], bias [out]."""
     arrays = (("x", x), ("w", w), ("a", a), ("b", b), ("bias", bias))
+    check_arrays_and_scaling("lora_linear", arrays, scaling)
     for name, arr in arrays:
         if arr is not None and not jnp.issubdtype(jnp.asarray(arr).dtype, jnp.floating):
             raise ValueError(f"lora_linear: {name} must be floating point; got {name}.dtype={arr.dtype} "
@@ -271,7 +287,9 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
                 interpret: bool | None = None, dy_pass: str = "xla") -> jax.Array:
     """x [..., in] @ w [in, out] + bias + scaling * (x @ a [in, r]) @ b [r, out] -> [..., out] in x.dtype.
 
-    Differentiable in x, a, b, scaling and bias; w gets a symbolic-zero cotangent (it is frozen).
+    Differentiable in x, a, b, scaling and bias; w gets a symbolic-zero cotangent (it is frozen). Reverse mode only
+    (a custom_vjp), and once on the kernel paths: their backward pass runs kernels JAX does not differentiate again
+    ("xla" takes higher derivatives).
     `implementation` is "xla", "pallas" (Triton; interpreted off a GPU) or "mosaic" (kernels/lora_mosaic.py: Hopper
     GPUs, token counts and features that divide into its tiles); the dispatch in `api` resolves "auto".
     `interpret` defaults to "not on a GPU". `dy_pass` "pallas" computes the backward's dy @ b.T and xa.T @ dy in
@@ -284,8 +302,8 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scaling:
     if dy_pass not in ("xla", "pallas"):
         raise ValueError(f"dy_pass={dy_pass!r}; accepted: 'xla', 'pallas'")
     lead, n = x.shape[:-1], w.shape[1]
-    x2 = x.reshape(-1, x.shape[-1])  # [M, in]
-    if x2.shape[0] == 0:
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # [M, in] (-1 cannot be inferred when in is 0)
+    if 0 in (*x2.shape, n):  # nothing for a kernel to tile
         implementation = "xla"
     cfg = _Config(implementation=implementation, block_sizes=block_sizes, interpret=interpret, dy_pass=dy_pass)
     y = _lora(x2, w, a, b, jnp.asarray(scaling, _F32), bias, cfg)

@@ -33,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from fastlora_jax.kernels import _compat, nf4_ptx
-from fastlora_jax.kernels.lora import XA_NAME, nf4_lora_linear
+from fastlora_jax.kernels.lora import XA_NAME, check_arrays_and_scaling, nf4_lora_linear
 
 if TYPE_CHECKING:
     from fastlora_jax.nf4 import NF4Array
@@ -397,21 +397,28 @@ def _nf4_bwd(cfg: _Config, residuals, g):
 _nf4_base.defvjp(_nf4_fwd, _nf4_bwd)
 
 
-def check_nf4_shapes(x, w, bias, a, b) -> None:
-    """Raises ValueError naming the shapes unless x [..., in], w one NF4 [out, in], bias [out], a [in, r], b [r, out]."""
+def check_nf4_shapes(x, w, bias, a, b, scaling=0.0) -> None:
+    """Raises ValueError naming the shapes unless x [..., in], w one NF4 [out, in], bias [out], a [in, r], b [r, out],
+    scaling a real scalar."""
+    if not all(hasattr(w, field) for field in ("packed", "stack", "shape")):
+        raise ValueError(f"nf4_linear: w must be an NF4Array (fastlora_jax.nf4.quantize_nf4); got a "
+                         f"{type(w).__name__} of shape {getattr(w, 'shape', None)} (16-bit weights: lora_linear / "
+                         "linear)")
+    check_arrays_and_scaling("nf4_linear", (("x", x), ("bias", bias), ("a", a), ("b", b)), scaling)
     out_features, in_features = w.shape
     described = (f"{x.shape=} w.shape={w.shape} w.stack={w.stack} bias.shape={None if bias is None else bias.shape} "
-                 f"a.shape={None if a is None else a.shape} b.shape={None if b is None else b.shape}")
+                 f"a.shape={None if a is None else a.shape} b.shape={None if b is None else b.shape} "
+                 f"scaling.shape={jnp.shape(scaling)}")
     for name, arr in (("x", x), ("bias", bias), ("a", a), ("b", b)):
         if arr is not None and not jnp.issubdtype(arr.dtype, jnp.floating):
             raise ValueError(f"nf4_linear: {name} must be floating point; got {name}.dtype={arr.dtype} ({described})")
-    ok = (w.stack == () and x.ndim >= 1 and x.shape[-1] == in_features
+    ok = (w.stack == () and x.ndim >= 1 and x.shape[-1] == in_features and jnp.ndim(scaling) == 0
           and (bias is None or bias.shape == (out_features,)) and (a is None) == (b is None)
           and (a is None or (a.ndim == 2 and b.ndim == 2 and a.shape[0] == in_features and b.shape[1] == out_features
                              and a.shape[1] == b.shape[0])))
     if not ok:
         raise ValueError(f"nf4_linear: expected x [..., in], one NF4 weight [out, in] (no stack axes), bias [out], "
-                         f"a [in, r] and b [r, out] (both or neither); got {described}")
+                         f"a [in, r] and b [r, out] (both or neither), scalar scaling; got {described}")
 
 
 def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.Array | None = None,
@@ -435,7 +442,7 @@ def nf4_linear(x: jax.Array, w: NF4Array, bias: jax.Array | None = None, a: jax.
     """
     from fastlora_jax.nf4 import LAYER_ROUNDINGS, check_rounding
 
-    check_nf4_shapes(x, w, bias, a, b)
+    check_nf4_shapes(x, w, bias, a, b, scaling)
     check_rounding(rounding, LAYER_ROUNDINGS)
     if implementation not in ("xla", "pallas", "reduce", "mosaic"):
         raise ValueError(f"implementation={implementation!r}; accepted here: 'xla', 'pallas', 'reduce', 'mosaic'")

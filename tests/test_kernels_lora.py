@@ -110,6 +110,32 @@ def test_bad_shapes_raise_naming_the_shapes(fn):
         assert "w.shape=(16, 24)" in str(info.value), (name, str(info.value))
 
 
+@pytest.mark.parametrize("fn", [kernels.lora_linear, lora.lora_linear])
+def test_non_arrays_and_non_numeric_scalings_raise(fn):
+    x, w, a, b, bias, _, _ = make_inputs(4, 16, 24, 4, jnp.float32)
+    for scaling in ("0.5", True, 1j, jnp.array(True), jnp.array(2, jnp.complex64)):
+        with pytest.raises(ValueError, match=r"lora_linear: scaling must be a real scalar"):
+            fn(x, w, a, b, scaling, bias)
+    with pytest.raises(ValueError, match=r"lora_linear: x must be an array; got a list"):
+        fn(np.asarray(x).tolist(), w, a, b, 2.0, bias)
+    for scaling in (2, 2.0, np.float64(2.0), jnp.float32(2.0), jnp.asarray(2, jnp.int32)):
+        np.testing.assert_allclose(fn(x, w, a, b, scaling, bias), fn(x, w, a, b, 2.0, bias), rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_zero_sized_features_give_empty_or_bias_outputs(implementation):
+    """in_features 0 gives the bias alone; out_features 0 an empty output (the kernel has nothing to tile)."""
+    rng = np.random.default_rng(3)
+    x0, bias = jnp.zeros((3, 0)), jnp.asarray(rng.standard_normal(5), jnp.float32)
+    y = lora.lora_linear(x0, jnp.zeros((0, 5)), jnp.zeros((0, 2)), jnp.zeros((2, 5)), 2.0, bias,
+                         implementation=implementation)
+    np.testing.assert_array_equal(y, jnp.broadcast_to(bias, (3, 5)))
+    x = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
+    y = lora.lora_linear(x, jnp.zeros((16, 0)), jnp.ones((16, 2)), jnp.zeros((2, 0)), 2.0,
+                         implementation=implementation)
+    assert y.shape == (3, 0)
+
+
 def test_lowrank_matmul_validates_and_transposes():
     x, w, a, b, bias, _, _ = make_inputs(20, 40, 36, 8, jnp.float32)
     u = jnp.asarray(np.random.default_rng(9).standard_normal((20, 8), np.float32))

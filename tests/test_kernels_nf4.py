@@ -322,6 +322,10 @@ def test_bad_shapes_raise_naming_the_shapes(fn):
     for name, args in bad.items():
         with pytest.raises(ValueError, match=r"x\.shape=\(4, 1(00|28)\) w\.shape=\(24, 128\)"):
             fn(*args, scaling)
+    with pytest.raises(ValueError, match=r"x\.shape=\(4, 128\) w\.shape=\(24, 128\).* scaling\.shape=\(4,\)"):
+        fn(x, w, bias, a, b, jnp.ones(4))  # not one scaling per rank
+    with pytest.raises(ValueError, match=r"nf4_linear: w must be an NF4Array .* of shape \(24, 128\)"):
+        fn(x, jnp.ones((24, 128)), bias, a, b, scaling)
     x96, w96, *_ = make_inputs(4, 96, 24, 0, jnp.float32)  # 96 % 64 != 0: NF4 blocks cross rows
     with pytest.raises(ValueError, match=r"needs in_features % 64 == 0; got w\.shape=\(24, 96\)"):
         fn(x96, w96, implementation="pallas")
