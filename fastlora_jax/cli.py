@@ -6,7 +6,8 @@
     fastlora-jax demo          # the main job: SmolLM2-135M-Instruct learns the bundled Zorbland facts on CPU
 
 Bad arguments, paths and values exit with status 2 (usage) or 1 (runtime) and one line on stderr; `--debug`
-shows the traceback instead. Options are checked before the model loads, so mistakes fail in a second.
+shows the traceback instead. Argument values and files are checked before the model loads; what depends on the
+model (target modules, the records' fields against the tokenizer) once it has loaded.
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(p, *, default=DEFAULT_MODEL, default_text="%(default)s"):
         p.add_argument("--model", default=default,
-                       help="a local Hugging Face directory, a GGUF file's directory, a repo id in the local HF "
-                            f"cache, or the alias {DEFAULT_MODEL!r} (default: {default_text})")
+                       help="a local Hugging Face directory, a .gguf file, a repo id in the local HF cache, or "
+                            f"the alias {DEFAULT_MODEL!r} (default: {default_text})")
         p.add_argument("--load-in-4bit", action="store_true", help="quantize the base weights to NF4 (QLoRA)")
         p.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="compute dtype (auto: bfloat16 on GPU, float32 on CPU; default: %(default)s)")
@@ -167,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "dots on an H200, 3-5x longer compile; keep the scan for unsloth")
     f.add_argument("--save-steps", type=_positive_int, default=500,
                    help="orbax checkpoint every N steps, and at the end (default: %(default)s)")
-    f.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: %(default)s)")
+    f.add_argument("--logging-steps", type=_positive_int, default=10,
+                   help="log every N steps: in the progress bar, or a line each with --no-progress "
+                        "(default: %(default)s)")
     f.add_argument("--seed", type=_seed, default=3407, help="LoRA init and data order seed (default: %(default)s)")
     f.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUTPUT/checkpoints (same options as that run)")
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default: %(default)s")
     g.add_argument("--temperature", type=_non_negative, default=0.0, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--no-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of a chat user message")
 

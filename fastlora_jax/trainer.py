@@ -280,12 +280,18 @@ class SFTTrainer:
                     logs.append(entry)
                     bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{lr:.2e}",
                                     tok_s=f"{entry['tokens_per_second']:.0f}")
+                    if args.disable_tqdm:  # no bar to show it: a line, as transformers' PrinterCallback
+                        print(f"step {step}: loss {entry['loss']:.4f}, learning_rate {lr:.3e}, grad_norm "
+                              f"{grad_norm:.4f}, {entry['tokens_per_second']:.0f} tokens/s", flush=True)
                 if self.eval_rows is not None and (step % eval_every == 0 or step == total):
                     with meter.paused():
                         evals.append((step, self.evaluate()))
                         logs.append({"step": step, "eval_loss": evals[-1][1]})
-                        if not args.disable_tqdm:
-                            bar.write(f"step {step}: eval_loss {evals[-1][1]:.4f}")
+                        line = f"step {step}: eval_loss {evals[-1][1]:.4f}"
+                        if args.disable_tqdm:
+                            print(line, flush=True)
+                        else:
+                            bar.write(line)
                 if step % args.save_steps == 0 or step == total:
                     with meter.paused():
                         manager.save(step_fn, meta=self._meta(step_fn.step, seed, losses, evals, logs))

@@ -89,6 +89,7 @@ def test_help_documents_every_option():
     (["export", "--adapter", ".", "--output", "o", "--format", "onnx"], "'onnx'"),
     (["generate", "--adapter", "no/such/dir", "--prompt", "hi"], "'no/such/dir' is not an existing directory"),
     (["generate"], "--prompt"),
+    (["generate", "--prompt", "hi", "--seed", str(2**64)], "argument --seed: '18446744073709551616'; accepted"),
     (["deploy"], "'deploy'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):

@@ -145,6 +145,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
         np.testing.assert_array_equal(np.asarray(value[...]), weights[path])  # the model kept the good weights
 
 
+def test_without_the_bar_logs_and_evals_print_a_line_each(tmp_path, capsys):
+    records = [{"input_ids": [1 + i, 2, 3, 4]} for i in range(4)]
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=2,
+                     save_steps=10, max_seq_length=8, disable_tqdm=True)
+    SFTTrainer(lora_model(dropout=0.0), None, train_dataset=records, eval_dataset=records[:2], args=args).train()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 2", "step 4", "step 4"], lines
+    assert "loss" in lines[0] and "learning_rate" in lines[0] and "tokens/s" in lines[0] and "eval_loss" in lines[1]
+
+
 def test_resume_errors_other_lora_layout_missing_checkpoint_and_stale_checkpoints(tmp_path):
     records = [{"input_ids": [1 + i, 2, 3, 4]} for i in range(4)]
     args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, save_steps=1,
