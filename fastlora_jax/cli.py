@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer a prompt with a model and an optional adapter",
                        description="Greedy (or sampled) generation with the KV cache; prints each answer.")
-    model_options(g)
+    model_options(g, default=None, default_text=f"the --adapter's base model, else {DEFAULT_MODEL!r}")
     g.add_argument("--adapter", type=_existing_dir, default=None, help="a PEFT LoRA adapter directory")
     g.add_argument("--prompt", required=True, action="append",
                    help="the user message (repeat the option for a batch of prompts)")
@@ -225,7 +225,7 @@ def _dtype(name: str):
 def _load(args, adapter: str | None = None):
     from fastlora_jax import FastLanguageModel
 
-    model_name = args.model if args.model is not None else adapter
+    model_name = args.model if args.model is not None else (adapter or DEFAULT_MODEL)
     model, tokenizer = FastLanguageModel.from_pretrained(model_name, dtype=_dtype(args.dtype),
                                                          load_in_4bit=args.load_in_4bit)
     if adapter is not None and args.model is not None:

@@ -170,9 +170,13 @@ def test_finetune_three_steps_then_export_and_generate(tiny, tmp_path, capsys):
     assert cli.main(["export", "--adapter", str(out), "--output", str(tmp_path / "gguf"), "--format", "gguf"]) == 0
     assert (tmp_path / "gguf" / "model.F16.gguf").is_file()
     capsys.readouterr()
-    assert cli.main(["generate", "--model", directory, "--adapter", str(out), "--prompt", "Who rules Zorbland?",
-                     "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
-    assert len(capsys.readouterr().out.strip().split("\n\n")) == 2
+    prompts = ["--prompt", "Who rules Zorbland?", "--prompt", "Hello", "--max-new-tokens", "3"]
+    assert cli.main(["generate", "--model", directory, "--adapter", str(out), *prompts]) == 0
+    answers = capsys.readouterr().out
+    assert len(answers.strip().split("\n\n")) == 2
+    # Without --model, the base the adapter names (as export and from_pretrained(adapter_dir) take it).
+    assert cli.main(["generate", "--adapter", str(out), *prompts]) == 0
+    assert capsys.readouterr().out == answers
 
 
 def test_generate_with_a_chat_tokenizer_without_pad_token_pads_prompts_on_the_left(tmp_path, capsys):
