@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from fastlora_jax import data as data_lib
 from fastlora_jax.checkpointing import Checkpointer, is_step_directory
-from fastlora_jax.training import SCHEDULES, AdamW, EvalStep, LossFn, TrainStep
+from fastlora_jax.training import SCHEDULES, AdamW, EvalStep, LossFn, TrainStep, check_adam_settings
 
 CHECKPOINT_DIRNAME = "checkpoints"
 PLOT_NAME = "loss_curve.png"
@@ -97,12 +97,8 @@ class SFTConfig:
             raise ValueError(f"weight_decay={self.weight_decay!r}; accepted: a number >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r}; accepted: a number > 0, or None (no clipping)")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value!r}; accepted: 0 <= {name} < 1 (as torch's AdamW)")
-        if not self.adam_epsilon >= 0:
-            raise ValueError(f"adam_epsilon={self.adam_epsilon!r}; accepted: a number >= 0 (as torch's AdamW)")
+        check_adam_settings(self.adam_beta1, self.adam_beta2, self.adam_epsilon,
+                            names=("adam_beta1", "adam_beta2", "adam_epsilon"))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r}; accepted: an int in [0, 2**63) (it seeds numpy's data order and "
                              "JAX's dropout key)")

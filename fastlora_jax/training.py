@@ -285,6 +285,16 @@ def make_schedule(kind: str, learning_rate: float, total_steps: int, warmup_step
     return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
 
 
+def check_adam_settings(beta1: float, beta2: float, eps: float, names=("b1", "b2", "eps")) -> None:
+    """Raises ValueError naming the setting (by `names`) unless both betas are in [0, 1) and eps >= 0, as torch's
+    AdamW requires."""
+    for name, value in zip(names, (beta1, beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name}={value!r}; accepted: 0 <= {name} < 1 (as torch's AdamW)")
+    if not eps >= 0:
+        raise ValueError(f"{names[2]}={eps!r}; accepted: a number >= 0 (as torch's AdamW)")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdamW:
     """optax.adamw under `make_schedule`, as a hashable value with optax's init / update: equal settings compare
@@ -301,12 +311,7 @@ class AdamW:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        for name in ("b1", "b2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value!r}; accepted: 0 <= {name} < 1 (as torch's AdamW)")
-        if not self.eps >= 0:
-            raise ValueError(f"eps={self.eps!r}; accepted: a number >= 0 (as torch's AdamW)")
+        check_adam_settings(self.b1, self.b2, self.eps)
 
     @property
     def schedule(self) -> optax.Schedule:
