@@ -89,7 +89,7 @@ def lora_kwargs(adapter_config: dict[str, Any], where: str = "adapter_config.jso
         init = True
     # PEFT re-runs the other methods when it loads an adapter (LoraLayer.update_layer), and pissa, olora and loftq
     # replace the base weights there: so does get_peft_model with the same init_lora_weights (and loftq_config).
-    loftq = adapter_config.get("loftq_config") or None if init == "loftq" else None
+    loftq = (adapter_config.get("loftq_config") or None) if init == "loftq" else None
     targets = adapter_config["target_modules"]
     return dict(
         r=adapter_config["r"], lora_alpha=adapter_config.get("lora_alpha", 8),

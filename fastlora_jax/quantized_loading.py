@@ -45,21 +45,20 @@ class NF4Collector:
             layer, name, suffix = int(m.group(1)), m.group(2), m.group(3)
             if suffix == "bias":
                 self.bias[name][layer] = np.asarray(tensor).astype(self.dtype)
-            elif self.prequantized and suffix == "weight" and np.asarray(tensor).dtype != np.uint8:
-                # not packed codes (uint8): a layer the checkpoint keeps in 16-bit (llm_int8_skip_modules, as
-                # Unsloth's dynamic 4-bit checkpoints), quantized as load_in_4bit does: a projection's layers share
-                # one format
+            elif suffix == "weight" and not (self.prequantized and np.asarray(tensor).dtype == np.uint8):
+                # A 16-bit weight: cast to the model dtype first (as transformers does before bitsandbytes
+                # quantizes), then NF4. In a pre-quantized checkpoint it is a layer kept in 16-bit
+                # (llm_int8_skip_modules, as Unsloth's dynamic 4-bit checkpoints): a projection's layers share one
+                # format here.
                 self.weights[name][layer] = quantize_nf4(np.asarray(tensor).astype(self.dtype))
-                self.quantized_here[name].append(layer)
+                if self.prequantized:
+                    self.quantized_here[name].append(layer)
             elif self.prequantized and suffix in bnb.BNB_SUFFIXES:
                 prefix = f"model.layers.{layer}.{name}"
                 group = self._pending.setdefault(prefix, {})
                 group[key] = np.asarray(tensor)
                 if len(group) == len(bnb.BNB_SUFFIXES):
                     self.weights[name][layer] = bnb.bnb_tensors_to_nf4(None, prefix, self._pending.pop(prefix))
-            elif suffix == "weight" and not self.prequantized:
-                # Cast to the model dtype first (as transformers does before bitsandbytes quantizes), then NF4.
-                self.weights[name][layer] = quantize_nf4(np.asarray(tensor).astype(self.dtype))
             else:
                 yield key, tensor  # let the loader report it as unexpected
 
