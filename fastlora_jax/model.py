@@ -216,9 +216,10 @@ class LlamaModel(nnx.Module):
         # "unsloth": 3.1% faster, peak 0.03 GiB higher; benchmarks/RESULTS.md, session 18). False: in each chunk.
         self.mlp_dequantize_once = True
         # True: the layers run under one jax.lax.scan (compile time flat in depth). False: a Python loop of per-layer
-        # checkpoints (training forward only; generation and "long_context" always scan): compiles 3-5x longer, but
-        # no copies of saved activations into the scan's stacked residuals ("dots": 8B +3%, 1B +4.6%; "unsloth"
-        # no faster with it and 25.2 instead of 17.6 GiB on 8B; benchmarks/RESULTS.md, sessions 3 and 4).
+        # checkpoints (training forward only; generation and "long_context" always scan): compiles several times
+        # longer (8B: 27-55 s against 4-13 s), but no copies of saved activations into the scan's stacked residuals
+        # ("dots": 8B +3%, 1B +4.6%; "unsloth" no faster with it and 25.2 instead of 17.6 GiB on 8B;
+        # benchmarks/RESULTS.md, sessions 3 and 4).
         self.scan_layers = True
         self.mesh = None  # set by fastlora_jax.sharding.shard_model / from_pretrained(mesh=...)
 
