@@ -1,9 +1,11 @@
 """Training data: load records, tokenize them with labels, pack them, and batch them into a few padded shapes.
 
 Records come as a list of dicts, a JSONL path or a Hugging Face `datasets.Dataset`, each with one of
-- a text field (`dataset_text_field`, "text" by default): the whole text is trained on;
+- a text field (`dataset_text_field`, "text" by default): the whole text is trained on, EOS appended (unless the
+  text ends with it);
 - "messages": a chat rendered with `tokenizer.apply_chat_template`;
-- "prompt" / "completion": strings (prompt + completion + EOS) or message lists (rendered as a chat);
+- "prompt" / "completion": strings (prompt + completion + EOS, unless the completion ends with it; each tokenized on
+  its own, as generation sees a prompt and then its answer) or message lists (rendered as a chat);
 - "input_ids" (and optionally "labels"): already tokenized.
 Labels are aligned with input_ids (the loss shifts them); -100 marks tokens the loss ignores. With
 `train_on_responses_only` only the assistant answers / completions keep their labels.
@@ -110,7 +112,7 @@ def tokenize_record(record: dict, tokenizer, *, train_on_responses_only: bool | 
         if responses_only:
             raise ValueError(f"train_on_responses_only=True needs 'messages' or 'prompt'/'completion' records; "
                              f"this record has only the text field {dataset_text_field!r}")
-        ids = _encode(tokenizer, record[dataset_text_field], special=True) + _eos(tokenizer)
+        ids = _with_eos(tokenizer, _encode(tokenizer, record[dataset_text_field], special=True))
         return _arrays([(ids, True)])
     if kind == "messages":
         return _arrays(_chat_chunks(tokenizer, record["messages"], n_prompt=0, responses_only=responses_only))
@@ -122,7 +124,7 @@ def tokenize_record(record: dict, tokenizer, *, train_on_responses_only: bool | 
         raise ValueError("'prompt' and 'completion' must both be strings or both be lists of messages; got "
                          f"{type(prompt).__name__} and {type(completion).__name__}")
     prompt_ids = _encode(tokenizer, prompt, special=True)
-    completion_ids = _encode(tokenizer, completion, special=False) + _eos(tokenizer)
+    completion_ids = _with_eos(tokenizer, _encode(tokenizer, completion, special=False))
     return _arrays([(prompt_ids, not responses_only), (completion_ids, True)])
 
 
@@ -132,9 +134,11 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _eos(tokenizer) -> list[int]:
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    """ids + [EOS], unless they already end with it (a text written with its EOS, as Unsloth's notebooks'
+    `text + EOS_TOKEN`): TRL appends the EOS only to a text or completion that does not end with it."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    return [] if eos is None else [int(eos)]
+    return ids if eos is None or ids[-1:] == [int(eos)] else ids + [int(eos)]
 
 
 def _arrays(chunks: Sequence[tuple[list[int], bool]]) -> tuple[np.ndarray, np.ndarray]:

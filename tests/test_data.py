@@ -70,6 +70,20 @@ def test_text_record_trains_on_every_token_and_ends_with_eos(tokenizer):
     assert tokenizer.decode(ids) == "abc<|im_end|>"
 
 
+def test_a_text_or_completion_that_ends_with_eos_gets_no_second_eos(tokenizer):
+    """As TRL: the EOS is appended only where the text does not end with it (Unsloth's notebooks write
+    `text + EOS_TOKEN`); a second EOS would teach the model to emit EOS after EOS."""
+    eos = tokenizer.eos_token
+    for record in ({"text": "hello world"}, {"text": "hello world" + eos}):
+        ids, labels = data.tokenize_record(record, tokenizer)
+        assert tokenizer.decode(ids) == "hello world" + eos and labels.tolist() == ids.tolist()
+    for completion in (" 4", " 4" + eos):
+        ids, labels = data.tokenize_record({"prompt": "2+2=", "completion": completion}, tokenizer)
+        assert tokenizer.decode(ids) == "2+2= 4" + eos and tokenizer.decode(ids[labels != IGNORE]) == " 4" + eos
+    ids, labels = data.tokenize_record({"prompt": "2+2=", "completion": ""}, tokenizer)  # still trains the EOS
+    assert tokenizer.decode(ids[labels != IGNORE]) == eos
+
+
 def test_messages_use_the_chat_template_and_mask_exactly_the_prompts(tokenizer):
     ids, labels = data.tokenize_record({"messages": CHAT}, tokenizer, train_on_responses_only=True)
     # The tokens are the template's, tokenized as transformers does.
