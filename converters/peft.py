@@ -98,6 +98,7 @@ def lora_kwargs(adapter_config: dict[str, Any], where: str = "adapter_config.jso
         layers_to_transform=adapter_config.get("layers_to_transform"),
         layers_pattern=adapter_config.get("layers_pattern"), use_rslora=bool(adapter_config.get("use_rslora")),
         modules_to_save=adapter_config.get("modules_to_save"), init_lora_weights=init, loftq_config=loftq,
+        ensure_weight_tying=bool(adapter_config.get("ensure_weight_tying", False)),
     )
 
 

@@ -100,11 +100,19 @@ def for_inference(model):
     return model
 
 
-def for_training(model):
+def for_training(model, use_gradient_checkpointing=True):
     """Switches a model back to training after `for_inference`: `model.training = True`, NF4 layers back to
-    "dequantize_4bit" (from the "bitsandbytes" that for_inference set; a rounding set otherwise stays)."""
+    "dequantize_4bit" (from the "bitsandbytes" that for_inference set; a rounding set otherwise stays).
+
+    use_gradient_checkpointing: as Unsloth's: True (the default) keeps the remat mode the model trains with
+    (get_peft_model's; for_inference leaves it as it is), False turns remat off, and a mode name ("unsloth",
+    "dots", ...; see fastlora_jax.remat) switches to it."""
+    from fastlora_jax import remat
     from fastlora_jax.nf4 import set_rounding
 
+    if use_gradient_checkpointing is not True:
+        mode = remat.validate(use_gradient_checkpointing)
+        model.model.gradient_checkpointing = mode
     model.training = True
     set_rounding(model, "dequantize_4bit", where="bitsandbytes")
     return model

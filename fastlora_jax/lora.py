@@ -29,8 +29,9 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 BIAS_MODES = ("none", "all", "lora_only")
 _PARAMETERS = ("r", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
-               "use_gradient_checkpointing", "random_state", "max_seq_length", "use_rslora", "modules_to_save",
-               "init_lora_weights", "loftq_config")
+               "finetune_last_n_layers", "use_gradient_checkpointing", "random_state", "max_seq_length", "use_rslora",
+               "modules_to_save", "init_lora_weights", "loftq_config", "ensure_weight_tying", "temporary_location")
+_DEFAULT_LOFTQ = {"loftq_bits": 4, "loftq_iter": 1}  # Unsloth's LoftQConfig when loftq_config is left empty
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -270,36 +271,64 @@ def _trainable_biases(config: LoraConfig, model_config: LlamaConfig,
 
 def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGET_MODULES, lora_alpha: float = 16,
                    lora_dropout: float = 0.0, bias: str = "none", layers_to_transform=None, layers_pattern=None,
-                   use_gradient_checkpointing="unsloth", random_state: int = 3407, max_seq_length: int = 2048,
-                   use_rslora: bool = False, modules_to_save=None, init_lora_weights=True, loftq_config=None,
-                   **kwargs):
+                   finetune_last_n_layers: int | None = None, use_gradient_checkpointing="unsloth",
+                   random_state: int = 3407, max_seq_length: int = 2048, use_rslora: bool = False,
+                   modules_to_save=None, init_lora_weights=True, loftq_config=None, ensure_weight_tying: bool = False,
+                   temporary_location: str | None = None, **kwargs):
     """Adds LoRA adapters to a Llama in place and returns it, with PEFT's semantics for every argument.
 
     target_modules: module names (a name matches a module path equal to it or ending in "." + name), a regex
       string (full match over paths such as "model.layers.0.self_attn.q_proj"), or "all-linear" (all but lm_head).
+      "embed_tokens" in a list moves to modules_to_save (trained fully), as Unsloth does.
     lora_alpha, use_rslora: scaling lora_alpha / r, or lora_alpha / sqrt(r).
     lora_dropout: on the LoRA branch input, in training only (the forward's `dropout_rng`; keys from random_state).
     bias: "none", "all" (every bias trains) or "lora_only" (biases of LoRA layers); trained biases are float32.
     layers_to_transform / layers_pattern: restrict list targets to these decoder layers, as PEFT.
+    finetune_last_n_layers: n -> layers_to_transform = the last n layers (clipped to 1..L), as Unsloth; ignored when
+      layers_to_transform is given.
     use_gradient_checkpointing: False, True, "unsloth" (layer inputs offloaded to host), or the measured extras
       "dots" (save the projection outputs) and "long_context" (block-input offload); see fastlora_jax.remat.
     modules_to_save: ["embed_tokens", "lm_head"] train float32 copies (compute in the model dtype); with tied
-      embeddings ONE copy serves both the embedding and the head (PEFT's ensure_weight_tying=True).
+      embeddings ONE copy serves both the embedding and the head, which needs ensure_weight_tying=True: with
+      Unsloth's default False, PEFT trains the embedding and the head apart (or one of them alone), which is not
+      supported here and raises NotImplementedError.
     init_lora_weights: True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq" (with loftq_config
       {"loftq_bits": 4, "loftq_iter": n} or a peft.LoftQConfig); pissa / olora replace the targeted base weights
-      by their residual and loftq by their NF4 dequantization, as PEFT. Deterministic in random_state.
-    max_seq_length: accepted and ignored, as Unsloth. A second call with the same settings warns and returns the
-    model unchanged; different settings raise.
+      by their residual and loftq by their NF4 dequantization, as PEFT; "loftq" without a loftq_config uses
+      {"loftq_bits": 4, "loftq_iter": 1} with a warning, as Unsloth. Deterministic in random_state.
+    max_seq_length, temporary_location: accepted and ignored, as Unsloth (max_seq_length is unused there too;
+      temporary_location is where Unsloth offloads embeddings to disk, which fastlora-jax never does).
+    A second call with the same settings warns and returns the model unchanged; different settings raise.
     """
     if kwargs:
         raise TypeError(f"get_peft_model got unexpected keyword arguments {sorted(kwargs)}; accepted: "
                         f"{', '.join(_PARAMETERS)}")
-    del max_seq_length
+    del max_seq_length, temporary_location
     mode = remat.validate(use_gradient_checkpointing)
+    if isinstance(target_modules, (list, tuple)) and "embed_tokens" in target_modules:  # Unsloth's remap
+        target_modules = [t for t in target_modules if t != "embed_tokens"]
+        if isinstance(modules_to_save, str):
+            modules_to_save = [modules_to_save]
+        modules_to_save = [*(modules_to_save or ()), *([] if "embed_tokens" in (modules_to_save or ()) else
+                                                         ["embed_tokens"])]
+        if not target_modules:
+            raise ValueError("target_modules=['embed_tokens'] moves the embedding to modules_to_save (as Unsloth) and "
+                             "leaves no module for LoRA; add linear layers such as 'q_proj'")
+    if finetune_last_n_layers is not None and layers_to_transform is None:
+        if not isinstance(finetune_last_n_layers, int) or isinstance(finetune_last_n_layers, bool):
+            raise ValueError(f"finetune_last_n_layers={finetune_last_n_layers!r}; accepted: an int or None")
+        L = model.config.num_hidden_layers
+        n = max(1, min(finetune_last_n_layers, L))
+        layers_to_transform = list(range(L - n, L))
+    if init_lora_weights == "loftq" and not loftq_config:
+        warnings.warn("init_lora_weights='loftq' without loftq_config: using loftq_bits=4, loftq_iter=1, as Unsloth",
+                      stacklevel=2)
+        loftq_config = dict(_DEFAULT_LOFTQ)
     config = _make_config(model, r=r, target_modules=target_modules, lora_alpha=lora_alpha,
                           lora_dropout=lora_dropout, bias=bias, layers_to_transform=layers_to_transform,
                           layers_pattern=layers_pattern, use_rslora=use_rslora, modules_to_save=modules_to_save,
-                          init_lora_weights=init_lora_weights, loftq_config=loftq_config, random_state=random_state)
+                          init_lora_weights=init_lora_weights, loftq_config=loftq_config, random_state=random_state,
+                          ensure_weight_tying=ensure_weight_tying)
     if model.peft_config is not None:
         old = model.peft_config
         changed = [f.name for f in dataclasses.fields(LoraConfig) if getattr(old, f.name) != getattr(config, f.name)]
@@ -319,7 +348,7 @@ def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGET_MODULES, lo
 
 
 def _make_config(model, *, target_modules, layers_to_transform, layers_pattern, modules_to_save, loftq_config,
-                 **fields) -> LoraConfig:
+                 ensure_weight_tying, **fields) -> LoraConfig:
     def as_tuple(x, what):
         if x is None or isinstance(x, str):
             return x
@@ -345,6 +374,17 @@ def _make_config(model, *, target_modules, layers_to_transform, layers_pattern, 
         loftq = {}
     tied_saved = bool(modules_to_save) and model.config.tie_word_embeddings and any(
         n.endswith(m) for m in modules_to_save for n in ("model.embed_tokens", "lm_head"))
+    if not isinstance(ensure_weight_tying, bool):
+        raise ValueError(f"ensure_weight_tying={ensure_weight_tying!r}; accepted: True or False")
+    if tied_saved and not ensure_weight_tying:
+        raise NotImplementedError(
+            f"modules_to_save={list(modules_to_save)} on a model with tied embeddings (tie_word_embeddings=True) and "
+            "ensure_weight_tying=False: Unsloth and PEFT then train the embedding and the output head as separate "
+            "copies (or one of them alone, the other staying frozen), which fastlora-jax does not support; pass "
+            "ensure_weight_tying=True for one trained copy serving both, as PEFT does with that flag")
+    if ensure_weight_tying and not tied_saved:
+        warnings.warn("ensure_weight_tying=True has no effect: no tied embedding or head is in modules_to_save "
+                      "(as PEFT, which warns too)", stacklevel=3)
     return LoraConfig(target_modules=as_tuple(target_modules, "target_modules"),
                       layers_to_transform=layers_to_transform,
                       layers_pattern=as_tuple(layers_pattern, "layers_pattern"),

@@ -170,7 +170,8 @@ def test_lm_head_lora_and_modules_to_save_untied():
 
 
 def test_tied_modules_to_save_is_one_copy_serving_both():
-    model = get_peft_model(tiny(tie_word_embeddings=True), modules_to_save=["embed_tokens", "lm_head"])
+    model = get_peft_model(tiny(tie_word_embeddings=True), modules_to_save=["embed_tokens", "lm_head"],
+                           ensure_weight_tying=True)
     assert model.lm_head is None and isinstance(model.model.embed_tokens, SavedEmbed)
     assert model.peft_config.ensure_weight_tying
     copies = nnx.state(model, TrainableCopy)
@@ -179,6 +180,51 @@ def test_tied_modules_to_save_is_one_copy_serving_both():
     copy.value = copy[...] + 0.5
     hidden = jnp.ones((1, 1, TINY.hidden_size))
     np.testing.assert_allclose(model.logits(hidden)[0, 0], np.asarray(copy[...]).sum(-1), rtol=1e-5)
+
+
+def test_unsloth_only_keywords():
+    """Unsloth's get_peft_model extras with Unsloth's meaning: "embed_tokens" in target_modules trains the embedding
+    fully (modules_to_save), finetune_last_n_layers picks the last layers, "loftq" without a config uses 4 bits and
+    one iteration, temporary_location is ignored."""
+    model = get_peft_model(tiny(tie_word_embeddings=False), target_modules=["q_proj", "embed_tokens"],
+                           temporary_location="_unsloth_temporary_saved_buffers")
+    assert model.peft_config.target_modules == ("q_proj",) and model.peft_config.modules_to_save == ("embed_tokens",)
+    assert isinstance(model.model.embed_tokens, SavedEmbed) and model.lm_head is not None
+    model = get_peft_model(tiny(), target_modules=["v_proj"], finetune_last_n_layers=2)
+    assert model.peft_config.layers_to_transform == (1, 2)
+    assert targeted_module_names(model) == ["model.layers.1.self_attn.v_proj", "model.layers.2.self_attn.v_proj"]
+    model = get_peft_model(tiny(), target_modules=["v_proj"], finetune_last_n_layers=2, layers_to_transform=[0])
+    assert model.peft_config.layers_to_transform == (0,)
+    with pytest.warns(UserWarning, match="loftq_bits=4, loftq_iter=1"):
+        model = get_peft_model(tiny(), r=4, target_modules=["q_proj"], init_lora_weights="loftq")
+    assert dict(model.peft_config.loftq_config) == {"loftq_bits": 4, "loftq_iter": 1}
+
+
+def test_tied_modules_to_save_needs_ensure_weight_tying():
+    """Unsloth's default ensure_weight_tying=False trains a tied model's embedding and head apart (PEFT), which we do
+    not support: it raises, naming the flag, instead of training one shared copy."""
+    for saved in (["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]):
+        model = tiny(tie_word_embeddings=True)
+        with pytest.raises(NotImplementedError, match="ensure_weight_tying=True"):
+            get_peft_model(model, modules_to_save=saved)
+        assert model.peft_config is None
+        assert get_peft_model(model, modules_to_save=saved, ensure_weight_tying=True).peft_config.ensure_weight_tying
+    with pytest.warns(UserWarning, match="ensure_weight_tying=True has no effect"):
+        get_peft_model(tiny(tie_word_embeddings=False), modules_to_save=["lm_head"], ensure_weight_tying=True)
+
+
+def test_for_training_use_gradient_checkpointing():
+    from fastlora_jax import FastLanguageModel
+
+    model = get_peft_model(tiny(), r=4, use_gradient_checkpointing="unsloth")
+    FastLanguageModel.for_inference(model)
+    assert FastLanguageModel.for_training(model).model.gradient_checkpointing == "unsloth"  # True: keep the mode
+    assert model.training
+    assert FastLanguageModel.for_training(model, use_gradient_checkpointing=False).model.gradient_checkpointing is False
+    FastLanguageModel.for_training(model, use_gradient_checkpointing="dots")
+    assert model.model.gradient_checkpointing == "dots"
+    with pytest.raises(ValueError, match="use_gradient_checkpointing='yes'"):
+        FastLanguageModel.for_training(model, use_gradient_checkpointing="yes")
 
 
 def test_biases():
@@ -210,7 +256,11 @@ def test_second_call():
     (dict(target_modules=["qproj"]), ValueError, r"no module matches 'qproj'; linear layers are q_proj, k_proj"),
     (dict(target_modules="model\\.nothing"), ValueError, "no module matches"),
     (dict(target_modules=["self_attn"]), ValueError, "not a linear layer"),
-    (dict(target_modules=["embed_tokens"]), NotImplementedError, "modules_to_save"),
+    (dict(target_modules=["embed_tokens"]), ValueError, "leaves no module for LoRA"),
+    (dict(target_modules=["model.embed_tokens"]), NotImplementedError, "modules_to_save"),
+    (dict(modules_to_save=["lm_head"]), NotImplementedError, "ensure_weight_tying=True"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), NotImplementedError, "ensure_weight_tying=True"),
+    (dict(finetune_last_n_layers=1.5), ValueError, r"finetune_last_n_layers=1.5; accepted"),
     (dict(target_modules=["lm_head"]), NotImplementedError, "tied"),
     (dict(bias="some"), ValueError, r"bias='some'; accepted: 'none', 'all', 'lora_only'"),
     (dict(layers_to_transform=[0, 3]), ValueError, r"layer 3 is out of range; the model has 3 layers \(0..2\)"),
@@ -220,7 +270,6 @@ def test_second_call():
     (dict(lora_dropout=1.0), ValueError, r"lora_dropout=1.0; accepted: a number in \[0, 1\)"),
     (dict(lora_dropout=-0.1), ValueError, "lora_dropout"),
     (dict(init_lora_weights="kaiming"), ValueError, r"init_lora_weights='kaiming' is not supported; accepted"),
-    (dict(init_lora_weights="loftq"), ValueError, "needs loftq_config"),
     (dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 8}), NotImplementedError, "loftq_bits=8"),
     (dict(use_gradient_checkpointing="yes"), ValueError, r"use_gradient_checkpointing='yes'; accepted"),
     (dict(modules_to_save=["embeddings"]), ValueError, r"'embeddings' is not a module of the model; modules are"),
@@ -278,7 +327,8 @@ def test_chunked_loss_trains_the_saved_head(tied):
     # its loss and gradients equal those of the full logits (which the module's forward computes).
     from fastlora_jax.loss import causal_lm_loss
 
-    model = get_peft_model(tiny(tie_word_embeddings=tied), r=4, modules_to_save=["lm_head"], init_lora_weights=False)
+    model = get_peft_model(tiny(tie_word_embeddings=tied), r=4, modules_to_save=["lm_head"], init_lora_weights=False,
+                           ensure_weight_tying=tied)
     saved = model.model.embed_tokens if tied else model.lm_head
     saved.trainable_weight.value = saved.trainable_weight[...] * 3.0  # the copy now differs from the original
     graphdef, trainable, frozen = nnx.split(model, fastlora_jax.TRAINABLE, ...)
@@ -308,7 +358,7 @@ def test_chunked_loss_trains_the_saved_head(tied):
 def test_float32_modules_to_save_trains_under_a_donating_step(tied):
     # The float32 master copy of a float32 weight must be its own buffer: make_train_step donates the trainable
     # state and passes the frozen state beside it, so a shared buffer would be donated and read in one call.
-    model = get_peft_model(tiny(tie_word_embeddings=tied), r=4, modules_to_save=["lm_head"])
+    model = get_peft_model(tiny(tie_word_embeddings=tied), r=4, modules_to_save=["lm_head"], ensure_weight_tying=tied)
     frozen_before = np.asarray(model.lm_head.weight[...] if not tied else model.model.embed_tokens.weight[...])
     step = fastlora_jax.make_train_step(model, optax.adam(1e-2))
     x = ids()

@@ -42,7 +42,8 @@ COUNT_SETTINGS = {
     "all_linear": ({}, dict(target_modules="all-linear")),
     "rslora": ({}, dict(r=32, use_rslora=True)),
     "modules_to_save_untied": (dict(tie_word_embeddings=False), dict(modules_to_save=["embed_tokens", "lm_head"])),
-    "modules_to_save_tied": ({}, dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    "modules_to_save_tied": ({}, dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"],
+                                      ensure_weight_tying=True)),
     "layers_pattern": ({}, dict(target_modules=["gate_proj"], layers_to_transform=3, layers_pattern="layers")),
     "regex": ({}, dict(target_modules=r"model\.layers\.1[0-9]\.self_attn\.(q|v)_proj")),
     "lm_head_lora": (dict(tie_word_embeddings=False), dict(target_modules=["v_proj", "lm_head"])),
@@ -105,7 +106,8 @@ PARITY_SETTINGS = {
     "modules_to_save": ({}, dict(r=4, target_modules=["q_proj", "v_proj"],
                                  modules_to_save=["embed_tokens", "lm_head"])),
     "tied_modules_to_save": (dict(tie_word_embeddings=True), dict(r=4, target_modules=["o_proj"],
-                                                                  modules_to_save=["lm_head"])),
+                                                                  modules_to_save=["lm_head"],
+                                                                  ensure_weight_tying=True)),
 }
 
 

@@ -36,7 +36,8 @@ CASES = {
     "modules_to_save": (dict(), dict(r=4, lora_alpha=16, target_modules=["q_proj", "up_proj"],
                                      modules_to_save=["embed_tokens", "lm_head"])),
     "tied_modules_to_save": (dict(tie_word_embeddings=True),
-                             dict(r=2, lora_alpha=2, target_modules="all-linear", modules_to_save=["lm_head"])),
+                             dict(r=2, lora_alpha=2, target_modules="all-linear", modules_to_save=["lm_head"],
+                                  ensure_weight_tying=True)),
     "regex_lm_head": (dict(), dict(r=4, lora_alpha=8, target_modules=r".*\.o_proj|lm_head")),
 }
 
