@@ -106,11 +106,12 @@ def load_adapter(model, adapter_directory: str, *, adapter_name: str = "default"
     return model
 
 
-def load_adapter_model(adapter_directory: str, **from_pretrained_kwargs):
+def load_adapter_model(adapter_directory: str, *, use_gradient_checkpointing=None, **from_pretrained_kwargs):
     """`FastLanguageModel.from_pretrained(adapter_dir)`: loads the base named by adapter_config.json's
     base_model_name_or_path (a local path, also relative to the adapter directory, a cached repo id or an alias),
     applies the adapter's LoRA config and loads its weights. Returns (model, tokenizer); the tokenizer comes from
-    the adapter directory when it holds one, else from the base."""
+    the adapter directory when it holds one, else from the base. use_gradient_checkpointing: the LoRA model's
+    remat mode (None: "unsloth", as Unsloth's from_pretrained default)."""
     from fastlora_jax.fast_language_model import FastLanguageModel
 
     adapter_directory = str(adapter_directory)
@@ -125,7 +126,7 @@ def load_adapter_model(adapter_directory: str, **from_pretrained_kwargs):
     if os.path.exists(base) and os.path.samefile(base, adapter_directory):
         raise ValueError(f"{adapter_directory!r}: adapter_config.json names the adapter itself as its base model")
     model, tokenizer = FastLanguageModel.from_pretrained(base, **from_pretrained_kwargs)
-    load_adapter(model, adapter_directory)
+    load_adapter(model, adapter_directory, use_gradient_checkpointing=use_gradient_checkpointing)
     if any(os.path.exists(os.path.join(adapter_directory, n)) for n in _TOKENIZER_FILES[:3]):
         from transformers import AutoTokenizer
 
@@ -223,12 +224,13 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, *, save_m
                            quantization_config=bnb.quantization_config(np.dtype(dtype).name))
 
 
-def save_pretrained_gguf(model, save_directory: str, tokenizer=None, *, quantization_method: str = "f16",
+def save_pretrained_gguf(model, save_directory: str, tokenizer=None, *, quantization_method: str = "fast_quantized",
                          file_name: str | None = None) -> str | list[str]:
     """Writes `<save_directory>/model.<METHOD>.gguf` of the merged model (tokenizer and chat template included
     when a tokenizer is given) and returns its path. quantization_method: "f32", "f16", "bf16" or "q8_0" (Unsloth's
-    "not_quantized" is the model's 16-bit type, "fast_quantized" is q8_0), or a list of them (as Unsloth: one
-    file each, their paths returned as a list)."""
+    "not_quantized" is the model's 16-bit type, "fast_quantized", Unsloth's default, is q8_0), or a list of them
+    (as Unsloth: one file each, their paths returned as a list). Unsloth's llama.cpp k-quants ("quantized" =
+    "q4_k_m", "q5_k_m", ...) are not written here and raise ValueError."""
     from fastlora_jax.converters import gguf
 
     if isinstance(quantization_method, (list, tuple)):

@@ -13,9 +13,17 @@ from fastlora_jax.loading import build_model, resolve_dtype
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
-# Keyword arguments Unsloth / transformers accept that have no effect here (no hub, one device placement).
+# Keyword arguments Unsloth / transformers accept that have no effect here: the hub (never reached), device
+# placement (JAX places arrays; `mesh` shards them), tokenizer fixes, attention kernels, and vLLM's settings
+# (meaningful only with fast_inference=True, which raises).
 _IGNORED_KWARGS = ("token", "device_map", "trust_remote_code", "revision", "local_files_only", "use_cache",
-                   "fix_tokenizer", "attn_implementation", "use_exact_model_name", "fast_inference")
+                   "fix_tokenizer", "attn_implementation", "use_exact_model_name", "random_state",
+                   "gpu_memory_utilization", "max_lora_rank", "float8_kv_cache", "disable_log_stats",
+                   "unsloth_vllm_standby")
+# Unsloth keywords taken here only at the value that means "nothing extra" (anything else raises).
+_NEUTRAL_KWARGS = {"load_in_8bit": False, "full_finetuning": False, "fast_inference": False, "rope_scaling": None,
+                   "resize_model_vocab": None, "qat_scheme": None, "load_in_fp8": False, "offload_embedding": False,
+                   "unsloth_tiled_mlp": False, "float32_mixed_precision": None, "text_only": False}
 
 
 class FastLanguageModel:
@@ -38,16 +46,42 @@ class FastLanguageModel:
         load_in_4bit: quantize every decoder linear weight to NF4 on load (QLoRA).
         mesh: a `jax.sharding.Mesh` from `fastlora_jax.sharding.make_mesh`: each tensor is placed sharded as it is
           read (FSDP), no device holding a full copy.
+        load_in_16bit: Unsloth's switch for 16-bit LoRA: True loads the 16-bit weights (and cannot go with
+          load_in_4bit=True); False changes nothing.
+        use_gradient_checkpointing: for an adapter directory, the remat mode of the LoRA model it builds (as
+          Unsloth's patch_peft_model); for a base model get_peft_model's own argument decides, so it is unused.
+        Accepted and ignored (no effect in JAX or without a network): token, device_map, trust_remote_code,
+          revision, local_files_only, use_cache, fix_tokenizer, attn_implementation, use_exact_model_name,
+          random_state, and vLLM's gpu_memory_utilization, max_lora_rank, float8_kv_cache, disable_log_stats,
+          unsloth_vllm_standby.
+        Accepted only at Unsloth's default, raising NotImplementedError otherwise: load_in_8bit=False,
+          full_finetuning=False, fast_inference=False (vLLM's model.fast_generate), rope_scaling=None,
+          resize_model_vocab=None, qat_scheme=None, load_in_fp8=False, offload_embedding=False,
+          unsloth_tiled_mlp=False, float32_mixed_precision=None, text_only=False.
+        Note: Unsloth's load_in_4bit defaults to True; here the default is False (16-bit): pass it explicitly.
         tokenizer: the transformers tokenizer from the same files, or None (with a warning) where they hold none.
         """
-        unknown = sorted(set(kwargs) - set(_IGNORED_KWARGS) - {"load_in_8bit", "full_finetuning"})
+        use_gradient_checkpointing = kwargs.pop("use_gradient_checkpointing", None)
+        load_in_16bit = kwargs.pop("load_in_16bit", False)
+        unknown = sorted(set(kwargs) - set(_IGNORED_KWARGS) - set(_NEUTRAL_KWARGS))
         if unknown:
-            raise TypeError(f"from_pretrained got unexpected keyword arguments {unknown}; accepted extras "
-                            f"(ignored here): {', '.join(_IGNORED_KWARGS)}")
-        if kwargs.get("load_in_8bit"):
-            raise NotImplementedError("load_in_8bit=True is not supported; use load_in_4bit=True (NF4) or 16-bit")
-        if kwargs.get("full_finetuning"):
-            raise NotImplementedError("full_finetuning=True is not supported; fastlora-jax trains LoRA adapters")
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {unknown}; accepted extras: "
+                            f"{', '.join(_IGNORED_KWARGS)} (ignored here), use_gradient_checkpointing, load_in_16bit, "
+                            f"and {', '.join(f'{k}={v!r}' for k, v in _NEUTRAL_KWARGS.items())} (only at that value)")
+        for key, neutral in _NEUTRAL_KWARGS.items():
+            value = kwargs.get(key, neutral)
+            if (value is not None) if neutral is None else bool(value):
+                raise NotImplementedError(f"from_pretrained: {key}={value!r} is not supported by fastlora-jax; "
+                                          f"accepted: {key}={neutral!r} (Unsloth's default)"
+                                          + _NEUTRAL_HINTS.get(key, ""))
+        if load_in_16bit not in (True, False):
+            raise ValueError(f"load_in_16bit={load_in_16bit!r}; accepted: True or False")
+        if load_in_16bit and load_in_4bit:
+            raise ValueError("load_in_16bit=True and load_in_4bit=True ask for two precisions; pass one of them")
+        if use_gradient_checkpointing is not None:
+            from fastlora_jax import remat
+
+            use_gradient_checkpointing = remat.validate(use_gradient_checkpointing)
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise ValueError(f"max_seq_length={max_seq_length!r}; accepted: a positive int, or None (the model's "
                              "max_position_embeddings)")
@@ -70,7 +104,8 @@ class FastLanguageModel:
             from fastlora_jax.export import load_adapter_model
 
             return load_adapter_model(str(resolved.directory), max_seq_length=max_seq_length, dtype=dtype,
-                                      load_in_4bit=load_in_4bit, implementation=implementation, mesh=mesh)
+                                      load_in_4bit=load_in_4bit, implementation=implementation, mesh=mesh,
+                                      use_gradient_checkpointing=use_gradient_checkpointing)
         config = LlamaConfig.from_hf_config(hf_config)
         max_seq_length = max_seq_length or config.max_position_embeddings
         config = _rope_for(config, max_seq_length, str(model_name))
@@ -86,6 +121,15 @@ class FastLanguageModel:
     get_peft_model = staticmethod(_lora.get_peft_model)
     for_inference = staticmethod(_generate.for_inference)
     for_training = staticmethod(_generate.for_training)
+
+
+_NEUTRAL_HINTS = {
+    "load_in_8bit": "; use load_in_4bit=True (NF4) or 16-bit",
+    "full_finetuning": "; fastlora-jax trains LoRA adapters",
+    "fast_inference": "; generate with model.generate (a jitted KV-cache loop) instead of vLLM's fast_generate",
+    "rope_scaling": "; a model's own RoPE scaling is read from its config, and max_seq_length beyond "
+                    "max_position_embeddings applies linear scaling",
+}
 
 
 def _rope_for(config: LlamaConfig, max_seq_length: int, name: str) -> LlamaConfig:

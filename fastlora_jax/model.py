@@ -382,10 +382,10 @@ class Llama(nnx.Module):
 
         export.save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
 
-    def save_pretrained_gguf(self, save_directory: str, tokenizer=None, quantization_method: str = "f16",
+    def save_pretrained_gguf(self, save_directory: str, tokenizer=None, quantization_method: str = "fast_quantized",
                              **kwargs) -> str | list[str]:
-        """Writes a GGUF file of the merged model ("f32", "f16", "bf16", "q8_0"; a list: one file each); returns
-        its path (a list of paths for a list)."""
+        """Writes a GGUF file of the merged model ("f32", "f16", "bf16", "q8_0"; Unsloth's default "fast_quantized"
+        is q8_0; a list: one file each); returns its path (a list of paths for a list)."""
         from fastlora_jax import export
 
         return export.save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,

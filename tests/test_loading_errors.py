@@ -78,3 +78,32 @@ def test_no_tokenizer_warns(hf_llama):
     with pytest.warns(UserWarning, match="no tokenizer"):
         _, tokenizer = FastLanguageModel.from_pretrained(directory)
     assert tokenizer is None
+
+
+def test_unsloth_notebook_keywords(hf_llama, tmp_path):
+    """The keywords an Unsloth notebook passes load as they mean there: the hub's, device placement's and vLLM's
+    settings are ignored, Unsloth's extras at their defaults are taken, anything with an effect we lack raises
+    naming it, and use_gradient_checkpointing sets the remat mode of a model loaded from an adapter directory."""
+    directory, _ = hf_llama()
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        model, _ = FastLanguageModel.from_pretrained(
+            directory, max_seq_length=2048, dtype=None, load_in_4bit=False, token=None, device_map="auto",
+            full_finetuning=False, load_in_8bit=False, load_in_16bit=True, rope_scaling=None, random_state=3407,
+            fast_inference=False, max_lora_rank=16, gpu_memory_utilization=0.6, use_gradient_checkpointing="unsloth")
+    for kwargs, match in [(dict(fast_inference=True), "fast_inference=True is not supported.*fast_generate"),
+                          (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling=.*accepted: "
+                                                                                   "rope_scaling=None"),
+                          (dict(full_finetuning=True), "full_finetuning=True"),
+                          (dict(load_in_8bit=True), "load_in_8bit=True"),
+                          (dict(resize_model_vocab=300), "resize_model_vocab=300")]:
+        with pytest.raises(NotImplementedError, match=match):
+            FastLanguageModel.from_pretrained(directory, **kwargs)
+    with pytest.raises(ValueError, match="load_in_16bit=True and load_in_4bit=True"):
+        FastLanguageModel.from_pretrained(directory, load_in_4bit=True, load_in_16bit=True)
+    with pytest.raises(ValueError, match="use_gradient_checkpointing='yes'"):
+        FastLanguageModel.from_pretrained(directory, use_gradient_checkpointing="yes")
+    FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj"])
+    model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        loaded, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), use_gradient_checkpointing=False)
+    assert loaded.model.gradient_checkpointing is False and loaded.peft_config.target_modules == ("q_proj",)

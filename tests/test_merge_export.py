@@ -312,3 +312,13 @@ def test_interrupted_saves_leave_previous_files_intact(base, tokenizer, tmp_path
         atomic.write_safetensors(tmp_path / "t.safetensors", specs, [np.ones(2, np.float32)])
     assert not (tmp_path / "t.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["adapter", "merged", "one.json"]
+
+
+def test_gguf_default_method_is_unsloths_fast_quantized(base_without_bias, tokenizer, tmp_path):
+    """Unsloth's save_pretrained_gguf defaults to quantization_method="fast_quantized" (q8_0), not f16."""
+    pytest.importorskip("gguf")
+    from fastlora_jax import export
+
+    model = lora_model(base_without_bias, bias="none")
+    assert os.path.basename(export.save_pretrained_gguf(model, str(tmp_path / "g"), tokenizer)) == "model.Q8_0.gguf"
+    assert os.path.basename(model.save_pretrained_gguf(str(tmp_path / "m"), tokenizer)) == "model.Q8_0.gguf"
