@@ -190,7 +190,7 @@ class Checkpointer:
         args = self._ocp.args
         state = self._manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract))).state
         for path, var in flat:
-            var.value = _placed_like(state["trainable"][_key(path)], var[...])
+            var.set_value(_placed_like(state["trainable"][_key(path)], var[...]))
         nnx.update(train_step.model, model_state)
         restored = [_placed_like(state["opt_state"][f"{i:05d}"], x) for i, x in enumerate(opt_leaves)]
         train_step.opt_state = jax.tree_util.tree_unflatten(opt_tree, restored)

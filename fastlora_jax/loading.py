@@ -69,7 +69,7 @@ def build_model(config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], 
     arrays = hf_llama.load_into(expected, tensors, config.num_hidden_layers,
                                 tie_word_embeddings=config.tie_word_embeddings, put=place)
     for path, var in flat:
-        var.value = arrays[path]
+        var.set_value(arrays[path])
     model = nnx.merge(graphdef, state)
     model.model.mesh = mesh
     if collector is not None:

@@ -80,7 +80,7 @@ def init_with_base(init: str, key: jax.Array, base, r: int, scaling: float, mask
             a, b, new_w = init_from_weight(init, key, w, r, scaling)
         if mask is not None:
             new_w = jnp.where(mask[:, None, None], new_w, w)
-        base.weight.value = new_w
+        base.weight.set_value(new_w)
         return base, a, b
     if isinstance(base, nf4.NF4Linear):
         if init == "loftq":

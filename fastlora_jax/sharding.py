@@ -79,7 +79,7 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = nnx.state(model)
     for path, var in nnx.to_flat_state(state):
         value = var[...]
-        var.value = jax.device_put(value, leaf_sharding(path, value.shape, mesh))
+        var.set_value(jax.device_put(value, leaf_sharding(path, value.shape, mesh)))
     nnx.update(model, state)
     model.model.mesh = mesh  # the forward pins activations to batch sharding on it
     return model
