@@ -24,6 +24,14 @@ _IGNORED_KWARGS = ("token", "device_map", "trust_remote_code", "revision", "loca
 _NEUTRAL_KWARGS = {"load_in_8bit": False, "full_finetuning": False, "fast_inference": False, "rope_scaling": None,
                    "resize_model_vocab": None, "qat_scheme": None, "load_in_fp8": False, "offload_embedding": False,
                    "unsloth_tiled_mlp": False, "float32_mixed_precision": None, "text_only": False}
+# What to use instead, added to the error for these.
+_NEUTRAL_HINTS = {
+    "load_in_8bit": "; use load_in_4bit=True (NF4) or 16-bit",
+    "full_finetuning": "; fastlora-jax trains LoRA adapters",
+    "fast_inference": "; generate with model.generate (a jitted KV-cache loop) instead of vLLM's fast_generate",
+    "rope_scaling": "; a model's own RoPE scaling is read from its config, and max_seq_length beyond "
+                    "max_position_embeddings applies linear scaling",
+}
 
 
 class FastLanguageModel:
@@ -121,15 +129,6 @@ class FastLanguageModel:
     get_peft_model = staticmethod(_lora.get_peft_model)
     for_inference = staticmethod(_generate.for_inference)
     for_training = staticmethod(_generate.for_training)
-
-
-_NEUTRAL_HINTS = {
-    "load_in_8bit": "; use load_in_4bit=True (NF4) or 16-bit",
-    "full_finetuning": "; fastlora-jax trains LoRA adapters",
-    "fast_inference": "; generate with model.generate (a jitted KV-cache loop) instead of vLLM's fast_generate",
-    "rope_scaling": "; a model's own RoPE scaling is read from its config, and max_seq_length beyond "
-                    "max_position_embeddings applies linear scaling",
-}
 
 
 def _rope_for(config: LlamaConfig, max_seq_length: int, name: str) -> LlamaConfig:

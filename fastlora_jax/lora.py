@@ -307,10 +307,8 @@ def get_peft_model(model, r: int = 16, target_modules=DEFAULT_TARGET_MODULES, lo
     mode = remat.validate(use_gradient_checkpointing)
     if isinstance(target_modules, (list, tuple)) and "embed_tokens" in target_modules:  # Unsloth's remap
         target_modules = [t for t in target_modules if t != "embed_tokens"]
-        if isinstance(modules_to_save, str):
-            modules_to_save = [modules_to_save]
-        modules_to_save = [*(modules_to_save or ()), *([] if "embed_tokens" in (modules_to_save or ()) else
-                                                         ["embed_tokens"])]
+        saved = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or ())
+        modules_to_save = saved if "embed_tokens" in saved else [*saved, "embed_tokens"]
         if not target_modules:
             raise ValueError("target_modules=['embed_tokens'] moves the embedding to modules_to_save (as Unsloth) and "
                              "leaves no module for LoRA; add linear layers such as 'q_proj'")
