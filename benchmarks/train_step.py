@@ -134,8 +134,12 @@ def make_step(model, args):
     from fastlora_jax.loss import causal_lm_loss
     from fastlora_jax.variables import TRAINABLE
 
+    from fastlora_jax.training import AdamW
+
     graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
-    tx = optax.adamw(1e-4)
+    # optax.adamw (the peers' optimizer), or the library's AdamW by transformers' optim name (weight decay 0.01)
+    tx = optax.adamw(1e-4) if args.optim is None else AdamW(
+        lr_scheduler_type="constant", learning_rate=1e-4, total_steps=1, weight_decay=0.01, optim=args.optim)
     opt_state = tx.init(trainable)
 
     def loss_fn(trainable, frozen, ids):
@@ -204,8 +208,9 @@ def run(args) -> dict:
     compiled = step.lower(trainable, opt_state, frozen, ids).compile()
     compile_s = time.perf_counter() - t0
     result = dict(system="fastlora-jax", model=args.model, layers=config.num_hidden_layers, batch=args.batch,
-                  seq=args.seq, mode=str(args.mode), qlora=args.qlora, implementation=args.implementation,
-                  chunk=args.chunk, mlp_chunk=args.mlp_chunk, mlp_dequantize_per_chunk=args.mlp_dequantize_per_chunk,
+                  seq=args.seq, mode=str(args.mode), qlora=args.qlora, optim=args.optim or "optax.adamw",
+                  implementation=args.implementation, chunk=args.chunk, mlp_chunk=args.mlp_chunk,
+                  mlp_dequantize_per_chunk=args.mlp_dequantize_per_chunk,
                   layer_loop=args.layer_loop, xla_flags=os.environ.get("XLA_FLAGS", ""),
                   xla_options=xla_options(args), dynamic_slice_fusions=_count_slice_fusions(compiled),
                   compile_s=round(compile_s, 1), init_s=round(init_s, 1), **_memory(compiled))
@@ -247,6 +252,8 @@ def run_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an XLA option for this step's compilation (jax.jit compiler_options), over the library's "
                         "fastlora_jax.compiler_options(); repeatable")
+    p.add_argument("--optim", default=None, help="fastlora_jax.training.AdamW's optim (adamw_torch, adamw_8bit, ...); "
+                   "default: optax.adamw, as the peers")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-only", action="store_true")

@@ -1,5 +1,6 @@
 """Training building blocks: the loss of a batch, a jitted train step over the trainable state, an eval step, and
-AdamW under transformers' learning-rate schedules (linear / cosine / constant with warm-up).
+AdamW under transformers' learning-rate schedules (linear / cosine / constant with warm-up), 32-bit (torch's AdamW)
+or bitsandbytes' 8-bit blockwise AdamW (`AdamW(optim="adamw_8bit")`, see fastlora_jax.adamw_8bit).
 
 A hand-written loop::
 
@@ -35,10 +36,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fastlora_jax.variables import TRAINABLE, TrainableBias
+from fastlora_jax.adamw_8bit import BnbTensor, adamw_8bit
+from fastlora_jax.variables import TRAINABLE, TrainableBias, TrainableCopy
 from fastlora_jax.xla_options import compiler_options
 
 SCHEDULES = ("linear", "cosine", "constant")
+# transformers' `optim` names that AdamW runs: torch's AdamW, and bitsandbytes' 8-bit blockwise AdamW ("paged" moves
+# torch's optimizer state between host and GPU on demand; the numbers are those of the unpaged optimizer).
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+OPTIMIZERS_8BIT = OPTIMIZERS[2:]
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -74,6 +80,26 @@ def weight_decay_mask(params: nnx.State):
         return not (isinstance(variable, TrainableBias) or names[-1] == "bias" or any("norm" in n for n in names))
 
     return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def bnb_tensors(params: nnx.State):
+    """A `BnbTensor` on each trainable leaf: how bitsandbytes sees it in the equivalent PEFT model, one torch tensor
+    per stacked layer in Hugging Face's layout. LoRA A/B [*layers, in, r] / [*layers, r, out] are per-layer
+    transposes (HF's [r, in] / [out, r]); biases [*layers, out] per-layer vectors; a modules_to_save lm_head [D, V]
+    the transpose of HF's [V, D]; a modules_to_save embedding keeps 32-bit state (transformers' Trainer registers
+    that override for every nn.Embedding weight with bitsandbytes' 8-bit optimizers)."""
+    def tensor(path, variable) -> BnbTensor:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        ndim = jnp.ndim(variable.get_value())
+        if isinstance(variable, nnx.LoRAParam):
+            return BnbTensor(stack_axes=ndim - 2, transpose=True)
+        if isinstance(variable, TrainableBias):
+            return BnbTensor(stack_axes=ndim - 1)
+        if isinstance(variable, TrainableCopy):
+            return BnbTensor(optim_bits=32) if "embed_tokens" in names else BnbTensor(transpose=True)
+        return BnbTensor()
+
+    return jax.tree_util.tree_map_with_path(tensor, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def global_norm(tree) -> jax.Array:
@@ -297,9 +323,13 @@ def check_adam_settings(beta1: float, beta2: float, eps: float, names=("b1", "b2
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdamW:
-    """optax.adamw under `make_schedule`, as a hashable value with optax's init / update: equal settings compare
-    equal, so a new trainer with the same settings (a resumed run) reuses the compiled train step.
-    Weight decay is torch's decoupled one and skips biases and norm weights (`weight_decay_mask`)."""
+    """AdamW under `make_schedule`, as a hashable value with optax's init / update: equal settings compare equal, so
+    a new trainer with the same settings (a resumed run) reuses the compiled train step.
+    Weight decay is torch's decoupled one and skips biases and norm weights (`weight_decay_mask`).
+    optim (transformers' names): "adamw_torch" / "adamw_torch_fused" run optax.adamw (torch's AdamW numbers);
+    "adamw_8bit" / "adamw_bnb_8bit" / "paged_adamw_8bit" run bitsandbytes' 8-bit blockwise AdamW
+    (`fastlora_jax.adamw_8bit`, its CUDA kernels' arithmetic) over the layers as PEFT's torch tensors (`bnb_tensors`):
+    about 2 bytes of optimizer state per trained value instead of 8."""
 
     lr_scheduler_type: str
     learning_rate: float
@@ -309,15 +339,21 @@ class AdamW:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    optim: str = "adamw_torch"
 
     def __post_init__(self):
         check_adam_settings(self.b1, self.b2, self.eps)
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim={self.optim!r}; accepted: {', '.join(OPTIMIZERS)}")
 
     @property
     def schedule(self) -> optax.Schedule:
         return make_schedule(self.lr_scheduler_type, self.learning_rate, self.total_steps, self.warmup_steps)
 
     def transform(self) -> optax.GradientTransformation:
+        if self.optim in OPTIMIZERS_8BIT:
+            return adamw_8bit(self.schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
+                              mask=weight_decay_mask, tensors=bnb_tensors)
         return optax.adamw(self.schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
                            mask=weight_decay_mask)
 
