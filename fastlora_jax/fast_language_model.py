@@ -49,8 +49,8 @@ class FastLanguageModel:
         max_seq_length: the longest sequence to train on (the trainer's default); beyond the model's
           max_position_embeddings it applies linear RoPE scaling by their ratio, as Unsloth (with a warning; a
           model's own RoPE scaling is kept). None: max_position_embeddings.
-        dtype: None (bfloat16 on GPU, float32 on CPU), a jnp, numpy or torch dtype, or "float32" / "bfloat16" /
-          "float16".
+        dtype: None (bfloat16 on GPU, float16 on GPUs without it such as T4 / V100, as Unsloth; float32 on CPU), a
+          jnp, numpy or torch dtype, or "float32" / "bfloat16" / "float16".
         load_in_4bit: quantize every decoder linear weight to NF4 on load (QLoRA).
         mesh: a `jax.sharding.Mesh` from `fastlora_jax.sharding.make_mesh`: each tensor is placed sharded as it is
           read (FSDP), no device holding a full copy.

@@ -31,13 +31,23 @@ def dtype_name(dtype) -> str:
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    """None -> bfloat16 on GPU, float32 elsewhere; a name, a jnp or a torch dtype -> that dtype."""
+    """None -> bfloat16 on a GPU that computes it natively, float16 on older GPUs (T4, V100: as Unsloth), float32
+    elsewhere; a name, a jnp or a torch dtype -> that dtype."""
     if dtype is None:
-        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+        return default_dtype(jax.devices()[0])
     name = dtype_name(dtype)
     if name not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; accepted: None, {', '.join(map(repr, DTYPES))}, a jnp or a torch dtype")
     return DTYPES[name]
+
+
+def default_dtype(device) -> jnp.dtype:
+    """The compute dtype `dtype=None` means on `device` (a jax Device)."""
+    from fastlora_jax.precision import bfloat16_supported_on
+
+    if device.platform != "gpu":
+        return jnp.float32
+    return jnp.bfloat16 if bfloat16_supported_on(device) else jnp.float16
 
 
 def build_model(config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], *, dtype,

@@ -6,10 +6,11 @@
 
 The run: tokenize (and pack) the dataset, AdamW with weight decay under a linear / cosine / constant schedule with
 warm-up, a jitted step over the trainable state only (`fastlora_jax.training`), a tqdm bar with loss, learning rate
-and tokens/s, periodic eval loss, orbax checkpoints every `save_steps` in `output_dir/checkpoints`, and a loss-curve
-PNG in `output_dir`. `resume_from_checkpoint=True` continues from the latest checkpoint with the same data order,
-rng and optimizer state, so its losses equal those of an uninterrupted run. Resuming from an earlier checkpoint
-warns about the later ones (of the abandoned run), and the new run replaces each as it saves that step.
+and tokens/s, eval loss (`eval_strategy`), orbax checkpoints in `output_dir/checkpoints` (`save_strategy`,
+`save_steps`), and a loss-curve PNG in `output_dir`; `train()` returns transformers' metrics too.
+`resume_from_checkpoint=True` continues from the latest checkpoint with the same data order, rng and optimizer state,
+so its losses equal those of an uninterrupted run. Resuming from an earlier checkpoint warns about the later ones (of
+the abandoned run), and the new run replaces each as it saves that step.
 """
 
 from __future__ import annotations
@@ -22,102 +23,28 @@ import time
 import warnings
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from fastlora_jax import data as data_lib
 from fastlora_jax.checkpointing import Checkpointer, is_step_directory
-from fastlora_jax.training import SCHEDULES, AdamW, EvalStep, LossFn, TrainStep, check_adam_settings
+from fastlora_jax.precision import check_mixed_precision
+from fastlora_jax.sft_config import SFTConfig
+from fastlora_jax.training import AdamW, EvalStep, LossFn, TrainStep
+from fastlora_jax.variables import TrainableCopy
 
-CHECKPOINT_DIRNAME = "checkpoints"
 PLOT_NAME = "loss_curve.png"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SFTConfig:
-    """Training arguments (field names and defaults as TRL's SFTConfig / transformers' TrainingArguments).
-
-    max_steps > 0 overrides num_train_epochs. warmup_steps > 0 overrides warmup_ratio. eval_steps None evaluates
-    every logging_steps (with an eval_dataset). save_total_limit is orbax's max_to_keep (None keeps all).
-    max_seq_length None takes the model's `max_seq_length` (from from_pretrained), else 1024.
-    train_on_responses_only: True trains on assistant answers / completions only; None does so for
-    prompt/completion records only (TRL's default). resume_from_checkpoint: True (the latest checkpoint in
-    output_dir/checkpoints), a checkpoints directory or one step directory in it, or False.
-    length_buckets: padded sequence lengths (default: powers of two from 64, then max_seq_length).
-    """
-
-    output_dir: str = "outputs"
-    max_steps: int = -1
-    num_train_epochs: float = 3.0
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int | None = None
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    max_seq_length: int | None = None
-    packing: bool = False
-    train_on_responses_only: bool | None = None
-    seed: int = 42
-    dataset_text_field: str = "text"
-    resume_from_checkpoint: bool | str = False
-    length_buckets: tuple[int, ...] | None = None
-    disable_tqdm: bool = False
-
-    def __post_init__(self):
-        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}; accepted: an int >= 1")
-        for name in ("per_device_eval_batch_size", "eval_steps", "save_total_limit", "max_seq_length"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}={value!r}; accepted: an int >= 1 or None")
-        if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps={self.max_steps!r}; accepted: an int >= 1, or -1 to use num_train_epochs")
-        if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise ValueError(f"num_train_epochs={self.num_train_epochs!r}; accepted: a number > 0")
-        if self.lr_scheduler_type not in SCHEDULES:
-            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}; accepted: {', '.join(SCHEDULES)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r}; accepted: a number > 0")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r}; accepted: an int >= 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio={self.warmup_ratio!r}; accepted: 0 <= warmup_ratio < 1")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r}; accepted: a number >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r}; accepted: a number > 0, or None (no clipping)")
-        check_adam_settings(self.adam_beta1, self.adam_beta2, self.adam_epsilon,
-                            names=("adam_beta1", "adam_beta2", "adam_epsilon"))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed={self.seed!r}; accepted: an int in [0, 2**63) (it seeds numpy's data order and "
-                             "JAX's dropout key)")
-        if not isinstance(self.resume_from_checkpoint, (bool, str, os.PathLike)):
-            raise ValueError(f"resume_from_checkpoint={self.resume_from_checkpoint!r}; accepted: True, False or a "
-                             "checkpoint directory")
-        if self.length_buckets is not None and (
-                not self.length_buckets or list(self.length_buckets) != sorted(set(self.length_buckets))
-                or self.length_buckets[0] < 1):
-            raise ValueError(f"length_buckets={self.length_buckets!r}; accepted: increasing positive ints, or None")
-
-    @property
-    def checkpoint_dir(self) -> str:
-        return os.path.join(self.output_dir, CHECKPOINT_DIRNAME)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainOutput:
-    """What `SFTTrainer.train()` returns. Histories hold (step, loss) of the whole run, resumed parts included."""
+    """What `SFTTrainer.train()` returns. Histories hold (step, loss) of the whole run, resumed parts included.
+
+    training_loss and metrics["train_loss"]: the mean loss of the steps this call ran (as transformers).
+    metrics, as transformers' Trainer.train(): train_runtime (seconds of the whole call, compilation included),
+    train_samples_per_second, train_steps_per_second, total_flos (transformers' estimate: 6 x padded input tokens x
+    parameters other than the embedding, over the whole run), train_loss, epoch; and ours: train_steps (this call)
+    and train_tokens_per_second (non-padding tokens per second of the steps after the first, compiling, one).
+    """
 
     global_step: int
     training_loss: float
@@ -129,19 +56,39 @@ class TrainOutput:
     metrics: dict[str, float]
 
 
+@dataclasses.dataclass
+class TrainerState:
+    """`trainer.state`, as transformers' TrainerState: updated after every step. log_history holds transformers'
+    entries ({"loss", "grad_norm", "learning_rate", "epoch", "step"} with our "tokens_per_second"; {"eval_loss",
+    "epoch", "step"}; and train()'s metrics with "step" at the end)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    log_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
 class SFTTrainer:
     """`SFTTrainer(model, tokenizer, train_dataset, eval_dataset=None, args=SFTConfig(...)).train()`.
 
     Datasets: a list of dicts, a JSONL path or a `datasets.Dataset` (formats in `fastlora_jax.data`). The datasets
-    are tokenized here; `train()` runs the loop. `loss_fn` replaces `fastlora_jax.loss.causal_lm_loss`.
-    `callbacks`: functions `callback(trainer, log)` called after every step (and its checkpoint) with
-    log = {"step", "loss", "learning_rate", "grad_norm"}; an exception raised there stops training.
-    SFTConfig fields passed as keywords (`max_seq_length=`, `packing=`, ... as older TRL / Unsloth notebooks)
-    override those of `args`.
+    are tokenized here (`trainer.train_dataset` / `trainer.eval_dataset`: the rows, dicts of "input_ids", "labels"
+    and, packed, "segment_ids" / "positions"); `train()` runs the loop. `loss_fn` replaces
+    `fastlora_jax.loss.causal_lm_loss`. `callbacks`: functions `callback(trainer, log)` called after every step (and
+    its checkpoint) with log = {"step", "loss", "learning_rate", "grad_norm"}; an exception raised there stops
+    training. SFTConfig fields passed as keywords (`max_seq_length=`, `packing=`, `dataset_num_proc=`, ... as older
+    TRL / Unsloth notebooks) override those of `args`.
+    data_collator: None (the batching here: rows padded on the right, labels with -100), transformers'
+      `DataCollatorForSeq2Seq` (label_pad_token_id=-100), which batches the same way, or transformers'
+      `DataCollatorForLanguageModeling(mlm=False)`, which trains on every token but those equal to its tokenizer's
+      pad_token_id (the labels are set so; it cannot go with train_on_responses_only=True). Others raise TypeError.
+    The model's dtype must agree with args.fp16 / args.bf16 (TypeError otherwise; `fastlora_jax.precision`).
+    After train(): `trainer.state` (global_step, epoch, log_history, as transformers'), `trainer.optimizer` (the
+    AdamW it ran).
     """
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
-                 *, processing_class=None, loss_fn: LossFn | None = None,
+                 *, processing_class=None, data_collator=None, loss_fn: LossFn | None = None,
                  callbacks: Sequence[Callable[["SFTTrainer", dict], None]] = (), **config_overrides):
         if tokenizer is not None and processing_class is not None:
             raise ValueError("pass the tokenizer once: tokenizer= or processing_class=, not both")
@@ -150,33 +97,79 @@ class SFTTrainer:
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else processing_class
         args = args if args is not None else SFTConfig()
         if not isinstance(args, SFTConfig):
-            raise TypeError(f"args is a {type(args).__name__}; accepted: fastlora_jax.SFTConfig")
+            name = type(args).__name__
+            hint = (f"; it takes the same keywords: replace {name}(...) by SFTConfig(...)"
+                    if name.endswith("TrainingArguments") else "")
+            raise TypeError(f"args is a {name}; accepted: fastlora_jax.SFTConfig{hint}")
         fields = {f.name for f in dataclasses.fields(SFTConfig)}
         unknown = sorted(set(config_overrides) - fields)
         if unknown:
             raise TypeError(f"SFTTrainer got unexpected keyword arguments {unknown}; SFTConfig fields (accepted "
                             f"here too, as older TRL): {', '.join(sorted(fields))}")
         self.args = dataclasses.replace(args, **config_overrides) if config_overrides else args
+        model_dtype = getattr(model, "dtype", None)
+        if model_dtype is not None:
+            check_mixed_precision(fp16=self.args.fp16, bf16=self.args.bf16, model_dtype=model_dtype)
+        if self.args.embedding_learning_rate is not None and model is not None and _has_trained_copies(model):
+            raise NotImplementedError(
+                f"embedding_learning_rate={self.args.embedding_learning_rate}: a learning rate of its own for the "
+                "modules_to_save copies (embed_tokens / lm_head; UnslothTrainer's) is not implemented; they train at "
+                "learning_rate. Pass embedding_learning_rate=None")
+        if self.args.eval_strategy in ("steps", "epoch") and eval_dataset is None:
+            raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
+                             "eval_strategy='no'")
+        collator_labels = _collator_labels(data_collator)
+        if collator_labels is not None and self.args.responses_only:
+            raise ValueError("DataCollatorForLanguageModeling sets the labels of every token but padding, undoing "
+                             "train_on_responses_only=True (or completion_only_loss / assistant_only_loss); pass "
+                             "DataCollatorForSeq2Seq or no data_collator")
+        self.data_collator = data_collator
         self.loss_fn = loss_fn
         self.callbacks = tuple(callbacks)
-        self.max_seq_length = self.args.max_seq_length or getattr(model, "max_seq_length", None) or 1024
+        self.max_seq_length = (self.args.max_seq_length or self.args.max_length
+                               or getattr(model, "max_seq_length", None) or 1024)
         self.buckets = tuple(self.args.length_buckets or data_lib.length_buckets(self.max_seq_length))
         if self.buckets[-1] < self.max_seq_length:
             raise ValueError(f"length_buckets={self.buckets} must reach max_seq_length={self.max_seq_length}")
         pad = getattr(self.tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        common = dict(max_seq_length=self.max_seq_length, train_on_responses_only=self.args.train_on_responses_only,
-                      dataset_text_field=self.args.dataset_text_field)
-        self.train_rows = data_lib.prepare_rows(train_dataset, self.tokenizer, packing=self.args.packing, **common)
+        self.train_rows = self._rows(train_dataset, "train_dataset", self.args.packing, collator_labels)
         self.eval_rows = (None if eval_dataset is None else
-                          data_lib.prepare_rows(eval_dataset, self.tokenizer, packing=False, **common))
+                          self._rows(eval_dataset, "eval_dataset", False, collator_labels))
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab_size is not None:
             data_lib.check_rows_vocab(self.train_rows, vocab_size, where="train_dataset")
             if self.eval_rows is not None:
                 data_lib.check_rows_vocab(self.eval_rows, vocab_size, where="eval_dataset")
         self.log_history: list[dict[str, Any]] = []
+        self.state = TrainerState(max_steps=self.total_steps)
+        self.optimizer: AdamW | None = None  # the last train()'s
+
+    def _rows(self, dataset, where: str, packing: bool, collator_labels) -> list[dict[str, Any]]:
+        """The dataset tokenized, with the labels `collator_labels` makes of the input_ids (if not None), packed."""
+        records = data_lib.load_records(dataset)
+        if self.args.skip_prepare_dataset:
+            for i, record in enumerate(records):
+                if data_lib.record_kind(record, self.args.dataset_text_field) != "input_ids":
+                    raise ValueError(f"dataset_kwargs={{'skip_prepare_dataset': True}} trains on the records as they "
+                                     f"are, which needs 'input_ids' in each, but {where} record {i} has the fields "
+                                     f"{sorted(record)}; drop skip_prepare_dataset to have them tokenized")
+        rows = data_lib.tokenize_dataset(records, self.tokenizer, max_seq_length=self.max_seq_length,
+                                         train_on_responses_only=self.args.responses_only,
+                                         dataset_text_field=self.args.dataset_text_field)
+        if collator_labels is not None:
+            rows = [{**r, "labels": collator_labels(r["input_ids"])} for r in rows]
+        return data_lib.pack_rows(rows, self.max_seq_length) if packing else rows
+
+    @property
+    def train_dataset(self) -> list[dict[str, Any]]:
+        """The tokenized training rows (TRL's trainer.train_dataset: its prepared dataset)."""
+        return self.train_rows
+
+    @property
+    def eval_dataset(self) -> list[dict[str, Any]] | None:
+        return self.eval_rows
 
     # ------------------------------------------------------------------ sizes
 
@@ -213,23 +206,28 @@ class SFTTrainer:
         """Runs the training loop (see the module docstring); returns a TrainOutput."""
         from tqdm.auto import tqdm
 
+        start = time.perf_counter()
         args = self.args
         resume = args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         total = self.total_steps
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
         optimizer = AdamW(lr_scheduler_type=args.lr_scheduler_type, learning_rate=float(args.learning_rate),
                           total_steps=total, warmup_steps=warmup, b1=float(args.adam_beta1), b2=float(args.adam_beta2),
-                          eps=float(args.adam_epsilon), weight_decay=float(args.weight_decay))
+                          eps=float(args.adam_epsilon), weight_decay=float(args.weight_decay), optim=args.optim)
+        self.optimizer = optimizer
         schedule = optimizer.schedule
         step_fn = TrainStep(self.model, optimizer,
                             gradient_accumulation_steps=args.gradient_accumulation_steps,
-                            max_grad_norm=args.max_grad_norm, seed=args.seed, loss_fn=self.loss_fn)
+                            max_grad_norm=args.max_grad_norm or None, seed=args.seed, loss_fn=self.loss_fn)
+        eval_strategy = args.eval_strategy or ("steps" if self.eval_rows is not None else "no")
+        flops_per_token = _flops_per_token(self.model)
         os.makedirs(args.output_dir, exist_ok=True)
         manager = Checkpointer(args.checkpoint_dir, max_to_keep=args.save_total_limit)
         losses: list[tuple[int, float]] = []
         evals: list[tuple[int, float]] = []
         logs: list[dict[str, Any]] = []
         seed = args.seed
+        total_flos = 0.0
         bar = None
         try:
             if resume:
@@ -238,15 +236,17 @@ class SFTTrainer:
                 evals = [(int(s), float(v)) for s, v in meta["eval_history"]]
                 logs = list(meta["log_history"])
                 seed = int(meta["seed"])
+                total_flos = float(meta.get("total_flos", 0.0))
             elif manager.all_steps():
                 stale = manager.delete_all()
                 warnings.warn(f"{manager.directory} held checkpoints of an earlier run (steps {stale}); they were "
                               "deleted (pass resume_from_checkpoint=True to continue a run instead)", stacklevel=2)
             bar = tqdm(total=total, initial=step_fn.step, desc="training", dynamic_ncols=True,
                        disable=args.disable_tqdm)
-            meter = _Throughput()
+            meter = _Throughput(start)
             epoch, batches = None, None
-            eval_every = args.eval_steps or args.logging_steps
+            self.state = TrainerState(global_step=step_fn.step, max_steps=total,
+                                      epoch=step_fn.step / self.steps_per_epoch, log_history=logs)
             while step_fn.step < total:
                 e, k = divmod(step_fn.step, self.steps_per_epoch)
                 if e != epoch:
@@ -268,9 +268,12 @@ class SFTTrainer:
                     raise FloatingPointError(f"training stopped at step {step}: loss={loss}, grad_norm={grad_norm} "
                                              f"({reason}); the model keeps the weights before step {step}; {kept}")
                 losses.append((step, loss))
-                meter.add(loss, data_lib.count_tokens(batch, self.pad_token_id))
+                rows = int(np.count_nonzero((batch["labels"] != data_lib.IGNORE_INDEX).any(axis=1)))
+                meter.add(loss, data_lib.count_tokens(batch, self.pad_token_id), rows)
+                total_flos += (flops_per_token or 0.0) * rows * batch["input_ids"].shape[1]
+                self.state.global_step, self.state.epoch = step, step / self.steps_per_epoch
                 bar.update(1)
-                if step % args.logging_steps == 0 or step == total:
+                if step % args.logging_steps == 0 or step == total or (step == 1 and args.logging_first_step):
                     entry = {"step": step, "epoch": step / self.steps_per_epoch, "learning_rate": lr,
                              "grad_norm": grad_norm, **meter.window()}
                     logs.append(entry)
@@ -279,37 +282,51 @@ class SFTTrainer:
                     if args.disable_tqdm:  # no bar to show it: a line, as transformers' PrinterCallback
                         print(f"step {step}: loss {entry['loss']:.4f}, learning_rate {lr:.3e}, grad_norm "
                               f"{grad_norm:.4f}, {entry['tokens_per_second']:.0f} tokens/s", flush=True)
-                if self.eval_rows is not None and (step % eval_every == 0 or step == total):
+                if self._due(eval_strategy, args.eval_steps or args.logging_steps, step, total):
                     with meter.paused():
                         evals.append((step, self.evaluate()))
-                        logs.append({"step": step, "eval_loss": evals[-1][1]})
+                        logs.append({"step": step, "epoch": step / self.steps_per_epoch, "eval_loss": evals[-1][1]})
                         line = f"step {step}: eval_loss {evals[-1][1]:.4f}"
                         if args.disable_tqdm:
                             print(line, flush=True)
                         else:
                             bar.write(line)
-                if step % args.save_steps == 0 or step == total:
+                if self._due(args.save_strategy, args.save_steps, step, total):
                     with meter.paused():
-                        manager.save(step_fn, meta=self._meta(step_fn.step, seed, losses, evals, logs))
+                        manager.save(step_fn, meta=self._meta(step_fn.step, seed, losses, evals, logs, total_flos))
                 for callback in self.callbacks:
                     callback(self, {"step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm})
         finally:
             if bar is not None:
                 bar.close()
             manager.close()
+        metrics = meter.summary()
+        metrics.update(train_loss=meter.mean_loss(), epoch=step_fn.step / self.steps_per_epoch)
+        if flops_per_token is not None:
+            metrics["total_flos"] = total_flos
+        logs.append({**metrics, "step": step_fn.step})
         self.log_history = logs
+        self.state = TrainerState(global_step=step_fn.step, max_steps=total, epoch=metrics["epoch"], log_history=logs)
         plot_path = plot_loss_curve(losses, evals, os.path.join(args.output_dir, PLOT_NAME)) if losses else None
         return TrainOutput(
-            global_step=step_fn.step, training_loss=sum(v for _, v in losses) / max(1, len(losses)),
-            loss_history=losses, eval_history=evals, log_history=logs, plot_path=plot_path,
-            checkpoint_dir=manager.directory, metrics=meter.summary())
+            global_step=step_fn.step, training_loss=metrics["train_loss"], loss_history=losses, eval_history=evals,
+            log_history=logs, plot_path=plot_path, checkpoint_dir=manager.directory, metrics=metrics)
 
-    def _meta(self, step: int, seed: int, losses, evals, logs) -> dict[str, Any]:
+    def _due(self, strategy: str, every: int, step: int, total: int) -> bool:
+        """Whether an eval / save strategy ("no", "steps" every `every` steps, "epoch") acts after `step`; "steps"
+        and "epoch" also act after the last step (as transformers)."""
+        if strategy == "no":
+            return False
+        if step == total:
+            return True
+        return step % (self.steps_per_epoch if strategy == "epoch" else every) == 0
+
+    def _meta(self, step: int, seed: int, losses, evals, logs, total_flos: float) -> dict[str, Any]:
         """What a checkpoint records besides arrays: the data position and the histories so far."""
         epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
         return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "rows_per_step": self.rows_per_step,
                 "n_rows": len(self.train_rows), "seed": seed, "loss_history": losses, "eval_history": evals,
-                "log_history": logs}
+                "log_history": logs, "total_flos": total_flos}
 
     def _restore(self, step_fn: TrainStep, manager: Checkpointer, resume) -> dict[str, Any]:
         """Restores the checkpoint `resume` names into step_fn; checks that the data order would be the same."""
@@ -347,18 +364,58 @@ class SFTTrainer:
         return meta
 
 
+def _collator_labels(collator) -> Callable[[np.ndarray], np.ndarray] | None:
+    """None when `collator` batches as the trainer does (None, or transformers' DataCollatorForSeq2Seq padding the
+    labels with -100); for transformers' DataCollatorForLanguageModeling(mlm=False), the labels it makes of a row's
+    input_ids: each token but its tokenizer's pad token. Any other collator raises TypeError."""
+    if collator is None:
+        return None
+    accepted = ("accepted: None (the batching here), transformers.DataCollatorForSeq2Seq(tokenizer) or "
+                "transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)")
+    name = type(collator).__name__
+    if type(collator).__module__.split(".")[0] == "transformers":
+        from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
+
+        if isinstance(collator, DataCollatorForSeq2Seq):
+            if collator.label_pad_token_id != data_lib.IGNORE_INDEX:
+                raise TypeError(f"DataCollatorForSeq2Seq(label_pad_token_id={collator.label_pad_token_id!r}) would "
+                                f"train on its padding; accepted: label_pad_token_id={data_lib.IGNORE_INDEX}")
+            return None
+        if isinstance(collator, DataCollatorForLanguageModeling):
+            if collator.mlm:
+                raise TypeError("DataCollatorForLanguageModeling(mlm=True) masks tokens for a masked language model; "
+                                "accepted: mlm=False (causal language modelling)")
+            pad = getattr(collator.tokenizer, "pad_token_id", None)
+            if pad is None:
+                return lambda ids: ids.copy()
+            return lambda ids: np.where(ids == pad, data_lib.IGNORE_INDEX, ids).astype(np.int32)
+    raise TypeError(f"data_collator={name}: the trainer batches token rows itself (right padding, labels -100 on "
+                    f"padding and ignored tokens); {accepted}")
+
+
+def _has_trained_copies(model) -> bool:
+    """Whether the model trains modules_to_save copies (embed_tokens / lm_head)."""
+    import jax
+    from flax import nnx
+
+    return bool(jax.tree_util.tree_leaves(nnx.state(model, TrainableCopy)))
+
+
 class _Throughput:
     """Tokens/s of training steps only (evaluation and checkpoint writes are paused out), per logging window and
-    for the run after its first (compiling) step."""
+    for the run after its first (compiling) step; and transformers' speed metrics of the whole call, which began at
+    `start` (a time.perf_counter())."""
 
-    def __init__(self):
-        self.start = self.window_start = time.perf_counter()
+    def __init__(self, start: float):
+        self.start, self.window_start = start, time.perf_counter()
         self.paused_total = self.window_paused = 0.0
-        self.losses, self.tokens, self.steps = [], 0, 0
+        self.losses, self.tokens, self.steps, self.rows, self.loss_sum = [], 0, 0, 0, 0.0
         self.steady_tokens, self.steady_start, self.steady_paused = 0, None, 0.0
 
-    def add(self, loss: float, tokens: int) -> None:
+    def add(self, loss: float, tokens: int, rows: int) -> None:
         self.steps += 1
+        self.rows += rows
+        self.loss_sum += loss
         self.losses.append(loss)
         self.tokens += tokens
         if self.steady_start is None:
@@ -382,13 +439,33 @@ class _Throughput:
         self.window_start, self.window_paused, self.losses, self.tokens = time.perf_counter(), 0.0, [], 0
         return out
 
+    def mean_loss(self) -> float:
+        """The mean loss of the steps since `start` (transformers' train_loss; 0.0 without a step, as there)."""
+        return self.loss_sum / self.steps if self.steps else 0.0
+
     def summary(self) -> dict[str, float]:
         now = time.perf_counter()
+        runtime = now - self.start
         steady = 0.0
         if self.steady_start is not None:
             steady = now - self.steady_start - (self.paused_total - self.steady_paused)
-        return {"train_runtime": now - self.start, "train_steps": self.steps,
+        return {"train_runtime": runtime, "train_samples_per_second": self.rows / runtime,
+                "train_steps_per_second": self.steps / runtime, "train_steps": self.steps,
                 "train_tokens_per_second": self.steady_tokens / steady if steady > 0 and self.steady_tokens else 0.0}
+
+
+def _flops_per_token(model) -> float | None:
+    """transformers' estimate of a training token's floating-point operations: 6 x the parameters other than the
+    embedding (PEFT's count: base, LoRA and modules_to_save copies, 4-bit weights at their unquantized size);
+    None for a model without a LlamaConfig and LoRA config."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "peft_config") or not hasattr(config, "vocab_size"):
+        return None
+    from fastlora_jax.lora import get_nb_trainable_parameters, plan
+
+    _, total = get_nb_trainable_parameters(model)
+    embeddings = 1 + (model.peft_config is not None and "embed_tokens" in plan(model.peft_config, config).saved)
+    return 6.0 * (total - embeddings * config.vocab_size * config.hidden_size)
 
 
 def plot_loss_curve(losses: list[tuple[int, float]], evals: list[tuple[int, float]], path: str) -> str:
