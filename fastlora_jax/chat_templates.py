@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from fastlora_jax.data import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------------------------- markers
 

@@ -43,8 +43,8 @@ from fastlora_jax.xla_options import compiler_options
 SCHEDULES = ("linear", "cosine", "constant")
 # transformers' `optim` names that AdamW runs: torch's AdamW, and bitsandbytes' 8-bit blockwise AdamW ("paged" moves
 # torch's optimizer state between host and GPU on demand; the numbers are those of the unpaged optimizer).
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
-OPTIMIZERS_8BIT = OPTIMIZERS[2:]
+OPTIMIZERS_8BIT = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", *OPTIMIZERS_8BIT)
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
