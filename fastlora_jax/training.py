@@ -33,10 +33,12 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from fastlora_jax.adamw_8bit import BnbTensor, adamw_8bit
+from fastlora_jax.data import IGNORE_INDEX, check_token_ids
 from fastlora_jax.variables import TRAINABLE, TrainableBias, TrainableCopy
 from fastlora_jax.xla_options import compiler_options
 
@@ -137,8 +139,17 @@ def _committed(tree, mesh=None):
 
 
 def _device_batch(batch: dict, model) -> dict:
-    """The batch's arrays on the device; under a mesh (fastlora_jax.sharding) rows split over ("data", "fsdp")."""
+    """The batch's arrays on the device; under a mesh (fastlora_jax.sharding) rows split over ("data", "fsdp").
+    Token ids the batch holds on the host (numpy arrays, lists) are checked against the model's vocab first
+    (`data.check_token_ids`): the embedding gather would read past the table without an error. Arrays already on a
+    device are not read back for it."""
     batch = {k: v for k, v in batch.items() if v is not None}
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    for key in ("input_ids", "labels"):
+        if vocab_size is not None and key in batch and not isinstance(batch[key], jax.Array):
+            ids = np.asarray(batch[key])
+            check_token_ids(ids if key == "input_ids" else ids[ids != IGNORE_INDEX], vocab_size,
+                            where=f"the batch's {key}")
     mesh = getattr(getattr(model, "model", None), "mesh", None)
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
@@ -175,6 +186,7 @@ class TrainStep:
       of target tokens of the whole batch (so accumulation equals one large batch).
     metrics: {"loss": mean loss [], "n_tokens": [], "grad_norm": before clipping [], "finite": bool [] (False: the
       step was skipped, its loss, gradient or updated weights not finite)}.
+    Token ids given on the host (numpy arrays) outside the model's vocab raise ValueError before the step runs.
     Attributes: `opt_state` (optax state of the trainable state only), `step` (updates done: it selects the dropout
     rng), `rng` (the base dropout key, from `seed`, or the model's peft_config.random_state, or 0).
     """

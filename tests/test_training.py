@@ -131,3 +131,22 @@ def test_a_step_whose_updated_weights_are_not_finite_changes_nothing():
     for path, value in before.items():
         np.testing.assert_array_equal(after[path], value)
     assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree_util.tree_leaves(step.opt_state) if x.ndim)
+
+
+def test_host_token_ids_outside_the_vocab_are_refused_before_the_step_naming_them():
+    model = lora_model()
+    before = trainable_arrays(model)
+    step, evaluate = make_train_step(model, TX), make_eval_step(model)
+    batch = memorisation_batch()
+    batch["input_ids"][1, 3] = TINY["vocab_size"]  # one past the embedding table
+    for run in (step, evaluate):
+        with pytest.raises(ValueError, match=f"the batch's input_ids holds token id {TINY['vocab_size']} "):
+            run(batch)
+    labels = memorisation_batch()
+    labels["labels"] = labels["labels"].copy()
+    labels["labels"][0, :5] = -100  # ignored labels pass; a negative id other than -100 does not
+    step(labels)
+    labels["labels"][0, 0] = -5
+    with pytest.raises(ValueError, match="the batch's labels holds token id -5"):
+        step(labels)
+    assert step.step == 1
