@@ -218,3 +218,110 @@ def test_bad_arguments_name_the_value(kwargs, match):
     ids, _ = _prompts()
     with pytest.raises(ValueError, match=match):
         gen.generate(model, ids, **kwargs)
+
+
+# --------------------------------------------------------------- Unsloth's inference cell: min_p, use_cache, streamer
+
+@pytest.mark.parametrize("temperature, top_p, min_p", [(1.0, 1.0, 0.05), (1.0, 1.0, 0.3), (1.5, 1.0, 0.1),
+                                                     (1.5, 0.9, 0.1), (0.7, 0.5, 0.02), (1.0, 1.0, 1.0)])
+def test_min_p_keeps_the_same_tokens_as_transformers_warpers(temperature, top_p, min_p):
+    import torch
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = np.random.default_rng(1).normal(size=(4, 256)).astype(np.float32) * 3.0
+    ref = torch.tensor(logits)
+    for warper in (TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)):
+        ref = warper(None, ref)  # transformers' default order
+    ours = gen._warp(jnp.asarray(logits), temperature, top_p, min_p, use_top_p=top_p < 1.0, use_min_p=True)
+    kept = np.isfinite(np.asarray(ours))
+    np.testing.assert_array_equal(kept, np.isfinite(ref.numpy()))
+    np.testing.assert_allclose(np.asarray(ours)[kept], ref.numpy()[kept], rtol=1e-6)
+
+
+def test_sampling_with_min_p_never_picks_a_filtered_token_and_min_p_1_is_greedy():
+    model = _model()
+    ids, mask = _prompts()
+    greedy = gen.generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[])
+    top = gen.generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[], temperature=1.5,
+                       min_p=1.0, seed=3)
+    np.testing.assert_array_equal(np.asarray(top), np.asarray(greedy))
+    out = np.asarray(gen.generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[],
+                                  temperature=1.5, min_p=0.3, seed=5))
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x, m: nnx.merge(graphdef, state)(x, attention_mask=m))
+    full_mask = np.concatenate([mask, np.ones((3, 6), mask.dtype)], axis=1)
+    logits = np.asarray(forward(state, jnp.asarray(np.where(full_mask == 1, out, 0)), jnp.asarray(full_mask)))
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits[:, 6:-1]) / 1.5, axis=-1))  # [B, 6, V] for each new token
+    chosen = np.take_along_axis(probs, out[:, 7:, None], axis=-1)[..., 0]
+    assert (chosen >= 0.3 * probs.max(axis=-1) * (1 - 1e-4)).all()
+
+
+def test_use_cache_is_accepted_and_a_tokenizer_output_mapping_is_unpacked():
+    model = _model()
+    ids, mask = _prompts()
+    ref = gen.generate(model, ids, max_new_tokens=4, attention_mask=mask, eos_token_id=[])
+    for use_cache in (True, False):
+        out = model.generate(input_ids={"input_ids": ids, "attention_mask": mask}, max_new_tokens=4,
+                             eos_token_id=[], use_cache=use_cache)
+        np.testing.assert_array_equal(out, ref)
+        assert isinstance(out, np.ndarray) and out.dtype == np.int32  # what tokenizer.batch_decode reads
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(("put", np.asarray(value).copy()))
+
+    def end(self):
+        self.calls.append(("end", None))
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.5, min_p=0.1, seed=2)])
+def test_streamer_gets_the_prompt_then_each_returned_token_then_end(sampling):
+    model = _model()
+    ids, _ = _prompts()
+    prompt = ids[:1]
+    free = np.asarray(gen.generate(model, prompt, max_new_tokens=8, eos_token_id=[], **sampling))
+    eos = int(free[0, 7 + 4])  # ends at the fifth new token (or earlier, where the token came before)
+    recorder = _Recorder()
+    out = np.asarray(model.generate(input_ids=prompt, max_new_tokens=8, eos_token_id=eos, streamer=recorder,
+                                    use_cache=True, **sampling))
+    stop = list(free[0, 7:]).index(eos)
+    np.testing.assert_array_equal(out, free[:, :7 + stop + 1])  # the same tokens as without a streamer
+    assert [kind for kind, _ in recorder.calls] == ["put"] * (2 + stop) + ["end"]
+    np.testing.assert_array_equal(recorder.calls[0][1], prompt)
+    streamed = [value for _, value in recorder.calls[1:-1]]
+    assert all(v.shape == (1,) for v in streamed)
+    np.testing.assert_array_equal(np.concatenate(streamed), out[0, 7:])
+    assert streamed[-1][0] == eos  # the end token is streamed, nothing after it
+
+
+def test_transformers_text_streamer_prints_the_decoded_new_tokens(capsys):
+    from transformers import TextStreamer
+
+    class Tokenizer:  # the one method TextStreamer calls
+        def decode(self, tokens, **kwargs):
+            return "".join(f"<{t}>" for t in tokens)
+
+    model = _model()
+    ids, _ = _prompts()
+    out = np.asarray(model.generate(input_ids=ids[:1], max_new_tokens=5, eos_token_id=[],
+                                    streamer=TextStreamer(Tokenizer(), skip_prompt=True)))
+    assert capsys.readouterr().out == "".join(f"<{t}>" for t in out[0, 7:]) + "\n"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(min_p=1.5), r"min_p=1.5; accepted: None or a float in \[0, 1\]"),
+    (dict(min_p=-0.1), "min_p=-0.1"),
+    (dict(use_cache="yes"), "use_cache='yes'"),
+    (dict(streamer=object()), "object with put"),
+    (dict(streamer=_Recorder()), "batch size 3; streaming accepts batch size 1 only"),
+])
+def test_bad_inference_cell_arguments_name_the_value(kwargs, match):
+    model = _model()
+    ids, _ = _prompts()
+    with pytest.raises(ValueError, match=match):
+        gen.generate(model, ids, max_new_tokens=2, **kwargs)
