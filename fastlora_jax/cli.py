@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"the alias {DEFAULT_MODEL!r} (default: {default_text})")
         p.add_argument("--load-in-4bit", action="store_true", help="quantize the base weights to NF4 (QLoRA)")
         p.add_argument("--dtype", choices=DTYPES, default="auto",
-                       help="compute dtype (auto: bfloat16 on GPU, float16 on T4 / V100, float32 on CPU; default: %(default)s)")
+                       help="compute dtype (auto: bfloat16 on GPU, float16 on T4 / V100, float32 on CPU; "
+                            "default: %(default)s)")
 
     f = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL dataset",
                        description="Trains LoRA adapters with SFTTrainer and writes the PEFT adapter "
