@@ -121,35 +121,39 @@ def test_response_spans_follow_unsloths_scan():
     assert response_spans(np.array([4, 2, 3, 5, 1], np.int32), Q, A) == [(3, 5)]
 
 
-def unsloth_scan(input_ids, Q_must, A_must):
-    """unsloth_zoo's `_train_on_responses_only` loop, transcribed (force_match=True: no optional tokens), returning
-    its (assistant_k, user_j) spans."""
-    n, n_minus_1, j, spans = len(input_ids), len(input_ids) - 1, 0, []
-    while j < n:
-        if input_ids[j] == A_must[0] and input_ids[j: (k := j + len(A_must))] == A_must:
-            assistant_k = k
-            j = assistant_k
-            while j < n:
-                if (j == n_minus_1) or (input_ids[j] == Q_must[0] and input_ids[j: (k := j + len(Q_must))] == Q_must):
-                    user_j = j
-                    if user_j != n_minus_1:
-                        j = k
-                    else:
-                        user_j = n
-                        k = n
-                    spans.append((assistant_k, user_j))
-                    break
-                j += 1
-        j += 1
+def spans_by_the_rules(ids, instruction, response):
+    """The scan of unsloth_zoo's `_train_on_responses_only` (force_match=True) spelled out position by position, as
+    an independent, slow check of `response_spans`: a response part at p opens a span at its end; the span closes at
+    the first position q >= its start where the instruction part begins (then the scan resumes one token past the
+    instruction part's end) or at the last token (then it runs to the end and the scan stops)."""
+    n = len(ids)
+
+    def starts_at(p, part):
+        return list(ids[p:p + len(part)]) == list(part)
+
+    spans, p = [], 0
+    while p < n:
+        if not starts_at(p, response):
+            p += 1
+            continue
+        start = p + len(response)
+        if start >= n:  # the response part ends the row: nothing to train
+            break
+        q = next(q for q in range(start, n) if q == n - 1 or starts_at(q, instruction))
+        if q == n - 1:
+            spans.append((start, n))
+            break
+        spans.append((start, q))
+        p = q + len(instruction) + 1
     return spans
 
 
 @pytest.mark.parametrize("Q, A", [([1], [2]), ([1], [2, 3]), ([1, 2], [3]), ([1, 2], [1, 3]), ([1, 1], [2, 2])])
-def test_response_spans_equal_unsloths_loop_on_random_rows(Q, A):
+def test_response_spans_follow_unsloths_scan_on_random_rows(Q, A):
     rng = np.random.default_rng(0)
     for _ in range(400):
         ids = rng.integers(0, 5, size=int(rng.integers(0, 24))).tolist()
-        assert response_spans(ids, Q, A) == unsloth_scan(ids, Q, A), ids
+        assert response_spans(ids, Q, A) == spans_by_the_rules(ids, Q, A), ids
 
 
 def test_multi_turn_rows_train_exactly_the_answers(template):
