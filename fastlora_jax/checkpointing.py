@@ -5,7 +5,8 @@ variables by path, the optimizer state leaves in tree order, the base dropout ke
 shapes of every trainable variable, and whatever the caller adds, e.g. the data position and the loss history).
 Restoring checks the checkpoint against the model first and names every mismatch (other r, other targets).
 Saving a step the directory already holds (an earlier run's, when a run resumed from an earlier step) replaces it,
-writing the new checkpoint completely before the old one goes.
+writing the new checkpoint completely before the old one goes; a replacement stopped by a crash is finished by the
+next Checkpointer opened on the directory.
 
 Used with a `fastlora_jax.training.TrainStep`::
 
@@ -82,6 +83,22 @@ def check_compatible(saved: dict[str, list], model_shapes: dict[str, list], wher
                          + (f"; (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
 
 
+def finish_interrupted_replacement(directory: str) -> None:
+    """Completes or undoes a `Checkpointer._replace` that a crash stopped, so no checkpoint is lost: a step missing
+    from `directory` is taken from the staging directory, the new checkpoint if it was written completely (orbax
+    renames a step directory into place only once written), else the old one moved aside; then staging goes."""
+    staging = os.path.join(directory, STAGING_DIRNAME)
+    if not os.path.isdir(staging):
+        return
+    for name in sorted(os.listdir(staging)):
+        step = name.removesuffix(".replaced")
+        if not step.isdigit() or os.path.exists(os.path.join(directory, step)):
+            continue
+        new, old = os.path.join(staging, step), os.path.join(staging, f"{step}.replaced")
+        os.rename(new if os.path.isdir(new) else old, os.path.join(directory, step))
+    shutil.rmtree(staging)
+
+
 class Checkpointer:
     """An orbax CheckpointManager over `directory` keeping the `max_to_keep` latest steps (None keeps all)."""
 
@@ -92,6 +109,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep={max_to_keep!r}; accepted: a positive int, or None to keep every step")
         self.directory = os.path.abspath(os.fspath(directory))
         self._ocp = ocp
+        finish_interrupted_replacement(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -156,7 +174,7 @@ class Checkpointer:
         and the new one renamed into its place (renames within one directory), and the old one deleted."""
         self._manager.wait_until_finished()
         staging = os.path.join(self.directory, STAGING_DIRNAME)
-        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted replacement left
+        finish_interrupted_replacement(self.directory)
         options = self._ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         with self._ocp.CheckpointManager(staging, options=options) as writer:
             writer.save(step, args=composite, force=True)

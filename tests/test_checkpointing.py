@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from fastlora_jax import TRAINABLE, LlamaConfig
-from fastlora_jax.checkpointing import Checkpointer, is_step_directory
+from fastlora_jax.checkpointing import STAGING_DIRNAME, Checkpointer, is_step_directory
 from fastlora_jax.loading import random_model
 from fastlora_jax.lora import get_peft_model
 from fastlora_jax.training import TrainStep
@@ -104,3 +104,30 @@ def test_another_optimizer_and_missing_checkpoints_are_refused(tmp_path):
             manager.restore(train_step(), step=3)
     with pytest.raises(ValueError, match="max_to_keep=0"):
         Checkpointer(tmp_path / "other", max_to_keep=0)
+
+
+def test_a_replacement_stopped_between_its_renames_loses_no_checkpoint(tmp_path):
+    """Saving a step the directory already holds writes the new one under the staging directory, moves the old one
+    aside, then renames the new one into place. A crash between those renames leaves the step only in staging; the
+    next Checkpointer on the directory puts it back (the new one), and a crash after them leaves nothing behind."""
+    old, new = train_step(seed=0), train_step(seed=1, r=4)
+    for source, step in (("first", old), ("second", new)):
+        with Checkpointer(tmp_path / source) as manager:
+            manager.save(step)
+    directory, staging = tmp_path / "first", tmp_path / "first" / STAGING_DIRNAME
+    staging.mkdir()
+    (directory / "12").rename(staging / "12.replaced")  # the state after the first rename
+    (tmp_path / "second" / "12").rename(staging / "12")
+    with Checkpointer(directory) as manager:
+        assert manager.all_steps() == [12] and not staging.exists()
+        restored = train_step(seed=2)
+        manager.restore(restored)
+    for got, want in zip(arrays(restored), arrays(new)):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    staging.mkdir()
+    (staging / "12.replaced").mkdir()  # the state after the second rename: the old one is only waiting for deletion
+    with Checkpointer(directory) as manager:
+        assert manager.all_steps() == [12] and not staging.exists()
+        manager.restore(restored)
+    for got, want in zip(arrays(restored), arrays(new)):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
