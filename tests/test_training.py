@@ -142,6 +142,9 @@ def test_host_token_ids_outside_the_vocab_are_refused_before_the_step_naming_the
     for run in (step, evaluate):
         with pytest.raises(ValueError, match=f"the batch's input_ids holds token id {TINY['vocab_size']} "):
             run(batch)
+    assert step.step == 0  # the refused batch changed nothing
+    for path, value in trainable_arrays(model).items():
+        np.testing.assert_array_equal(value, before[path])
     labels = memorisation_batch()
     labels["labels"] = labels["labels"].copy()
     labels["labels"][0, :5] = -100  # ignored labels pass; a negative id other than -100 does not
