@@ -121,8 +121,10 @@ def _quantize_nearest(code: np.ndarray, x: jax.Array, signed: bool) -> jax.Array
     up_mid = (code[1:] + code[:-1]) * np.float32(0.5)  # [255]: between p and p + 1
     down_mid = (np.concatenate([[below], code[:-1]]) + code) * np.float32(0.5)  # [256]: between p - 1 and p
     code, up_mid, down_mid = jnp.asarray(code), jnp.asarray(up_mid), jnp.asarray(down_mid)
-    pivot = jnp.full(x.shape, 127, jnp.int32)
-    for i in (64, 32, 16, 8, 4, 2, 1):
+    # The first step compares with the scalar code[127]: a gather at a constant pivot would be constant-folded by XLA
+    # into an array the leaf's size (seconds of compile time for 8B).
+    pivot = jnp.where(x > code[127], 127 + 64, 127 - 64)
+    for i in (32, 16, 8, 4, 2, 1):
         pivot = pivot + jnp.where(x > code[pivot], i, -i)
     up = jnp.where(x > up_mid[pivot], pivot + 1, pivot)
     down = jnp.where(x < down_mid[pivot], jnp.maximum(pivot - 1, 0), pivot)
