@@ -83,8 +83,9 @@ def run_ours(params, grads, backend):
     return p, state
 
 
-def compare(ours, state, ref, max_code_mismatch):
-    """Asserts our parameters and state equal bitsandbytes'; returns the code mismatch fraction of each moment."""
+def compare(ours, state, ref, max_code_mismatch, param_atol=None):
+    """Asserts our parameters and state equal bitsandbytes'; returns the code mismatch fraction of each moment.
+    param_atol: the parameters' tolerance (default: a few float32 roundings)."""
     mismatches = {}
     for name, (shape, t, _) in LEAVES.items():
         ref_p, ref_states = ref[name]
@@ -104,7 +105,8 @@ def compare(ours, state, ref, max_code_mismatch):
                 ref_m = leaf_view(name, [s[key] for s in ref_states])
                 np.testing.assert_allclose(ours_m, ref_m, rtol=1e-6, atol=1e-6 * np.abs(ref_m).max())
         scale = np.abs(ref_p).max()  # a few float32 roundings of the parameters
-        np.testing.assert_allclose(ours[name], ref_p, rtol=5e-7, atol=2e-7 * scale, err_msg=name)
+        tolerance = dict(rtol=5e-7, atol=2e-7 * scale) if param_atol is None else dict(rtol=0, atol=param_atol)
+        np.testing.assert_allclose(ours[name], ref_p, err_msg=name, **tolerance)
     return mismatches
 
 
@@ -180,14 +182,19 @@ def test_five_steps_equal_bnb_adamw8bit_on_cpu():
 @pytest.mark.gpu
 def test_five_steps_equal_bnb_adamw8bit_cuda_kernels():
     """The "cuda" backend against bitsandbytes' CUDA kernels (needs bitsandbytes with its CUDA library): codes
-    differ only where the kernel's fast division (__fdividef) or FMAs move a value across a rounding boundary."""
+    differ only where the kernel's fast division (__fdividef) or FMAs move a value across a rounding boundary (none
+    did on an H100); the parameters within what the kernels' fast-math bias corrections allow."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     params, grads = problem()
     ours, state = run_ours(params, grads, backend="cuda")
-    compare(ours, state, run_bnb(params, grads, device="cuda"), max_code_mismatch=1e-3)
+    # bitsandbytes' CUDA library is built with --use_fast_math: the bias corrections' powf is __powf (ex2/lg2.approx),
+    # whose absolute error on log2(0.999) (-1.4e-3) is ~1e-4 of it, so sqrt(1 - 0.999**t) is off by up to ~1e-4 and
+    # every update with it. An update is at most ~3 lr (|m / sqrt v| after bias correction), so over STEPS steps the
+    # parameters may differ by 1e-4 * 3 * LR * STEPS ~ 1e-5; the moments, which no correction touches, stay exact.
+    compare(ours, state, run_bnb(params, grads, device="cuda"), max_code_mismatch=1e-3, param_atol=2e-4 * LR * STEPS)
 
 
 def test_backends_share_the_state_layout_and_the_small_tensor_rule():
