@@ -1,6 +1,6 @@
 """fastlora-jax: fast LoRA and QLoRA fine-tuning of Llama models in JAX / Flax NNX."""
 
-from fastlora_jax.chat_templates import standardize_sharegpt, train_on_responses_only
+from fastlora_jax.chat_templates import get_chat_template, standardize_sharegpt, train_on_responses_only
 from fastlora_jax.config import LlamaConfig, preset
 from fastlora_jax.fast_language_model import FastLanguageModel
 from fastlora_jax.lora import LoraConfig, get_peft_model
@@ -15,4 +15,4 @@ from fastlora_jax.xla_options import compiler_options
 __all__ = ["FastLanguageModel", "LlamaConfig", "preset", "Llama", "LoraConfig", "get_peft_model", "SFTConfig",
            "SFTTrainer", "AdamW", "make_train_step", "make_eval_step", "causal_lm_loss", "chunked_cross_entropy",
            "TRAINABLE", "Frozen", "TrainableBias", "TrainableCopy", "trainable_mask", "compiler_options",
-           "is_bfloat16_supported", "train_on_responses_only", "standardize_sharegpt"]
+           "is_bfloat16_supported", "train_on_responses_only", "standardize_sharegpt", "get_chat_template"]

@@ -1,6 +1,7 @@
 """Unsloth's chat-dataset helpers, as its notebooks call them after building the trainer / before formatting:
 
-    from fastlora_jax.chat_templates import standardize_sharegpt, train_on_responses_only
+    from fastlora_jax.chat_templates import get_chat_template, standardize_sharegpt, train_on_responses_only
+    tokenizer = get_chat_template(tokenizer, chat_template="llama-3.1")   # installs a chat format's template
     dataset = standardize_sharegpt(dataset)          # ShareGPT "from"/"value" turns -> "role"/"content"
     trainer = train_on_responses_only(trainer,       # labels -100 but on the assistant answers
         instruction_part="<|start_header_id|>user<|end_header_id|>\\n\\n",
@@ -8,7 +9,8 @@
 
 The semantics are unsloth_zoo's (`unsloth_zoo/dataset_utils.py`: `train_on_responses_only`,
 `get_chat_template_parts`, `standardize_data_formats`, which `unsloth.chat_templates` re-exports, the latter also as
-`standardize_sharegpt`).
+`standardize_sharegpt`); `get_chat_template` (`unsloth/chat_templates.py`'s) lives with its templates in
+`fastlora_jax.chat_template_formats` and is importable from here, as from Unsloth's module.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fastlora_jax.chat_template_formats import get_chat_template  # noqa: F401  (Unsloth's import path)
 from fastlora_jax.data import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------------------------- markers
@@ -392,3 +395,4 @@ def _sharegpt_keys(convos: list[list[dict]], aliases: set[str]) -> tuple[str, st
     if len(v0) < len(v1) or (len(v0) == len(v1) and v0 <= aliases and not v1 <= aliases):
         return k0, k1
     return k1, k0
+
