@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import warnings
 
 
@@ -281,11 +282,11 @@ def get_chat_template(tokenizer, chat_template: str | tuple[str, str] = "chatml"
     "value": ...}): a conversation whose first message has no "role" key is read through it, so it renders as the
     same conversation in "role"/"content" rows does. (Unsloth rewrites the template's keys instead, so a template
     that writes the role itself, llama-3.1's, writes ShareGPT's "human" / "gpt" there.)
-    map_eos_token: as Unsloth, only "chatml" maps its end of turn (<|im_end|>) to the EOS. Unsloth renames the EOS
-    token in the vocabulary; here the vocabulary is never changed: <|im_end|> must be a token of the tokenizer, and
-    becomes its eos_token (and pad_token where the pad was the EOS), so eos_token_id is <|im_end|>'s own id where
-    Unsloth keeps the old EOS id under the new name. ValueError where <|im_end|> is not a token (Llama 3's and
-    Mistral's vocabularies): pass map_eos_token=False there (<|im_end|> is then written as text).
+    map_eos_token: as Unsloth, only "chatml" maps its end of turn (<|im_end|>) to the EOS, as Unsloth does it: the
+    EOS token keeps its id (and its trained embedding) and is renamed <|im_end|>, so the template's <|im_end|>
+    tokenizes to it (Llama 3: <|eot_id|>'s id); where <|im_end|> is a token already, the two tokens swap spellings.
+    The vocabulary keeps its size and every special token its id; a pad that was the EOS is renamed with it.
+    Needs a fast (tokenizers) tokenizer.
     system_message: replaces the format's default system text ("alpaca", "vicuna", "vicuna_old", "unsloth" write
     one when the conversation starts without a system message; "llama-3.1" writes "" after its date lines); for a
     format with none it is ignored with a warning, as Unsloth.
@@ -350,21 +351,50 @@ def _sharegpt_mapping(mapping) -> tuple[str, str, str, str] | None:
 
 
 def _with_eos(tokenizer, stop_word: str, chat_template: str):
-    """A copy of `tokenizer` whose EOS is `stop_word`, a token it already has (the vocabulary is not changed)."""
+    """A copy of `tokenizer` whose EOS token, at the same id, is spelled `stop_word` (Unsloth's map_eos_token): the
+    EOS token is renamed, or, where `stop_word` is a token already, the two swap spellings. Every special token keeps
+    its id; the vocabulary keeps its size."""
     eos = getattr(tokenizer, "eos_token", None)
-    if stop_word not in tokenizer.get_vocab():
-        raise ValueError(f"get_chat_template: map_eos_token=True makes {stop_word!r}, the end of a {chat_template!r} "
-                         f"turn, the EOS, but it is not a token of this tokenizer (EOS {eos!r}); Unsloth would rename "
-                         f"{eos!r} to {stop_word!r} in the vocabulary, which fastlora_jax does not do. Pass "
-                         f"map_eos_token=False ({stop_word!r} is then written as text and the EOS stays {eos!r}), "
-                         "or pick a template whose tokens the tokenizer has (e.g. 'llama-3.1' for Llama 3)")
-    tokenizer = copy.deepcopy(tokenizer)
-    if stop_word != eos:
-        size = len(tokenizer)
-        pad_was_eos = eos is not None and tokenizer.pad_token == eos
-        tokenizer.add_special_tokens({"eos_token": stop_word})  # registers the existing token as a whole
-        if pad_was_eos:
-            tokenizer.pad_token = stop_word
-        if len(tokenizer) != size:
-            raise RuntimeError(f"making {stop_word!r} the EOS grew the vocabulary from {size} to {len(tokenizer)}")
-    return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if eos is None or backend is None:
+        raise ValueError(f"get_chat_template: map_eos_token=True renames the EOS token to {stop_word!r}, the end of "
+                         f"a {chat_template!r} turn, which needs a fast (tokenizers) tokenizer with an EOS; this one "
+                         f"is a {type(tokenizer).__name__} with EOS {eos!r}. Pass map_eos_token=False")
+    if stop_word == eos:
+        return copy.deepcopy(tokenizer)
+    swap = {eos: stop_word, stop_word: eos}
+    state = json.loads(backend.to_str())
+    for token in state["added_tokens"]:
+        token["content"] = swap.get(token["content"], token["content"])
+    vocab = state["model"].get("vocab")
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel
+        state["model"]["vocab"] = {swap.get(piece, piece): i for piece, i in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: [piece, score] pairs
+        state["model"]["vocab"] = [[swap.get(piece, piece), *rest] for piece, *rest in vocab]
+    state["post_processor"] = _respelled(state.get("post_processor"), swap)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
+    renamed = copy.deepcopy(tokenizer)
+    renamed._tokenizer = type(backend).from_str(json.dumps(state))
+    if renamed.backend_tokenizer is not renamed._tokenizer:
+        raise RuntimeError(f"get_chat_template: {type(tokenizer).__name__} keeps its tokenizers backend elsewhere "
+                           "than _tokenizer; pass map_eos_token=False")
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, str) and value in swap:
+            setattr(renamed, name, swap[value])
+    moved = {t: i for t, i in ids.items() if renamed.convert_tokens_to_ids(swap.get(t, t)) != i}
+    if moved or len(renamed) != len(tokenizer) or renamed.eos_token_id != tokenizer.eos_token_id:
+        raise RuntimeError(f"get_chat_template: renaming {eos!r} to {stop_word!r} moved special tokens {moved} or "
+                           f"the vocabulary size ({len(tokenizer)} -> {len(renamed)})")
+    return renamed
+
+
+def _respelled(tree, swap: dict[str, str]):
+    """`tree` (a post-processor's JSON) with every string that is a key of `swap` replaced by its value."""
+    if isinstance(tree, str):
+        return swap.get(tree, tree)
+    if isinstance(tree, list):
+        return [_respelled(x, swap) for x in tree]
+    if isinstance(tree, dict):
+        return {swap.get(k, k): _respelled(v, swap) for k, v in tree.items()}
+    return tree

@@ -248,31 +248,50 @@ def test_custom_template_tuple():
 # ---------------------------------------------------------------------------------------------- map_eos_token
 
 
-def test_chatml_maps_its_end_of_turn_to_eos_when_it_is_a_token():
-    """Unsloth makes <|im_end|> the EOS (and the pad where the pad was the EOS) and returns a new tokenizer; the
-    vocabulary keeps its size and ids."""
+def test_chatml_swaps_its_end_of_turn_with_the_eos_when_it_is_a_token():
+    """Unsloth keeps the EOS id (its trained embedding) and spells it <|im_end|>; the old <|im_end|> id takes the
+    old EOS spelling. A copy is returned; ids, size and the tokenizer passed stay as they were."""
     tokenizer = byte_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|endoftext|>",
                                pad_token="<|endoftext|>")
     vocab = tokenizer.get_vocab()
     out = get_chat_template(tokenizer, chat_template="chatml", mapping=SHAREGPT, map_eos_token=True)
     assert out is not tokenizer
-    assert (out.eos_token, out.eos_token_id, out.pad_token_id) == ("<|im_end|>", vocab["<|im_end|>"],
-                                                                   vocab["<|im_end|>"])
-    assert out.get_vocab() == vocab
+    eos_id, im_end_id = vocab["<|endoftext|>"], vocab["<|im_end|>"]
+    assert (out.eos_token, out.eos_token_id, out.pad_token, out.pad_token_id) == ("<|im_end|>", eos_id,
+                                                                                  "<|im_end|>", eos_id)
+    assert out.get_vocab() == {**vocab, "<|im_end|>": eos_id, "<|endoftext|>": im_end_id}
+    assert out.convert_ids_to_tokens([eos_id, im_end_id]) == ["<|im_end|>", "<|endoftext|>"]
     assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template) == ("<|endoftext|>", "<|endoftext|>",
                                                                                    None)
+    assert tokenizer.get_vocab() == vocab
     ids = out.apply_chat_template(as_sharegpt(SHORT), tokenize=True, add_generation_prompt=False, return_dict=False)
-    assert ids.count(vocab["<|im_end|>"]) == 2 and ids[-2] == out.eos_token_id
+    assert ids.count(eos_id) == 2 and im_end_id not in ids and ids[-2] == out.eos_token_id
     kept = get_chat_template(tokenizer, chat_template="chatml", map_eos_token=False)
     assert kept is tokenizer and kept.eos_token == "<|endoftext|>"
 
 
-def test_map_eos_token_raises_where_unsloth_would_rename_a_token():
+def test_chatml_renames_the_eos_where_im_end_is_not_a_token():
+    """Llama 3 has no <|im_end|>: its EOS <|eot_id|> (id kept) is renamed <|im_end|>, so every ChatML turn ends on
+    the id the model already ends turns with; <|im_start|> stays text. The pad and BOS keep their ids."""
     tokenizer = llama3_tokenizer()
-    with pytest.raises(ValueError, match=r"'<\|im_end\|>'.*not a token.*map_eos_token=False"):
-        get_chat_template(tokenizer, chat_template="chatml", map_eos_token=True)
+    vocab = tokenizer.get_vocab()
+    eot = vocab["<|eot_id|>"]
+    out = get_chat_template(tokenizer, chat_template="chatml", map_eos_token=True)
+    assert (out.eos_token, out.eos_token_id, len(out)) == ("<|im_end|>", eot, len(tokenizer))
+    assert (out.bos_token_id, out.pad_token_id) == (tokenizer.bos_token_id, tokenizer.pad_token_id)
+    assert "<|eot_id|>" not in out.get_vocab() and tokenizer.eos_token == "<|eot_id|>"
+    text = render(out, SHORT, False)
+    assert text == EXPECTED["chatml"][1]
+    ids = out(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(eot) == 2 and out.decode(ids) == text
     out = get_chat_template(tokenizer, chat_template="chatml", map_eos_token=False)
     assert out.eos_token == "<|eot_id|>" and render(out, SHORT, False) == EXPECTED["chatml"][1]
+
+
+def test_map_eos_token_needs_a_fast_tokenizer_with_an_eos():
+    tokenizer = byte_tokenizer(["<|im_start|>", "<|im_end|>"])
+    with pytest.raises(ValueError, match=r"map_eos_token=True renames the EOS.*EOS None.*map_eos_token=False"):
+        get_chat_template(tokenizer, chat_template="chatml", map_eos_token=True)
 
 
 @pytest.mark.parametrize("name", ["llama-3.1", "phi-3", "phi-4", "zephyr"])
