@@ -115,28 +115,45 @@ def _cpu_table(code: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ quantization
 
-def _quantize_nearest(code: np.ndarray, x: jax.Array, signed: bool) -> jax.Array:
-    """int32 codes of x (value / absmax) as bnb's CUDA `quantize_2D`: a 7-step binary search over the sorted map
-    lands on an even index p (x lies between entries p - 1 and p + 1), then x takes the nearer of p and the neighbour
-    on its side by their float32 midpoint (a tie stays at p; NaN gives 0). The kernel's search also tracks the
-    neighbours' indices and values; they are always p - 1 and p + 1 (below 0: -1, or 0 unsigned), so only p is kept."""
-    below = np.float32(-1.0 if signed else 0.0)
-    up_mid = (code[1:] + code[:-1]) * np.float32(0.5)  # [255]: between p and p + 1
-    down_mid = (np.concatenate([[below], code[:-1]]) + code) * np.float32(0.5)  # [256]: between p - 1 and p
-    code, up_mid, down_mid = jnp.asarray(code), jnp.asarray(up_mid), jnp.asarray(down_mid)
-    # The first step compares with the scalar code[127]: a gather at a constant pivot would be constant-folded by XLA
-    # into an array the leaf's size (seconds of compile time for 8B).
-    pivot = jnp.where(x > code[127], 127 + 64, 127 - 64)
-    for i in (32, 16, 8, 4, 2, 1):
-        pivot = pivot + jnp.where(x > code[pivot], i, -i)
-    up = jnp.where(x > up_mid[pivot], pivot + 1, pivot)
-    down = jnp.where(x < down_mid[pivot], jnp.maximum(pivot - 1, 0), pivot)
-    return jnp.where(x > code[pivot], up, down)
+def _order_key(bits):
+    """float32 bit patterns (uint32) -> keys in the floats' value order (negatives reversed below positives)."""
+    return np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000)) if isinstance(bits, np.ndarray) else \
+        jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _bucket_table(mids: np.ndarray) -> np.ndarray:
+    """uint8 [65536]: for each bucket of 2^16 consecutive float32 values in value order (the top 16 bits of
+    `_order_key`), how many midpoints lie below its first value (infinity for the NaN buckets' starts)."""
+    keys = np.arange(_LUT_SIZE, dtype=np.uint32) << np.uint32(16)
+    bits = np.where(keys >> 31, keys & np.uint32(0x7FFFFFFF), ~keys)  # the inverse of _order_key
+    start = bits.view(np.float32)
+    start = np.where(np.isnan(start), np.where(keys >> 31, np.inf, -np.inf), start).astype(np.float32)
+    return np.searchsorted(mids, start, side="left").astype(np.uint8)
+
+
+def _quantize_nearest(code: np.ndarray, x: jax.Array) -> jax.Array:
+    """int32 codes of x (value / absmax) as bnb's CUDA `quantize_2D`: the nearest entry of the sorted map by float32
+    midpoints, an exact midpoint to the even index of the two, NaN to 0. (The kernel's 7-step binary search lands on
+    an even index p with x between entries p - 1 and p + 1, then takes the nearer of p and the neighbour on x's
+    side by their midpoint, keeping p on a tie: that is this rule.)
+    Computed as the number of midpoints below x in two lookups: a 65536-entry table by x's top 16 bits in value order
+    (each such bucket of floats holds at most one midpoint of either map: checked when the table is built) gives the
+    count below the bucket, and one comparison with the next midpoint completes it."""
+    mids = (code[:-1] + code[1:]) * np.float32(0.5)  # [255], increasing
+    table = _bucket_table(mids)
+    if np.any(np.diff(table[_order_key(mids.view(np.uint32)) >> 16].astype(np.int32)) == 0):
+        raise RuntimeError("two midpoints of the map share a 16-bit bucket: the lookup would miss one")
+    padded = jnp.asarray(np.append(mids, np.float32(np.nan)))  # [256]: no midpoint above the last
+    bucket = (_order_key(jax.lax.bitcast_convert_type(x, jnp.uint32)) >> 16).astype(jnp.int32)
+    below = jnp.asarray(table)[bucket].astype(jnp.int32)
+    count = below + (x > padded[below])  # midpoints < x
+    tie = (x == padded[count]) & (count % 2 == 1)
+    return jnp.where(jnp.isnan(x), 0, count + tie)
 
 
 def _quantize_cuda(code: np.ndarray, s: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
     """uint8 codes of s [S, nb, 256] under absmax [S, nb] (bnb's CUDA optimizer kernel)."""
-    c = _quantize_nearest(code, s / absmax[..., None], signed)
+    c = _quantize_nearest(code, s / absmax[..., None])
     if signed:  # the kernel keeps the first moment's sign: a code of the other sign moves one entry towards it
         flipped = jnp.signbit(jnp.asarray(code)[c]) != jnp.signbit(s)
         c = jnp.where(flipped, jnp.where(s > 0, c + 1, c - 1), c)

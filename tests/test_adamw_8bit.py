@@ -163,8 +163,13 @@ def test_cuda_rounding_is_the_kernels_binary_search_on_every_edge():
         mids = (code[:-1] + code[1:]) * np.float32(0.5)
         x = np.concatenate([rng.uniform(-1.1, 1.1, 20000), np.exp(rng.uniform(-20, 0, 20000)) * rng.choice([-1, 1], 20000),
                             code, mids, np.nextafter(mids, np.float32(2)), np.nextafter(mids, np.float32(-2)),
-                            [np.nan, 0.0, -0.0, -1.0, 1.0, 2.0, -2.0]]).astype(np.float32)
-        ours = jax.jit(lambda x, code=code, signed=signed: _quantize_nearest(code, x, signed))(jnp.asarray(x))
+                            [np.nan, 0.0, -0.0, -1.0, 1.0, 2.0, -2.0, np.inf, -np.inf]]).astype(np.float32)
+        # Every 2^16-float bucket's first and last value, and the values either side of them.
+        starts = (np.arange(65536, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+        edges = np.concatenate([starts, (starts.view(np.uint32) | np.uint32(0xFFFF)).view(np.float32)])
+        edges = edges[np.isfinite(edges) & (np.abs(edges) <= 2)]
+        x = np.concatenate([x, edges, np.nextafter(edges, np.float32(2)), np.nextafter(edges, np.float32(-2))])
+        ours = jax.jit(lambda x, code=code: _quantize_nearest(code, x))(jnp.asarray(x))
         np.testing.assert_array_equal(ours, nearest_code(code, x))
 
 
