@@ -286,7 +286,8 @@ def get_chat_template(tokenizer, chat_template: str | tuple[str, str] = "chatml"
     EOS token keeps its id (and its trained embedding) and is renamed <|im_end|>, so the template's <|im_end|>
     tokenizes to it (Llama 3: <|eot_id|>'s id); where <|im_end|> is a token already, the two tokens swap spellings.
     The vocabulary keeps its size and every special token its id; a pad that was the EOS is renamed with it.
-    Needs a fast (tokenizers) tokenizer.
+    Needs a fast (tokenizers) tokenizer. Unsloth maps ChatML's EOS even when map_eos_token=False is passed (each of
+    its templates fixes the choice); here False keeps the tokenizer's EOS and writes <|im_end|> as given.
     system_message: replaces the format's default system text ("alpaca", "vicuna", "vicuna_old", "unsloth" write
     one when the conversation starts without a system message; "llama-3.1" writes "" after its date lines); for a
     format with none it is ignored with a warning, as Unsloth.
