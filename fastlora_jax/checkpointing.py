@@ -21,6 +21,7 @@ import copy
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -216,12 +217,26 @@ class Checkpointer:
         train_step.step = int(meta["step"])
         return meta
 
-    def delete_all(self) -> list[int]:
-        """Deletes every step in the directory (a fresh run over stale checkpoints); returns the deleted steps."""
-        steps = self.all_steps()
-        for step in steps:
-            self._manager.delete(step)
-        return steps
+    def set_aside(self, steps: list[int]) -> str:
+        """Moves these steps out of the directory, so that restoring the latest step can no longer pick them, into
+        a new folder `<directory>.earlier/<UTC time>/` beside it (renames: nothing is copied or deleted); returns
+        that folder. For checkpoints of an earlier or abandoned run that a new run must not mix with its own."""
+        self._manager.wait_until_finished()
+        missing = sorted(set(steps) - set(self.all_steps()))
+        if missing:
+            raise ValueError(f"set_aside: steps {missing} are not in {self.directory}; steps there: {self.all_steps()}")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = os.path.join(f"{self.directory}.earlier", stamp)
+        n = 1
+        while os.path.exists(target):  # two set-asides within a second
+            n += 1
+            target = os.path.join(f"{self.directory}.earlier", f"{stamp}-{n}")
+        os.makedirs(target)
+        for step in sorted(steps):
+            os.rename(os.path.join(self.directory, str(step)), os.path.join(target, str(step)))
+        self._saved -= set(steps)
+        self._manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until every asynchronous save has been written."""

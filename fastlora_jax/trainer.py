@@ -9,8 +9,9 @@ warm-up, a jitted step over the trainable state only (`fastlora_jax.training`), 
 and tokens/s, eval loss (`eval_strategy`), orbax checkpoints in `output_dir/checkpoints` (`save_strategy`,
 `save_steps`), and a loss-curve PNG in `output_dir`; `train()` returns transformers' metrics too.
 `resume_from_checkpoint=True` continues from the latest checkpoint with the same data order, rng and optimizer state,
-so its losses equal those of an uninterrupted run. Resuming from an earlier checkpoint warns about the later ones (of
-the abandoned run), and the new run replaces each as it saves that step.
+so its losses equal those of an uninterrupted run. Checkpoints the run must not mix with its own are moved, never
+deleted, into `output_dir/checkpoints.earlier/<UTC time>/`, with a warning: an earlier run's, when a run starts
+without resuming, and an abandoned run's later steps, when a run resumes from an earlier checkpoint.
 """
 
 from __future__ import annotations
@@ -238,9 +239,11 @@ class SFTTrainer:
                 seed = int(meta["seed"])
                 total_flos = float(meta.get("total_flos", 0.0))
             elif manager.all_steps():
-                stale = manager.delete_all()
+                stale = manager.all_steps()
+                moved = manager.set_aside(stale)
                 warnings.warn(f"{manager.directory} held checkpoints of an earlier run (steps {stale}); they were "
-                              "deleted (pass resume_from_checkpoint=True to continue a run instead)", stacklevel=2)
+                              f"moved to {moved} (pass resume_from_checkpoint=True to continue a run instead)",
+                              stacklevel=2)
             bar = tqdm(total=total, initial=step_fn.step, desc="training", dynamic_ncols=True,
                        disable=args.disable_tqdm)
             meter = _Throughput(start)
@@ -355,9 +358,10 @@ class SFTTrainer:
                              f"dataset); this run has {mine}: the data order would differ")
         later = [s for s in manager.all_steps() if s > step_fn.step]
         if later:
-            warnings.warn(f"resuming from step {step_fn.step} while {manager.directory} holds the later steps {later} "
-                          "of the run that went on from it: they belong to that abandoned run, and each is replaced "
-                          "when this run saves that step", stacklevel=3)
+            moved = manager.set_aside(later)
+            warnings.warn(f"resuming from step {step_fn.step} while {manager.directory} held the later steps {later} "
+                          f"of the run that went on from it: they belong to that abandoned run and were moved to "
+                          f"{moved}, so that resume_from_checkpoint=True continues this run", stacklevel=3)
         if int(meta["seed"]) != self.args.seed:
             warnings.warn(f"resuming with seed={meta['seed']} from the checkpoint (args.seed={self.args.seed})",
                           stacklevel=3)

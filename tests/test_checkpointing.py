@@ -131,3 +131,24 @@ def test_a_replacement_stopped_between_its_renames_loses_no_checkpoint(tmp_path)
         manager.restore(restored)
     for got, want in zip(arrays(restored), arrays(new)):
         jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_set_aside_moves_steps_beside_the_directory_and_refuses_missing_ones(tmp_path):
+    step = train_step()
+    with Checkpointer(tmp_path / "ckpt") as manager:
+        for s in (12, 13, 14):
+            step.step = s
+            manager.save(step)
+        with pytest.raises(ValueError, match=r"steps \[99\] are not in .*steps there: \[12, 13, 14\]"):
+            manager.set_aside([13, 99])
+        assert manager.all_steps() == [12, 13, 14]  # nothing moved
+        first, second = manager.set_aside([13, 14]), manager.set_aside([12])
+        assert manager.all_steps() == [] and manager.latest_step() is None and first != second
+    for folder, steps in ((first, [13, 14]), (second, [12])):
+        assert folder.startswith(str(tmp_path / "ckpt.earlier"))
+        with Checkpointer(folder) as moved:
+            assert moved.all_steps() == steps
+            restored = train_step(seed=1)
+            moved.restore(restored, steps[-1])
+        for got, want in zip(arrays(restored)[:2], arrays(step)[:2]):
+            jax.tree.map(np.testing.assert_array_equal, got, want)

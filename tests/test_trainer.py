@@ -168,8 +168,11 @@ def test_resume_errors_other_lora_layout_missing_checkpoint_and_stale_checkpoint
     with pytest.raises(ValueError, match=r"checkpoint: r=4 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
                                          r"v_proj; model: r=8 on q_proj, v_proj\)"):
         other.train()
-    with pytest.warns(UserWarning, match=r"held checkpoints of an earlier run \(steps \[1, 2\]\)"):
+    with pytest.warns(UserWarning, match=r"held checkpoints of an earlier run \(steps \[1, 2\]\); they were moved "
+                                         r"to .*checkpoints\.earlier"):
         SFTTrainer(lora_model(r=4, dropout=0.0), None, records, args=args, loss_fn=poison_loss).train()
+    (earlier,) = (tmp_path / "checkpoints.earlier").iterdir()  # the first run's steps, kept
+    assert sorted(p.name for p in earlier.iterdir()) == ["1", "2"]
     with pytest.raises(ValueError, match="the data order would differ"):
         SFTTrainer(lora_model(r=4, dropout=0.0), None, records[:3],
                    args=dataclass_replace(args, resume_from_checkpoint=str(tmp_path / "checkpoints" / "2")),
@@ -217,7 +220,7 @@ def test_config_rejects_bad_values_naming_them():
         SFTTrainer(None, None, records, max_len=8)
 
 
-def test_resume_from_an_earlier_step_warns_and_replaces_the_abandoned_runs_later_checkpoints(tmp_path):
+def test_resume_from_an_earlier_step_moves_the_abandoned_runs_later_checkpoints_aside(tmp_path):
     records = [{"input_ids": [1 + i, 2, 3, 4]} for i in range(8)]
     args = SFTConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=1, save_steps=2,
                      max_seq_length=8, seed=0, disable_tqdm=True, lr_scheduler_type="constant")
@@ -242,9 +245,13 @@ def test_resume_from_an_earlier_step_warns_and_replaces_the_abandoned_runs_later
                          args=dataclass_replace(args, learning_rate=1e-3,
                                                 resume_from_checkpoint=str(tmp_path / "checkpoints" / "2")),
                          loss_fn=poison_loss, callbacks=[stop_at(7, seen)])
-    with pytest.warns(UserWarning, match=r"resuming from step 2 while .* holds the later steps \[4, 6\]"):
+    with pytest.warns(UserWarning, match=r"resuming from step 2 while .* held the later steps \[4, 6\] .* moved to"):
         with pytest.raises(Stop):
             resumed.train()
+    (earlier,) = (tmp_path / "checkpoints.earlier").iterdir()
+    with Checkpointer(earlier) as abandoned:  # kept as they were: the abandoned run's loss history to step 6
+        assert abandoned.all_steps() == [4, 6]
+        abandoned_history = abandoned.read_meta(6)["loss_history"]
     with Checkpointer(tmp_path / "checkpoints") as manager:
         assert manager.all_steps() == [2, 4, 6]
         metas = {step: manager.read_meta(step) for step in (2, 4, 6)}
@@ -252,6 +259,7 @@ def test_resume_from_an_earlier_step_warns_and_replaces_the_abandoned_runs_later
                                                          total_steps=8))
         manager.restore(step, 6)
     assert [s for s, _ in metas[6]["loss_history"]] == [1, 2, 3, 4, 5, 6]
+    assert metas[6]["loss_history"][:2] == abandoned_history[:2] and metas[6]["loss_history"] != abandoned_history
     assert metas[4]["loss_history"] == metas[6]["loss_history"][:4]  # both written by the resumed run
     assert metas[2]["loss_history"] == metas[6]["loss_history"][:2]
     for path, value in nnx.to_flat_state(nnx.state(step.model, TRAINABLE)):
