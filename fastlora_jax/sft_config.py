@@ -43,8 +43,8 @@ class SFTConfig:
     report_to: only "none", None or [] (no tracking service: the logs are in `trainer.state.log_history`, the
     TrainOutput and output_dir/loss_curve.png). loss_type: None, "nll" or "chunked_nll" (the same cross-entropy).
     dataset_kwargs: None or {"skip_prepare_dataset": bool}; True needs every record pre-tokenized ("input_ids").
-    embedding_learning_rate (UnslothTrainingArguments): accepted on a model without modules_to_save copies (where
-    Unsloth's embedding parameter group is empty); with copies it raises NotImplementedError.
+    embedding_learning_rate (UnslothTrainingArguments): the modules_to_save copies (embed_tokens, lm_head) train at
+    this rate under the same schedule, the rest at learning_rate (Unsloth's two parameter groups; `AdamW`).
     Accepted with no effect: dataset_num_proc (tokenization runs in this process), padding_free (batches are padded
     to a few length buckets; packing=True packs rows), gradient_checkpointing and gradient_checkpointing_kwargs (the
     model's mode from get_peft_model / for_training decides, as Unsloth's trainer keeps it), remove_unused_columns,

@@ -31,7 +31,6 @@ from fastlora_jax.checkpointing import Checkpointer, is_step_directory
 from fastlora_jax.precision import check_mixed_precision
 from fastlora_jax.sft_config import SFTConfig
 from fastlora_jax.training import AdamW, EvalStep, LossFn, TrainStep
-from fastlora_jax.variables import TrainableCopy
 
 PLOT_NAME = "loss_curve.png"
 
@@ -111,11 +110,6 @@ class SFTTrainer:
         model_dtype = getattr(model, "dtype", None)
         if model_dtype is not None:
             check_mixed_precision(fp16=self.args.fp16, bf16=self.args.bf16, model_dtype=model_dtype)
-        if self.args.embedding_learning_rate is not None and model is not None and _has_trained_copies(model):
-            raise NotImplementedError(
-                f"embedding_learning_rate={self.args.embedding_learning_rate}: a learning rate of its own for the "
-                "modules_to_save copies (embed_tokens / lm_head; UnslothTrainer's) is not implemented; they train at "
-                "learning_rate. Pass embedding_learning_rate=None")
         if self.args.eval_strategy in ("steps", "epoch") and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
                              "eval_strategy='no'")
@@ -214,7 +208,9 @@ class SFTTrainer:
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
         optimizer = AdamW(lr_scheduler_type=args.lr_scheduler_type, learning_rate=float(args.learning_rate),
                           total_steps=total, warmup_steps=warmup, b1=float(args.adam_beta1), b2=float(args.adam_beta2),
-                          eps=float(args.adam_epsilon), weight_decay=float(args.weight_decay), optim=args.optim)
+                          eps=float(args.adam_epsilon), weight_decay=float(args.weight_decay), optim=args.optim,
+                          embedding_learning_rate=None if args.embedding_learning_rate is None
+                          else float(args.embedding_learning_rate))
         self.optimizer = optimizer
         schedule = optimizer.schedule
         step_fn = TrainStep(self.model, optimizer,
@@ -395,14 +391,6 @@ def _collator_labels(collator) -> Callable[[np.ndarray], np.ndarray] | None:
             return lambda ids: np.where(ids == pad, data_lib.IGNORE_INDEX, ids).astype(np.int32)
     raise TypeError(f"data_collator={name}: the trainer batches token rows itself (right padding, labels -100 on "
                     f"padding and ignored tokens); {accepted}")
-
-
-def _has_trained_copies(model) -> bool:
-    """Whether the model trains modules_to_save copies (embed_tokens / lm_head)."""
-    import jax
-    from flax import nnx
-
-    return bool(jax.tree_util.tree_leaves(nnx.state(model, TrainableCopy)))
 
 
 class _Throughput:

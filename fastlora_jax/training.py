@@ -84,6 +84,13 @@ def weight_decay_mask(params: nnx.State):
     return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def embedding_groups(params: nnx.State):
+    """"embeddings" on the modules_to_save copies (`TrainableCopy`), "rest" elsewhere: Unsloth's parameter groups
+    for `embedding_learning_rate` (the parameters named *modules_to_save.default.weight in PEFT)."""
+    return jax.tree_util.tree_map(lambda v: "embeddings" if isinstance(v, TrainableCopy) else "rest", params,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def bnb_tensors(params: nnx.State):
     """A `BnbTensor` on each trainable leaf: how bitsandbytes sees it in the equivalent PEFT model, one torch tensor
     per stacked layer in Hugging Face's layout. LoRA A/B [*layers, in, r] / [*layers, r, out] are per-layer
@@ -341,7 +348,10 @@ class AdamW:
     optim (transformers' names): "adamw_torch" / "adamw_torch_fused" run optax.adamw (torch's AdamW numbers);
     "adamw_8bit" / "adamw_bnb_8bit" / "paged_adamw_8bit" run bitsandbytes' 8-bit blockwise AdamW
     (`fastlora_jax.adamw_8bit`, its CUDA kernels' arithmetic) over the layers as PEFT's torch tensors (`bnb_tensors`):
-    about 2 bytes of optimizer state per trained value instead of 8."""
+    about 2 bytes of optimizer state per trained value instead of 8.
+    embedding_learning_rate (UnslothTrainer's): the modules_to_save copies (`TrainableCopy`: embed_tokens, lm_head)
+    train at this base rate under the same schedule, the rest at learning_rate, as Unsloth's two parameter groups;
+    None: one rate for all."""
 
     lr_scheduler_type: str
     learning_rate: float
@@ -352,21 +362,33 @@ class AdamW:
     eps: float = 1e-8
     weight_decay: float = 0.0
     optim: str = "adamw_torch"
+    embedding_learning_rate: float | None = None
 
     def __post_init__(self):
         check_adam_settings(self.b1, self.b2, self.eps)
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r}; accepted: {', '.join(OPTIMIZERS)}")
+        if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
+            raise ValueError(f"embedding_learning_rate={self.embedding_learning_rate!r}; accepted: a number > 0 or "
+                             "None")
 
     @property
     def schedule(self) -> optax.Schedule:
         return make_schedule(self.lr_scheduler_type, self.learning_rate, self.total_steps, self.warmup_steps)
 
     def transform(self) -> optax.GradientTransformation:
+        if self.embedding_learning_rate is None:
+            return self._adamw(self.schedule)
+        embedding = make_schedule(self.lr_scheduler_type, self.embedding_learning_rate, self.total_steps,
+                                  self.warmup_steps)
+        return optax.multi_transform({"rest": self._adamw(self.schedule), "embeddings": self._adamw(embedding)},
+                                     embedding_groups)
+
+    def _adamw(self, schedule: optax.Schedule) -> optax.GradientTransformation:
         if self.optim in OPTIMIZERS_8BIT:
-            return adamw_8bit(self.schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
+            return adamw_8bit(schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
                               mask=weight_decay_mask, tensors=bnb_tensors)
-        return optax.adamw(self.schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
+        return optax.adamw(schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
                            mask=weight_decay_mask)
 
     def init(self, params):

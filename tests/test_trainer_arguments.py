@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastlora_jax import LlamaConfig, SFTConfig, SFTTrainer, is_bfloat16_supported
+from flax import nnx
+
+from fastlora_jax import TRAINABLE, LlamaConfig, SFTConfig, SFTTrainer, is_bfloat16_supported
 from fastlora_jax import data as data_lib
 from fastlora_jax.checkpointing import Checkpointer
 from fastlora_jax.loading import random_model
 from fastlora_jax.lora import get_peft_model
-from fastlora_jax.training import OPTIMIZERS
+from fastlora_jax.training import OPTIMIZERS, AdamW
 from helpers import TINY, tiny_chat_tokenizer
 
 CONFIG = LlamaConfig.from_hf_config({**TINY, "vocab_size": 260})  # the chat tokenizer's ids reach 258
@@ -266,13 +268,55 @@ def test_skip_prepare_dataset_needs_tokenized_records(tokenizer):
         SFTTrainer(None, tokenizer, [{"input_ids": [1, 2]}, {"text": "hi"}], args=args)
 
 
-def test_embedding_learning_rate_only_where_it_changes_nothing(tokenizer):
+def test_embedding_learning_rate_is_unsloths_second_parameter_group():
+    """AdamW(embedding_learning_rate=...) against torch's AdamW with UnslothTrainer's two groups (the modules_to_save
+    copies at the embedding rate, the rest at learning_rate, both under transformers' schedule): four steps."""
+    import optax
+    import torch
+    from transformers import get_scheduler
+
+    from fastlora_jax.variables import TrainableCopy
+
+    model = tiny_lora(modules_to_save=["embed_tokens", "lm_head"])
+    params = nnx.state(model, TRAINABLE)
+    flat = nnx.to_flat_state(params)
+    copies = {path for path, v in flat if isinstance(v, TrainableCopy)}
+    assert len(copies) == 2 and len(flat) > 2
+    rng = np.random.default_rng(0)
+    grads = [{path: rng.standard_normal(v[...].shape).astype(np.float32) * 1e-2 for path, v in flat} for _ in range(4)]
+    kw = dict(lr_scheduler_type="linear", learning_rate=1e-3, total_steps=6, warmup_steps=2, weight_decay=0.01)
+    tx = AdamW(**kw, embedding_learning_rate=1e-4)
+    state, ours = tx.init(params), params
+    for g in grads:
+        g_state = nnx.from_flat_state([(path, v.replace(jnp.asarray(g[path]))) for path, v in flat])
+        updates, state = tx.update(g_state, state, ours)
+        ours = optax.apply_updates(ours, updates)
+    tensors = {path: torch.nn.Parameter(torch.tensor(np.asarray(v[...]))) for path, v in flat}
+    groups = [{"params": [t for p, t in tensors.items() if p not in copies], "lr": 1e-3, "weight_decay": 0.01},
+              {"params": [t for p, t in tensors.items() if p in copies], "lr": 1e-4, "weight_decay": 0.01}]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=6)
+    for g in grads:
+        for path, t in tensors.items():
+            t.grad = torch.tensor(g[path])
+        optimizer.step()
+        schedule.step()
+    moved = {}
+    for path, v in nnx.to_flat_state(ours):
+        want, start = tensors[path].detach().numpy(), np.asarray(dict(flat)[path][...])
+        moved[path] = np.abs(want - start).max()
+        np.testing.assert_allclose(np.asarray(v[...]), want, rtol=1e-6, atol=1e-4 * moved[path], err_msg=str(path))
+    assert max(moved[p] for p in copies) < 0.2 * min(m for p, m in moved.items() if p not in copies)
+    # The 8-bit optimizer takes the same groups; without copies the embedding group is empty, as Unsloth's.
+    tx8 = AdamW(**{**kw, "warmup_steps": 0}, optim="adamw_8bit", embedding_learning_rate=1e-4)  # lr > 0 at step 0
+    updates, _ = tx8.update(g_state, tx8.init(params), params)
+    step = {path: np.abs(np.asarray(v[...])).max() for path, v in nnx.to_flat_state(updates)}
+    assert max(step[p] for p in copies) < 0.2 * min(m for p, m in step.items() if p not in copies)
     records = [{"input_ids": [1, 2, 3]}]
-    args = SFTConfig(max_seq_length=8, embedding_learning_rate=1e-5)
-    SFTTrainer(tiny_lora(), None, records, args=args)  # no modules_to_save: Unsloth's embedding group is empty
-    with_copies = tiny_lora(modules_to_save=["embed_tokens", "lm_head"])
-    with pytest.raises(NotImplementedError, match=r"embedding_learning_rate=1e-05: .*modules_to_save copies"):
-        SFTTrainer(with_copies, None, records, args=args)
+    args = SFTConfig(max_seq_length=8, max_steps=1, embedding_learning_rate=1e-5, disable_tqdm=True)
+    assert SFTTrainer(tiny_lora(), None, records, args=args, loss_fn=cheap_loss).train().global_step == 1
+    with pytest.raises(ValueError, match="embedding_learning_rate=0; accepted: a number > 0 or None"):
+        AdamW(**kw, embedding_learning_rate=0)
 
 
 def test_training_arguments_are_refused_with_the_replacement():
