@@ -211,3 +211,7 @@ def _reports_nowhere(report_to) -> bool:
     """Whether transformers' report_to names no integration: "none", None, [] or ["none"]."""
     return report_to is None or report_to == "none" or (
         isinstance(report_to, (list, tuple)) and all(name == "none" for name in report_to))
+
+
+# Unsloth's name (unsloth.UnslothTrainingArguments: the training arguments plus embedding_learning_rate).
+UnslothTrainingArguments = SFTConfig

@@ -480,3 +480,8 @@ def plot_loss_curve(losses: list[tuple[int, float]], evals: list[tuple[int, floa
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
     return path
+
+
+# Unsloth's names for its continued-pretraining cells (`from unsloth import UnslothTrainer, UnslothTrainingArguments`):
+# UnslothTrainer is TRL's SFTTrainer with embedding_learning_rate's parameter groups, which this SFTTrainer has.
+UnslothTrainer = SFTTrainer

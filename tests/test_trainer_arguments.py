@@ -268,7 +268,7 @@ def test_skip_prepare_dataset_needs_tokenized_records(tokenizer):
         SFTTrainer(None, tokenizer, [{"input_ids": [1, 2]}, {"text": "hi"}], args=args)
 
 
-def test_embedding_learning_rate_is_unsloths_second_parameter_group():
+def test_embedding_learning_rate_is_unsloths_second_parameter_group(tmp_path):
     """AdamW(embedding_learning_rate=...) against torch's AdamW with UnslothTrainer's two groups (the modules_to_save
     copies at the embedding rate, the rest at learning_rate, both under transformers' schedule): four steps."""
     import optax
@@ -313,10 +313,47 @@ def test_embedding_learning_rate_is_unsloths_second_parameter_group():
     step = {path: np.abs(np.asarray(v[...])).max() for path, v in nnx.to_flat_state(updates)}
     assert max(step[p] for p in copies) < 0.2 * min(m for p, m in step.items() if p not in copies)
     records = [{"input_ids": [1, 2, 3]}]
-    args = SFTConfig(max_seq_length=8, max_steps=1, embedding_learning_rate=1e-5, disable_tqdm=True)
+    args = SFTConfig(output_dir=str(tmp_path), max_seq_length=8, max_steps=1, embedding_learning_rate=1e-5,
+                     disable_tqdm=True)
     assert SFTTrainer(tiny_lora(), None, records, args=args, loss_fn=cheap_loss).train().global_step == 1
     with pytest.raises(ValueError, match="embedding_learning_rate=0; accepted: a number > 0 or None"):
         AdamW(**kw, embedding_learning_rate=0)
+
+
+def test_the_continued_pretraining_cell_runs_as_written(tokenizer, tmp_path, monkeypatch):
+    """Unsloth's continued-pretraining cell: embed_tokens and lm_head in target_modules, UnslothTrainer with
+    UnslothTrainingArguments(embedding_learning_rate=...); the embedding copy moves ~10x less than LoRA weights."""
+    from fastlora_jax import FastLanguageModel, UnslothTrainer, UnslothTrainingArguments
+    from fastlora_jax.variables import TrainableCopy
+
+    monkeypatch.chdir(tmp_path)
+    model = FastLanguageModel.get_peft_model(
+        random_model(CONFIG, dtype=jnp.float32, seed=0), r=4, lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "embed_tokens", "lm_head"], use_gradient_checkpointing=False, random_state=3407)
+    before = {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, TRAINABLE))}
+    dataset = [{"text": t} for t in TEXTS]
+    # ---- the cell (max_steps = 2, bf16 / fp16 off: a float32 model), with fastlora_jax's imports
+    trainer = UnslothTrainer(
+        model = model, tokenizer = tokenizer, train_dataset = dataset,
+        dataset_text_field = "text", max_seq_length = 64, dataset_num_proc = 2,
+        args = UnslothTrainingArguments(
+            per_device_train_batch_size = 2, gradient_accumulation_steps = 2,
+            max_steps = 2, warmup_steps = 0,
+            learning_rate = 5e-4, embedding_learning_rate = 5e-5,
+            fp16 = False, bf16 = False,
+            logging_steps = 1, optim = "adamw_8bit", weight_decay = 0.01,
+            lr_scheduler_type = "linear", seed = 3407, output_dir = "outputs", report_to = "none"),
+    )
+    trainer_stats = trainer.train()
+    # ----
+    assert trainer_stats.global_step == 2 and trainer.optimizer.embedding_learning_rate == 5e-5
+    flat = nnx.to_flat_state(nnx.state(model, TRAINABLE))
+    moved = {p: np.abs(np.asarray(v[...]) - before[p]).max() for p, v in flat}
+    copies = [p for p, v in flat if isinstance(v, TrainableCopy)]
+    assert [str(p[-2]) for p in copies] == ["embed_tokens"]  # lm_head gets LoRA, as Unsloth's target_modules
+    lora_b = [m for p, m in moved.items() if str(p[-1]) == "lora_b"]  # (lora_a gets no gradient at step 1: B = 0)
+    assert 0 < moved[copies[0]] < 0.2 * min(lora_b)
 
 
 def test_training_arguments_are_refused_with_the_replacement():
