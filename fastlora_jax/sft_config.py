@@ -136,7 +136,8 @@ class SFTConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r}; accepted: a number > 0, or 0 or None (no "
                              "clipping)")
         check_adam_settings(self.adam_beta1, self.adam_beta2, self.adam_epsilon,
-                            names=("adam_beta1", "adam_beta2", "adam_epsilon"))
+                            names=("adam_beta1", "adam_beta2", "adam_epsilon"),
+                            embedding_learning_rate=self.embedding_learning_rate)
         for name in ("fp16", "bf16", "logging_first_step", "assistant_only_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}; accepted: True or False")
@@ -173,9 +174,6 @@ class SFTConfig:
             raise ValueError(f"train_on_responses_only={self.train_on_responses_only} disagrees with "
                              f"completion_only_loss={self.completion_only_loss}, assistant_only_loss="
                              f"{self.assistant_only_loss} (TRL's names for it); pass one of them")
-        if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
-            raise ValueError(f"embedding_learning_rate={self.embedding_learning_rate!r}; accepted: a number > 0 or "
-                             "None")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r}; accepted: an int in [0, 2**63) (it seeds numpy's data order and "
                              "JAX's dropout key)")

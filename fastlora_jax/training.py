@@ -330,14 +330,17 @@ def make_schedule(kind: str, learning_rate: float, total_steps: int, warmup_step
     return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
 
 
-def check_adam_settings(beta1: float, beta2: float, eps: float, names=("b1", "b2", "eps")) -> None:
+def check_adam_settings(beta1: float, beta2: float, eps: float, names=("b1", "b2", "eps"),
+                        embedding_learning_rate: float | None = None) -> None:
     """Raises ValueError naming the setting (by `names`) unless both betas are in [0, 1) and eps >= 0, as torch's
-    AdamW requires."""
+    AdamW requires, and embedding_learning_rate is None or > 0."""
     for name, value in zip(names, (beta1, beta2)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value!r}; accepted: 0 <= {name} < 1 (as torch's AdamW)")
     if not eps >= 0:
         raise ValueError(f"{names[2]}={eps!r}; accepted: a number >= 0 (as torch's AdamW)")
+    if embedding_learning_rate is not None and not embedding_learning_rate > 0:
+        raise ValueError(f"embedding_learning_rate={embedding_learning_rate!r}; accepted: a number > 0 or None")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -365,12 +368,9 @@ class AdamW:
     embedding_learning_rate: float | None = None
 
     def __post_init__(self):
-        check_adam_settings(self.b1, self.b2, self.eps)
+        check_adam_settings(self.b1, self.b2, self.eps, embedding_learning_rate=self.embedding_learning_rate)
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r}; accepted: {', '.join(OPTIMIZERS)}")
-        if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
-            raise ValueError(f"embedding_learning_rate={self.embedding_learning_rate!r}; accepted: a number > 0 or "
-                             "None")
 
     @property
     def schedule(self) -> optax.Schedule:
