@@ -60,7 +60,8 @@ class TrainOutput:
 class TrainerState:
     """`trainer.state`, as transformers' TrainerState: updated after every step. log_history holds transformers'
     entries ({"loss", "grad_norm", "learning_rate", "epoch", "step"} with our "tokens_per_second"; {"eval_loss",
-    "epoch", "step"}; and train()'s metrics with "step" at the end)."""
+    "epoch", "step"}; and train()'s metrics with "step" at the end). Its learning_rate at step k is what transformers
+    logs there: the schedule's rate after k updates, the one step k + 1 uses."""
 
     global_step: int = 0
     max_steps: int = 0
@@ -253,9 +254,9 @@ class SFTTrainer:
                         self.train_rows, batch_size=self.rows_per_step, buckets=self.buckets,
                         pad_token_id=self.pad_token_id, seed=seed, epoch=e, start=k)
                 batch = next(batches)
-                lr = float(schedule(step_fn.step))
                 metrics = step_fn(batch)
                 step = step_fn.step
+                lr = float(schedule(step))  # as transformers logs it: the rate of the next step
                 loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
                 if not bool(metrics["finite"]):
                     manager.wait()

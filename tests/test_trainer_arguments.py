@@ -91,6 +91,15 @@ def test_the_older_notebook_cell_runs_as_written(optim, tokenizer, tmp_path, mon
     assert metrics["total_flos"] > 0
     history = trainer.state.log_history
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]  # logging_steps = 1
+    # transformers logs the scheduler's rate after the step (the next step's): base rate x lr_lambda(k) at step k
+    import torch
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler("linear", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4),
+                              num_warmup_steps=5, num_training_steps=3)
+    expected = [2e-4 * scheduler.lr_lambdas[0](k) for k in (1, 2, 3)]
+    assert [e["learning_rate"] for e in history if "loss" in e] == pytest.approx(expected, rel=1e-6)
+    assert expected[0] > 0  # the step before it ran at rate 0 (warm-up from 0), which is not what is logged
     assert history[-1] == {**metrics, "step": 3} and trainer.state.global_step == 3
     assert (tmp_path / "outputs" / "loss_curve.png").is_file()
     # What the notebooks print after train_on_responses_only: the tokenized rows.
