@@ -35,6 +35,7 @@ are stored in the leaf's own shape and layout (so its sharding applies to them) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -116,9 +117,10 @@ def _cpu_table(code: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ quantization
 
 def _order_key(bits):
-    """float32 bit patterns (uint32) -> keys in the floats' value order (negatives reversed below positives)."""
-    return np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000)) if isinstance(bits, np.ndarray) else \
-        jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    """float32 bit patterns (uint32, numpy or jax) -> keys in the floats' value order (negatives reversed below
+    positives)."""
+    xp = np if isinstance(bits, np.ndarray) else jnp
+    return xp.where(bits >> 31 == 1, ~bits, bits | xp.uint32(0x80000000))
 
 
 def _bucket_table(mids: np.ndarray) -> np.ndarray:
@@ -131,6 +133,18 @@ def _bucket_table(mids: np.ndarray) -> np.ndarray:
     return np.searchsorted(mids, start, side="left").astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _midpoint_lookup(code_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(`_bucket_table` of the map's midpoints, float32 [256] midpoints with NaN after the last: none above it) for
+    a sorted float32 map given as bytes; built once per map, not at every trace."""
+    code = np.frombuffer(code_bytes, np.float32)
+    mids = (code[:-1] + code[1:]) * np.float32(0.5)  # [255], increasing
+    table = _bucket_table(mids)
+    if np.any(np.diff(table[_order_key(mids.view(np.uint32)) >> 16].astype(np.int32)) == 0):
+        raise RuntimeError("two midpoints of the map share a 16-bit bucket: the lookup would miss one")
+    return table, np.append(mids, np.float32(np.nan))
+
+
 def _quantize_nearest(code: np.ndarray, x: jax.Array) -> jax.Array:
     """int32 codes of x (value / absmax) as bnb's CUDA `quantize_2D`: the nearest entry of the sorted map by float32
     midpoints, an exact midpoint to the even index of the two, NaN to 0. (The kernel's 7-step binary search lands on
@@ -139,11 +153,7 @@ def _quantize_nearest(code: np.ndarray, x: jax.Array) -> jax.Array:
     Computed as the number of midpoints below x in two lookups: a 65536-entry table by x's top 16 bits in value order
     (each such bucket of floats holds at most one midpoint of either map: checked when the table is built) gives the
     count below the bucket, and one comparison with the next midpoint completes it."""
-    mids = (code[:-1] + code[1:]) * np.float32(0.5)  # [255], increasing
-    table = _bucket_table(mids)
-    if np.any(np.diff(table[_order_key(mids.view(np.uint32)) >> 16].astype(np.int32)) == 0):
-        raise RuntimeError("two midpoints of the map share a 16-bit bucket: the lookup would miss one")
-    padded = jnp.asarray(np.append(mids, np.float32(np.nan)))  # [256]: no midpoint above the last
+    table, padded = (jnp.asarray(a) for a in _midpoint_lookup(np.asarray(code, np.float32).tobytes()))
     bucket = (_order_key(jax.lax.bitcast_convert_type(x, jnp.uint32)) >> 16).astype(jnp.int32)
     below = jnp.asarray(table)[bucket].astype(jnp.int32)
     count = below + (x > padded[below])  # midpoints < x
