@@ -48,13 +48,12 @@ def run(args) -> dict:
     import jax
     import numpy as np
 
-    from fastlora_jax.training import AdamW, make_train_step
+    from fastlora_jax.training import make_train_step
 
     t_start = time.perf_counter()
     model, config = train_step.build(args)
-    tx = AdamW(lr_scheduler_type="constant", learning_rate=1e-4, total_steps=1, weight_decay=0.01,
-               optim=args.optim or "adamw_torch")
-    step = make_train_step(model, tx, max_grad_norm=args.max_grad_norm)
+    step = make_train_step(model, train_step.library_adamw(args.optim or "adamw_torch"),
+                           max_grad_norm=args.max_grad_norm)
     batch = host_batch(config, args.batch, args.seq, args.packed)
     init_s = time.perf_counter() - t_start
     t0 = time.perf_counter()

@@ -123,6 +123,14 @@ def build(args):
     return model, config
 
 
+def library_adamw(optim: str):
+    """fastlora_jax.training.AdamW as both step benchmarks build it: constant 1e-4, weight decay 0.01, `optim` by
+    transformers' name ("adamw_torch", "adamw_8bit", ...)."""
+    from fastlora_jax.training import AdamW
+
+    return AdamW(lr_scheduler_type="constant", learning_rate=1e-4, total_steps=1, weight_decay=0.01, optim=optim)
+
+
 def make_step(model, args):
     """(jitted step, trainable state, optimizer state, frozen state); step(trainable, opt, frozen, ids)."""
     import functools
@@ -134,12 +142,9 @@ def make_step(model, args):
     from fastlora_jax.loss import causal_lm_loss
     from fastlora_jax.variables import TRAINABLE
 
-    from fastlora_jax.training import AdamW
-
     graphdef, trainable, frozen = nnx.split(model, TRAINABLE, ...)
-    # optax.adamw (the peers' optimizer), or the library's AdamW by transformers' optim name (weight decay 0.01)
-    tx = optax.adamw(1e-4) if args.optim is None else AdamW(
-        lr_scheduler_type="constant", learning_rate=1e-4, total_steps=1, weight_decay=0.01, optim=args.optim)
+    # optax.adamw (the peers' optimizer), or the library's AdamW by transformers' optim name
+    tx = optax.adamw(1e-4) if args.optim is None else library_adamw(args.optim)
     opt_state = tx.init(trainable)
 
     def loss_fn(trainable, frozen, ids):

@@ -4,9 +4,9 @@ A checkpoint is one orbax step directory (`<directory>/<step>/`) with two items:
 variables by path, the optimizer state leaves in tree order, the base dropout key) and "meta" (JSON: the step, the
 shapes of every trainable variable, and whatever the caller adds, e.g. the data position and the loss history).
 Restoring checks the checkpoint against the model first and names every mismatch (other r, other targets).
-Saving a step the directory already holds (an earlier run's, when a run resumed from an earlier step) replaces it,
-writing the new checkpoint completely before the old one goes; a replacement stopped by a crash is finished by the
-next Checkpointer opened on the directory.
+Saving a step the directory already holds (written by an earlier Checkpointer; SFTTrainer moves an abandoned run's
+later steps aside with `set_aside` instead) replaces it, writing the new checkpoint completely before the old one
+goes; a replacement stopped by a crash is finished by the next Checkpointer opened on the directory.
 
 Used with a `fastlora_jax.training.TrainStep`::
 
@@ -147,7 +147,7 @@ class Checkpointer:
         """Saves the train step's model trainable state, optimizer state, rng and step (+ `meta`); returns the step.
 
         A step this Checkpointer saved already is not written again (e.g. a final save right after a periodic one).
-        A step found in the directory from an earlier run (a run resumed from an earlier step) is replaced: the new
+        A step found in the directory from an earlier Checkpointer (a loop that saves a step again) is replaced: the new
         checkpoint is written completely beside it, then swapped in (`_replace`)."""
         step = int(train_step.step)
         if step in self._saved:

@@ -111,6 +111,15 @@ def test_a_replacement_stopped_between_its_renames_loses_no_checkpoint(tmp_path)
     aside, then renames the new one into place. A crash between those renames leaves the step only in staging; the
     next Checkpointer on the directory puts it back (the new one), and a crash after them leaves nothing behind."""
     old, new = train_step(seed=0), train_step(seed=1, r=4)
+    with Checkpointer(tmp_path / "whole") as manager:  # the replacement that runs to its end: the new step, no staging
+        manager.save(old)
+    with Checkpointer(tmp_path / "whole") as manager:
+        manager.save(new)
+        restored = train_step(seed=2)
+        manager.restore(restored)
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["12"]
+    for got, want in zip(arrays(restored), arrays(new)):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
     for source, step in (("first", old), ("second", new)):
         with Checkpointer(tmp_path / source) as manager:
             manager.save(step)
