@@ -11,17 +11,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fastlora_jax import packed_attention
+
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *, causal: bool = True,
-              implementation: str = "auto") -> jax.Array:
+              implementation: str = "auto", segments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Grouped-query attention -> [B, T, N, H].
 
     q [B, T, N, H]; k, v [B, S, K, H] with N a multiple of K; mask [B, 1, T, S] bool (True: may attend) or None;
     causal: query t attends keys <= t (T == S). implementation: "auto" (cuDNN where it applies), "cudnn", "xla".
+    segments: the ragged layout of packed rows (offsets, lengths; `fastlora_jax.packed_attention`), the same
+    segments as `mask`: "auto" and "cudnn" run it on cuDNN where `ragged_applies`, else `mask` is used.
     """
     impl = resolve(implementation, q, k, mask, causal)
+    if segments is not None and impl == "cudnn" and causal and q.shape[1] == k.shape[1]:
+        if packed_attention.ragged_applies(q, *segments):
+            return packed_attention.ragged_attention(q, k, v, *segments)
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":

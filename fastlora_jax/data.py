@@ -11,8 +11,10 @@ Labels are aligned with input_ids (the loss shifts them); -100 marks tokens the 
 `train_on_responses_only` only the assistant answers / completions keep their labels.
 
 Batches are dicts of int32 numpy arrays [B, T]: "input_ids", "labels" and, for packed rows, "segment_ids" (1, 2, ...
-per example, 0 on padding) and "positions" (restarting at 0 in each segment). Unpacked rows are padded on the right,
-which needs no attention mask under causal attention: padding comes after every real token and is never a label.
+per example, 0 on padding), "positions" (restarting at 0 in each segment) and the segments' ragged layout for cuDNN
+("segment_offsets" [R, M + 1], "segment_lengths" [R, M]; `fastlora_jax.packed_attention`). Unpacked rows are padded
+on the right, which needs no attention mask under causal attention: padding comes after every real token and is
+never a label.
 T is rounded up to one of a few length buckets, so a run compiles the train step a few times at most.
 """
 
@@ -25,6 +27,8 @@ import warnings
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from fastlora_jax.packed_attention import segment_layout
 
 IGNORE_INDEX = -100
 MIN_BUCKET = 64
@@ -280,7 +284,9 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
             pad_token_id: int = 0) -> dict[str, np.ndarray]:
-    """Pads `rows` into a batch of `batch_size` rows (missing rows are empty: all labels -100) of a bucketed length."""
+    """Pads `rows` into a batch of `batch_size` rows (missing rows are empty: all labels -100) of a bucketed length.
+    Packed rows (with "segment_ids") also get their ragged layout, "segment_offsets" / "segment_lengths"
+    (`fastlora_jax.packed_attention.segment_layout`), with which cuDNN attends within each example only."""
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
     T = bucket_for(max(len(r["input_ids"]) for r in rows), buckets)
@@ -290,6 +296,8 @@ def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: 
     for b, row in enumerate(rows):
         for k in keys:
             batch[k][b, : len(row[k])] = row[k]
+    if "segment_ids" in batch:
+        batch.update(segment_layout(batch["segment_ids"]) or {})
     return batch
 
 
@@ -359,6 +367,6 @@ def prepare_rows(dataset, tokenizer, *, max_seq_length: int, packing: bool = Fal
     return pack_rows(rows, max_seq_length) if packing else rows
 
 
-def distinct_shapes(batches: Iterable[dict[str, np.ndarray]]) -> set[tuple[int, ...]]:
-    """The set of input_ids shapes in a stream of batches (how many compilations a run needs)."""
-    return {b["input_ids"].shape for b in batches}
+def distinct_shapes(batches: Iterable[dict[str, np.ndarray]]) -> set[tuple[tuple[int, ...], ...]]:
+    """The set of batch shapes (every array's, by key) in a stream of batches (how many compilations a run needs)."""
+    return {tuple(b[k].shape for k in sorted(b)) for b in batches}

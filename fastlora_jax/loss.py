@@ -39,14 +39,17 @@ def shift_labels(labels: jax.Array, segment_ids: jax.Array | None = None,
 def causal_lm_loss(model, input_ids: jax.Array, labels: jax.Array, *, attention_mask: jax.Array | None = None,
                    segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
                    dropout_rng: jax.Array | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
+                   ignore_index: int = IGNORE_INDEX, segment_offsets: jax.Array | None = None,
+                   segment_lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(loss_sum f32 [], n_tokens i32 []) of a fastlora_jax Llama on input_ids [B, T] and labels [B, T].
 
     Labels are shifted inside (transformers' semantics); with `segment_ids` (packed rows) the last token of a
-    segment does not predict the next segment's first token, and positions restart per segment.
+    segment does not predict the next segment's first token, and positions restart per segment. segment_offsets /
+    segment_lengths: their ragged layout for cuDNN (`fastlora_jax.packed_attention`; speed only).
     """
     hidden, _ = model.model(input_ids, attention_mask=attention_mask, positions=positions,
-                            segment_ids=segment_ids, dropout_rng=dropout_rng)  # [B, T, D]
+                            segment_ids=segment_ids, dropout_rng=dropout_rng, segment_offsets=segment_offsets,
+                            segment_lengths=segment_lengths)  # [B, T, D]
     head, layout, bias = output_head(model, hidden.dtype)
     targets = shift_labels(labels, segment_ids, ignore_index)  # [B, T]
     return chunked_cross_entropy(hidden, head, targets, bias=bias, head_layout=layout, chunk_size=chunk_size,

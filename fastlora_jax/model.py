@@ -52,6 +52,9 @@ class AttentionInputs(NamedTuple):
     mlp_chunk: int | None = None  # tokens per MLP chunk (None: all at once)
     mlp_dequantize_once: bool = True  # NF4 MLP weights dequantized once per pass for all chunks, not once per chunk
     batch_sharding: object = None  # a jax.sharding.Mesh under FSDP/data parallelism: activations stay batch-sharded
+    # packed rows' ragged layout (offsets [R, M + 1], lengths [R, M]; fastlora_jax.packed_attention), the same
+    # segments as `mask`, which attention uses where cuDNN's ragged path does not apply
+    segments: tuple[jax.Array, jax.Array] | None = None
 
 
 def constrain_batch(x: jax.Array, mesh) -> jax.Array:
@@ -119,7 +122,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), inputs.write_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), inputs.write_index, axis=1)
             cache_kv = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), inputs.mask, causal=inputs.causal)  # [B, T, N, H]
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), inputs.mask, causal=inputs.causal,
+                        segments=inputs.segments)  # [B, T, N, H]
         out = checkpoint_name(out, "attention")
         y = _call(self.o_proj, out.reshape(B, T, self.num_heads * self.head_dim), rngs[3])
         return checkpoint_name(y, "o_proj"), cache_kv
@@ -224,10 +228,17 @@ class LlamaModel(nnx.Module):
         self.mesh = None  # set by fastlora_jax.sharding.shard_model / from_pretrained(mesh=...)
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, segment_ids=None,
-                 cache: KVCache | None = None, dropout_rng=None):
-        """input_ids [B, T] -> (hidden states [B, T, D] after the final norm, updated cache or None)."""
+                 cache: KVCache | None = None, dropout_rng=None, segment_offsets=None, segment_lengths=None):
+        """input_ids [B, T] -> (hidden states [B, T, D] after the final norm, updated cache or None).
+
+        segment_offsets / segment_lengths: the ragged layout of `segment_ids` (`packed_attention.segment_layout`,
+        which data.collate adds to packed batches); with it, packed rows' attention runs on cuDNN's ragged path where
+        that applies (same results, less time). Ignored under a mesh, with an attention_mask or a cache."""
         x = self.embed_tokens(input_ids)  # [B, T, D]
         inputs, positions = _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache)
+        if (segment_ids is not None and segment_offsets is not None and segment_lengths is not None
+                and attention_mask is None and cache is None and self.mesh is None):
+            inputs = inputs._replace(segments=(jnp.asarray(segment_offsets), jnp.asarray(segment_lengths)))
         inputs = inputs._replace(**dict(zip(("cos", "sin"), rope_angles(positions, inverse_frequencies(self.config)))))
         mode = self.gradient_checkpointing
         inputs = inputs._replace(mlp_chunk=self.mlp_chunk_size or remat.mlp_chunk_size(mode), batch_sharding=self.mesh,
@@ -338,9 +349,11 @@ class Llama(nnx.Module):
     def dtype(self):
         return self.model.embed_tokens.weight[...].dtype
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, dropout_rng=None):
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, dropout_rng=None,
+                 segment_offsets=None, segment_lengths=None):
         hidden, _ = self.model(input_ids, attention_mask=attention_mask, positions=positions,
-                               segment_ids=segment_ids, dropout_rng=dropout_rng)
+                               segment_ids=segment_ids, dropout_rng=dropout_rng, segment_offsets=segment_offsets,
+                               segment_lengths=segment_lengths)
         return self.logits(hidden)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Iterable
 
 import jax
@@ -39,6 +40,7 @@ from flax import nnx
 
 from fastlora_jax.adamw_8bit import BnbTensor, adamw_8bit
 from fastlora_jax.data import IGNORE_INDEX, check_token_ids
+from fastlora_jax.packed_attention import SEGMENT_KEYS
 from fastlora_jax.variables import TRAINABLE, TrainableBias, TrainableCopy
 from fastlora_jax.xla_options import compiler_options
 
@@ -47,7 +49,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 # torch's optimizer state between host and GPU on demand; the numbers are those of the unpaged optimizer).
 OPTIMIZERS_8BIT = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", *OPTIMIZERS_8BIT)
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids", "positions", *SEGMENT_KEYS)
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
@@ -60,13 +62,27 @@ def _default_loss_fn() -> LossFn:
 def batch_loss(model, batch: dict, *, dropout_rng: jax.Array | None = None,
                loss_fn: LossFn | None = None) -> tuple[jax.Array, jax.Array]:
     """(loss_sum, n_tokens) of a batch dict: "input_ids", "labels" [B, T] and optional "attention_mask",
-    "segment_ids", "positions" [B, T]. The mean loss is loss_sum / n_tokens."""
+    "segment_ids", "positions" [B, T], "segment_offsets" / "segment_lengths" (packed rows' ragged layout,
+    `fastlora_jax.packed_attention`). The mean loss is loss_sum / n_tokens. The layout, which only speeds up
+    attention, reaches a `loss_fn` only if its signature names those keywords or takes **kwargs."""
     unknown = set(batch) - set(BATCH_KEYS)
     if unknown:
         raise ValueError(f"batch has unknown keys {sorted(unknown)}; accepted: {', '.join(BATCH_KEYS)}")
     loss_fn = loss_fn or _default_loss_fn()
     extra = {k: batch[k] for k in BATCH_KEYS[2:] if batch.get(k) is not None}
+    if not _takes_keywords(loss_fn, SEGMENT_KEYS):
+        extra = {k: v for k, v in extra.items() if k not in SEGMENT_KEYS}
     return loss_fn(model, batch["input_ids"], batch["labels"], dropout_rng=dropout_rng, **extra)
+
+
+def _takes_keywords(fn, names) -> bool:
+    """True when fn(**{name: ...}) binds every name (named parameters or **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass everything, as before the layout existed
+        return True
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return any(p.kind == p.VAR_KEYWORD for p in params) or set(names) <= named
 
 
 def has_dropout(model) -> bool:
@@ -166,11 +182,12 @@ def _device_batch(batch: dict, model) -> dict:
 
 
 def _microbatches(batch: dict, n: int) -> dict:
-    """[n * b, T] arrays -> [n, b, T] (gradient accumulation over the leading axis)."""
+    """[n * b, T] arrays -> [n, b, T] (gradient accumulation over the leading axis). The ragged layout's [R, ...]
+    arrays split the same way: R = b * n * T / C chunk rows, each within one row of the batch."""
     rows = batch["input_ids"].shape[0]
     if rows % n:
         raise ValueError(f"batch of {rows} rows is not divisible by gradient_accumulation_steps={n}")
-    return {k: v.reshape(n, rows // n, *v.shape[1:]) for k, v in batch.items()}
+    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""Packed rows on cuDNN's ragged layout: each example attends only itself, and costs only its own length.
+
+A packed row [B, T] holds several examples (segment ids 1, 2, ..., 0 on padding). As a [B, 1, T, S] mask, cuDNN
+flash attention computes every causal block of the row and the gradient of the bias the mask becomes. cuDNN's ragged
+layout (Hopper or newer, cuDNN >= 9.6) instead takes each example as a sequence of its own, starting at an offset
+into the flattened tokens. 8B shapes, 4 x 2048, four examples a row, forward + backward per layer on an H100: mask
+2.44 ms, ragged 0.96 ms, one causal 2048-token row 1.39 ms (benchmarks/RESULTS.md, session 23).
+
+The layout is built on the host with each batch (`segment_layout`, from `data.collate`). The B * T tokens are cut
+into R = B * T / C chunks of C tokens (C divides T and holds the longest example), and chunk row r lists the pieces
+that start in it: offsets [R, M + 1] (from the chunk's start) and lengths [R, M], -1 past the last piece. An
+example is one piece; a padding run is cut at chunk edges (no real token and no loss term reads a padding output).
+cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C
+and M are kept small, each a power of two (few distinct shapes, so few compiles). `ragged_applies` says where this
+path runs; elsewhere the model uses the segment-id mask, with the same results on every real token.
+
+The ragged call goes through `jax._src.cudnn.fused_attention_stablehlo`: jax.nn.dot_product_attention (0.10-0.11)
+has no argument for it. Where that module or its function is missing, the mask path runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SEGMENT_KEYS = ("segment_offsets", "segment_lengths")
+# Largest float32 dq workspace (8 * B * T * M * N * H bytes) the ragged path may ask cuDNN for; above it the mask
+# path runs (8B, 4 x 2048: M <= 8).
+WORKSPACE_LIMIT_BYTES = 2 << 30
+MIN_CHUNK = 128  # tokens: cuDNN's query tile, so that short examples share a chunk row rather than fill one each
+_CUDNN_MODULE = "jax._src.cudnn.fused_attention_stablehlo"
+_MIN_CUDNN = 90600
+
+
+def segment_layout(segment_ids: np.ndarray) -> dict[str, np.ndarray] | None:
+    """{"segment_offsets" [R, M + 1], "segment_lengths" [R, M]} int32 for segment_ids [B, T] (0 = padding), or None
+    when an example id comes back after another one (a segment that is not one run has no ragged layout)."""
+    ids = np.asarray(segment_ids)
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"segment_ids of shape {ids.shape}; accepted: [B, T] with B, T >= 1")
+    B, T = ids.shape
+    flat = ids.reshape(-1)
+    index = np.arange(flat.size)
+    run_start = (index % T == 0) | np.concatenate([[True], flat[1:] != flat[:-1]])
+    starts = np.flatnonzero(run_start)
+    ends = np.append(starts[1:], flat.size)
+    real = flat[starts] > 0
+    row_ids = np.stack([starts // T, flat[starts]], axis=1)[real]
+    if len(np.unique(row_ids, axis=0)) < len(row_ids):
+        return None
+    longest = int((ends - starts)[real].max(initial=1))
+    chunk = _chunk_length(T, longest)
+    # padding runs cut at chunk edges
+    cuts = np.arange(0, flat.size, chunk)
+    cuts = cuts[(flat[cuts] == 0) & ~run_start[cuts]]
+    starts = np.union1d(starts, cuts)
+    lengths = np.diff(np.append(starts, flat.size))
+    rows = starts // chunk
+    rank = np.arange(len(starts)) - np.searchsorted(rows, rows)  # [pieces] place within its chunk row
+    R = flat.size // chunk
+    M = 1 << int(np.bincount(rows, minlength=R).max() - 1).bit_length()
+    offsets = np.full((R, M + 1), -1, np.int32)
+    sizes = np.full((R, M), -1, np.int32)
+    offsets[rows, rank] = starts - rows * chunk
+    sizes[rows, rank] = lengths
+    return {"segment_offsets": offsets, "segment_lengths": sizes}
+
+
+def _chunk_length(T: int, longest: int) -> int:
+    """The smallest power of two >= MIN_CHUNK dividing T that holds `longest` tokens; T itself where none does."""
+    c = max(1 << max(longest - 1, 0).bit_length(), MIN_CHUNK)
+    return c if T % c == 0 else T
+
+
+def ragged_applies(q: jax.Array, offsets: jax.Array, lengths: jax.Array) -> bool:
+    """Whether the ragged cuDNN path takes q [B, T, N, H] with this layout: an NVIDIA GPU of compute capability
+    >= 9.0, cuDNN >= 9.6, 16-bit q, H <= 256 and a multiple of 8, and a dq workspace within WORKSPACE_LIMIT_BYTES."""
+    B, T, N, H = q.shape
+    R, M = lengths.shape
+    if offsets.shape != (R, M + 1) or (B * T) % R:
+        raise ValueError(f"segment_offsets {offsets.shape} / segment_lengths {lengths.shape} do not describe "
+                         f"{B} x {T} tokens; accepted: [R, M + 1] / [R, M] with R dividing {B * T}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or H > 256 or H % 8:
+        return False
+    if 8 * B * T * M * N * H > WORKSPACE_LIMIT_BYTES or _cudnn_module() is None:
+        return False
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability is None or tuple(map(int, str(capability).split("."))) < (9, 0):
+        return False
+    return _cudnn_module().check_cudnn_version() >= _MIN_CUDNN
+
+
+def _cudnn_module():
+    """JAX's private cuDNN attention module where it has the ragged entry point, else None."""
+    try:
+        module = importlib.import_module(_CUDNN_MODULE)
+    except ImportError:
+        return None
+    needed = ("dot_product_attention", "MaskType", "check_cudnn_version")
+    return module if all(hasattr(module, name) for name in needed) else None
+
+
+def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Array,
+                     lengths: jax.Array) -> jax.Array:
+    """Causal attention within each piece of the layout -> [B, T, N, H]. q [B, T, N, H]; k, v [B, T, K, H]."""
+    B, T, N, H = q.shape
+    R = lengths.shape[0]
+    chunk = B * T // R
+    fa = _cudnn_module()
+    as_chunks = lambda t: t.reshape(R, chunk, *t.shape[2:])  # noqa: E731  [R, C, heads, H], the same memory
+    out = fa.dot_product_attention(as_chunks(q), as_chunks(k), as_chunks(v), None, None, lengths, lengths, offsets,
+                                   offsets, scale=1.0 / math.sqrt(H), mask_type=fa.MaskType.CAUSAL)
+    return out.reshape(B, T, N, H)
+
+
+def layout_mask(offsets: np.ndarray, lengths: np.ndarray, B: int, T: int) -> np.ndarray:
+    """[B, 1, T, T] bool: which tokens share a piece (causality not included); what the layout tells cuDNN, for
+    tests and for reading a layout."""
+    R = lengths.shape[0]
+    chunk = B * T // R
+    piece = np.full(B * T, -1)
+    for r, m in zip(*np.nonzero(lengths >= 0)):
+        start = r * chunk + offsets[r, m]
+        piece[start:start + lengths[r, m]] = r * lengths.shape[1] + m
+    piece = piece.reshape(B, T)
+    return (piece[:, None, :, None] == piece[:, None, None, :]) & (piece[:, None, :, None] >= 0)

@@ -1,0 +1,196 @@
+"""Packed rows' ragged layout for cuDNN: it describes exactly the segments, and the ragged path equals the mask path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fastlora_jax import data, packed_attention
+from fastlora_jax.attention import attention, attention_reference
+from fastlora_jax.config import LlamaConfig
+from fastlora_jax.loss import IGNORE_INDEX, causal_lm_loss
+from fastlora_jax.model import Llama
+from fastlora_jax.training import _microbatches, batch_loss
+
+from helpers import rel_err
+
+
+def _packed_batch(seed: int, *, batch_size: int = 4, max_len: int = 512, n_rows: int = 40, longest: int = 200):
+    rng = np.random.default_rng(seed)
+    rows = [{"input_ids": rng.integers(1, 50, n).astype(np.int32), "labels": rng.integers(1, 50, n).astype(np.int32)}
+            for n in rng.integers(1, longest, n_rows)]
+    packed = data.pack_rows(rows, max_len)
+    return data.collate(packed[:batch_size], batch_size=batch_size, buckets=data.length_buckets(max_len))
+
+
+def _segment_mask(segment_ids: np.ndarray) -> np.ndarray:
+    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
+
+
+def _pieces(layout: dict, B: int, T: int) -> np.ndarray:
+    """[B, T] the piece each token belongs to (-1: none), as cuDNN reads the layout."""
+    offsets, lengths = layout["segment_offsets"], layout["segment_lengths"]
+    R, M = lengths.shape
+    chunk = B * T // R
+    piece = np.full(B * T, -1)
+    for r, m in zip(*np.nonzero(lengths >= 0)):
+        start = r * chunk + offsets[r, m]
+        assert (piece[start:start + lengths[r, m]] == -1).all(), "pieces overlap"
+        piece[start:start + lengths[r, m]] = r * M + m
+    return piece.reshape(B, T)
+
+
+@pytest.mark.parametrize("seed,longest", [(0, 200), (1, 60), (2, 500), (3, 2)])
+def test_layout_covers_every_token_once_and_each_example_whole(seed, longest):
+    batch = _packed_batch(seed, longest=longest)
+    ids = batch["segment_ids"]
+    B, T = ids.shape
+    offsets, lengths = batch["segment_offsets"], batch["segment_lengths"]
+    R, M = lengths.shape
+    chunk = B * T // R
+    assert offsets.shape == (R, M + 1) and offsets.dtype == lengths.dtype == np.int32
+    assert M & (M - 1) == 0 and (chunk & (chunk - 1) == 0 or chunk == T)  # powers of two: few distinct shapes
+    assert chunk >= min(T, packed_attention.MIN_CHUNK)
+    valid = lengths >= 0
+    assert (valid == (offsets[:, :M] >= 0)).all() and (offsets[:, M] == -1).all()
+    assert (lengths[valid] >= 1).all() and (lengths[valid] <= chunk).all()  # cuDNN's sequences are <= C tokens
+    assert (offsets[:, :M][valid] < chunk).all()  # each piece starts in its own chunk row
+    assert valid[:, 0].any() and (np.diff(valid.astype(int), axis=1) <= 0).all()  # -1 only after the last piece
+    piece = _pieces(batch, B, T)
+    assert (piece >= 0).all()  # padding too: no output left unwritten
+    for b in range(B):
+        for s in np.unique(ids[b][ids[b] > 0]):
+            assert len(np.unique(piece[b][ids[b] == s])) == 1  # an example is one piece
+            assert not np.isin(piece[b][ids[b] == s], piece[b][ids[b] != s]).any()  # and holds nothing else
+    mask = packed_attention.layout_mask(offsets, lengths, B, T)
+    real = np.broadcast_to((ids > 0)[:, None, :, None], mask.shape)
+    np.testing.assert_array_equal(mask[real], _segment_mask(ids)[real])
+
+
+def test_layout_chunk_holds_the_longest_example_and_m_counts_pieces():
+    ids = np.zeros((2, 512), np.int32)
+    ids[0, :300], ids[0, 300:400], ids[1, :50] = 1, 2, 1
+    layout = packed_attention.segment_layout(ids)
+    np.testing.assert_array_equal(layout["segment_offsets"], [[0, 300, 400, -1, -1], [0, 50, -1, -1, -1]])
+    np.testing.assert_array_equal(layout["segment_lengths"], [[300, 100, 112, -1], [50, 462, -1, -1]])
+    ids = np.zeros((1, 512), np.int32)
+    ids[0, :100], ids[0, 100:200] = 1, 2  # longest 100: chunks of 128; example 2 crosses one, padding is cut there
+    layout = packed_attention.segment_layout(ids)
+    np.testing.assert_array_equal(layout["segment_offsets"], [[0, 100, -1], [72, -1, -1], [0, -1, -1], [0, -1, -1]])
+    np.testing.assert_array_equal(layout["segment_lengths"], [[100, 100], [56, -1], [128, -1], [128, -1]])
+
+
+def test_layout_refuses_what_it_cannot_describe():
+    assert packed_attention.segment_layout(np.array([[1, 1, 2, 2, 1, 1]])) is None  # example 1 in two runs
+    with pytest.raises(ValueError, match=r"segment_ids of shape \(6,\)"):
+        packed_attention.segment_layout(np.array([1, 1, 2, 2, 0, 0]))
+    batch = _packed_batch(0)
+    q = jnp.zeros((4, 512, 4, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="do not describe 4 x 256 tokens"):
+        packed_attention.ragged_applies(q[:, :256], batch["segment_offsets"][:3], batch["segment_lengths"][:3])
+
+
+def test_ragged_path_does_not_apply_on_cpu_or_in_float32():
+    batch = _packed_batch(0)
+    offsets, lengths = jnp.asarray(batch["segment_offsets"]), jnp.asarray(batch["segment_lengths"])
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q = jnp.zeros((4, 512, 4, 64), dtype)
+        assert packed_attention.ragged_applies(q, offsets, lengths) is (
+            dtype == jnp.bfloat16 and jax.default_backend() == "gpu"
+            and packed_attention.ragged_applies(q, offsets, lengths))
+    if jax.default_backend() == "cpu":
+        assert not packed_attention.ragged_applies(jnp.zeros((4, 512, 4, 64), jnp.bfloat16), offsets, lengths)
+
+
+def test_microbatches_split_the_layout_with_their_rows():
+    batch = _packed_batch(4)
+    micro = _microbatches(batch, 2)
+    for i in range(2):
+        one = {k: v[i] for k, v in micro.items()}
+        B, T = one["segment_ids"].shape
+        mask = packed_attention.layout_mask(one["segment_offsets"], one["segment_lengths"], B, T)
+        real = np.broadcast_to((one["segment_ids"] > 0)[:, None, :, None], mask.shape)
+        np.testing.assert_array_equal(mask[real], _segment_mask(one["segment_ids"])[real])
+
+
+CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, rope_theta=10000.0)
+
+
+def test_batch_loss_passes_the_layout_only_to_losses_that_take_it():
+    model = Llama(CONFIG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    batch = {k: jnp.asarray(v) for k, v in _packed_batch(5, max_len=256).items()}
+    seen = {}
+
+    def named(model, input_ids, labels, *, segment_ids=None, positions=None, dropout_rng=None):
+        seen["named"] = True
+        return causal_lm_loss(model, input_ids, labels, segment_ids=segment_ids, positions=positions)
+
+    def any_keywords(model, input_ids, labels, **kw):
+        seen["any"] = sorted(kw)
+        return causal_lm_loss(model, input_ids, labels, **kw)
+
+    plain = batch_loss(model, batch, loss_fn=named)
+    with_layout = batch_loss(model, batch, loss_fn=any_keywords)
+    assert seen == {"named": True, "any": sorted(["dropout_rng", "positions", "segment_ids",
+                                                   *packed_attention.SEGMENT_KEYS])}
+    assert float(plain[0]) == float(with_layout[0]) and int(plain[1]) == int(with_layout[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_ragged_attention_equals_the_reference(dtype):
+    """cuDNN's ragged path against the float32 reference with the segment mask, forward and every gradient, on the
+    real tokens (B 4, T 512, GQA 8/2 heads of 64)."""
+    batch = _packed_batch(6)
+    ids = jnp.asarray(batch["segment_ids"])
+    B, T = ids.shape
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (B, T, 8, 64), dtype)
+    k, v = (jax.random.normal(key, (B, T, 2, 64), dtype) for key in keys[1:3])
+    g = jax.random.normal(keys[3], (B, T, 8, 64), jnp.float32)
+    segments = (jnp.asarray(batch["segment_offsets"]), jnp.asarray(batch["segment_lengths"]))
+    assert packed_attention.ragged_applies(q, *segments)
+    real = (ids > 0)[:, :, None, None]
+
+    def loss(attend, q, k, v):
+        return jnp.sum(jnp.where(real, attend(q, k, v).astype(jnp.float32) * g, 0.0))
+
+    ragged = lambda q, k, v: attention(q, k, v, None, segments=segments)  # noqa: E731
+    ref = lambda q, k, v: attention_reference(q, k, v, _segment_mask(ids))  # noqa: E731
+    out = jnp.where(real, ragged(q, k, v).astype(jnp.float32), 0)
+    out_ref = jnp.where(real, ref(*(t.astype(jnp.float32) for t in (q, k, v))), 0)
+    assert rel_err(out, out_ref) < 1e-2
+    assert bool(jnp.isfinite(ragged(q, k, v)).all())  # padding outputs too
+    grads = jax.grad(lambda *t: loss(ragged, *t), argnums=(0, 1, 2))(q, k, v)
+    grads_ref = jax.grad(lambda *t: loss(ref, *t), argnums=(0, 1, 2))(*(t.astype(jnp.float32) for t in (q, k, v)))
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [False, "dots", "unsloth"])
+def test_model_loss_and_gradients_with_the_layout_equal_the_mask_path(mode):
+    model = Llama(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    model.model.gradient_checkpointing = mode
+    batch = {k: jnp.asarray(v) for k, v in _packed_batch(7, max_len=256).items()}
+    batch["input_ids"] = batch["input_ids"] % CONFIG.vocab_size
+    batch["labels"] = jnp.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % CONFIG.vocab_size)
+    without = {k: v for k, v in batch.items() if k not in packed_attention.SEGMENT_KEYS}
+    graphdef, state = nnx.split(model)
+
+    def loss(state, batch):
+        s, n = batch_loss(nnx.merge(graphdef, state), batch)
+        return s / n
+
+    (value, grads), (value_ref, grads_ref) = (jax.jit(jax.value_and_grad(loss))(state, b) for b in (batch, without))
+    assert abs(float(value) - float(value_ref)) < 1e-2 * abs(float(value_ref))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert rel_err(a, b) < 3e-2
+    # The ragged path ran, and the [B, 1, T, S] mask it does not need was not computed (B 4, T 256).
+    compiled = {name: jax.jit(jax.grad(loss)).lower(state, b).compile().as_text() for name, b in
+                (("ragged", batch), ("mask", without))}
+    assert "[4,1,256,256]" in compiled["mask"] and "[4,1,256,256]" not in compiled["ragged"]
