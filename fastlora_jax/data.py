@@ -11,10 +11,10 @@ Labels are aligned with input_ids (the loss shifts them); -100 marks tokens the 
 `train_on_responses_only` only the assistant answers / completions keep their labels.
 
 Batches are dicts of int32 numpy arrays [B, T]: "input_ids", "labels" and, for packed rows, "segment_ids" (1, 2, ...
-per example, 0 on padding), "positions" (restarting at 0 in each segment) and the segments' ragged layout for cuDNN
-("segment_offsets" [R, M + 1], "segment_lengths" [R, M]; `fastlora_jax.packed_attention`). Unpacked rows are padded
-on the right, which needs no attention mask under causal attention: padding comes after every real token and is
-never a label.
+per example, 0 on padding), "positions" (restarting at 0 in each segment) and, given their shapes (`ragged_layouts`),
+the segments' ragged layout for cuDNN ("segment_offsets" [R, M + 1], "segment_lengths" [R, M];
+`fastlora_jax.packed_attention`). Unpacked rows are padded on the right, which needs no attention mask under causal
+attention: padding comes after every real token and is never a label.
 T is rounded up to one of a few length buckets, so a run compiles the train step a few times at most.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fastlora_jax.packed_attention import segment_layout
+from fastlora_jax.packed_attention import layout_plan, segment_layout
 
 IGNORE_INDEX = -100
 MIN_BUCKET = 64
@@ -283,9 +283,10 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 
 def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
-            pad_token_id: int = 0) -> dict[str, np.ndarray]:
+            pad_token_id: int = 0, layouts: dict[int, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """Pads `rows` into a batch of `batch_size` rows (missing rows are empty: all labels -100) of a bucketed length.
-    Packed rows (with "segment_ids") also get their ragged layout, "segment_offsets" / "segment_lengths"
+    Packed rows (with "segment_ids") of a length T in `layouts` ({T: (chunk, slots)}, from `ragged_layouts`) also
+    get their ragged layout of that shape, "segment_offsets" / "segment_lengths"
     (`fastlora_jax.packed_attention.segment_layout`), with which cuDNN attends within each example only."""
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
@@ -296,9 +297,18 @@ def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: 
     for b, row in enumerate(rows):
         for k in keys:
             batch[k][b, : len(row[k])] = row[k]
-    if "segment_ids" in batch:
-        batch.update(segment_layout(batch["segment_ids"]) or {})
+    if "segment_ids" in batch and layouts and T in layouts:
+        chunk, slots = layouts[T]
+        batch.update(segment_layout(batch["segment_ids"], chunk=chunk, slots=slots) or {})
     return batch
+
+
+def ragged_layouts(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """The ragged layout shapes ({T: (chunk, slots)}) for every batch of packed `rows` (`packed_attention.layout_plan`);
+    {} for rows that are not packed."""
+    if not rows or "segment_ids" not in rows[0]:
+        return {}
+    return layout_plan(rows, buckets)
 
 
 def num_batches(n_rows: int, batch_size: int) -> int:
@@ -314,12 +324,14 @@ def epoch_order(n_rows: int, *, seed: int, epoch: int, shuffle: bool = True) -> 
 
 def iterate_batches(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
                     pad_token_id: int = 0, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                    start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of one epoch, from batch index `start` on (resuming skips without collating)."""
+                    start: int = 0, layouts: dict[int, tuple[int, int]] | None = None
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of one epoch, from batch index `start` on (resuming skips without collating); `layouts`: packed
+    rows' ragged layout shapes (`ragged_layouts`), or None for none."""
     order = epoch_order(len(rows), seed=seed, epoch=epoch, shuffle=shuffle)
     for k in range(start, num_batches(len(rows), batch_size)):
         chosen = [rows[i] for i in order[k * batch_size: (k + 1) * batch_size]]
-        yield collate(chosen, batch_size=batch_size, buckets=buckets, pad_token_id=pad_token_id)
+        yield collate(chosen, batch_size=batch_size, buckets=buckets, pad_token_id=pad_token_id, layouts=layouts)
 
 
 def count_tokens(batch: dict[str, np.ndarray], pad_token_id: int = 0) -> int:

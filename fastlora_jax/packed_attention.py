@@ -11,7 +11,9 @@ into R = B * T / C chunks of C tokens (C divides T and holds the longest example
 that start in it: offsets [R, M + 1] (from the chunk's start) and lengths [R, M], -1 past the last piece. An
 example is one piece; a padding run is cut at chunk edges (no real token and no loss term reads a padding output).
 cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C
-and M are kept small, each a power of two (few distinct shapes, so few compiles). `ragged_applies` says where this
+and M are kept small, each a power of two. SFTTrainer fixes one (C, M) per padded length for the whole run
+(`layout_plan` over the packed dataset): the layout adds no compiles, and where that shape's workspace is over the
+limit (many short examples a row) the mask path runs, as before the layout existed. `ragged_applies` says where this
 path runs; elsewhere the model uses the segment-id mask, with the same results on every real token.
 
 The ragged call goes through `jax._src.cudnn.fused_attention_stablehlo`: jax.nn.dot_product_attention (0.10-0.11)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +39,13 @@ _CUDNN_MODULE = "jax._src.cudnn.fused_attention_stablehlo"
 _MIN_CUDNN = 90600
 
 
-def segment_layout(segment_ids: np.ndarray) -> dict[str, np.ndarray] | None:
+def segment_layout(segment_ids: np.ndarray, *, chunk: int | None = None,
+                   slots: int | None = None) -> dict[str, np.ndarray] | None:
     """{"segment_offsets" [R, M + 1], "segment_lengths" [R, M]} int32 for segment_ids [B, T] (0 = padding), or None
-    when an example id comes back after another one (a segment that is not one run has no ragged layout)."""
+    when an example id comes back after another one (a segment that is not one run has no ragged layout).
+
+    chunk (C) and slots (M) fix the shape (a run's `layout_plan`, so that every batch of a length compiles once);
+    None: the smallest that hold this batch. ValueError where a given C or M does not hold it."""
     ids = np.asarray(segment_ids)
     if ids.ndim != 2 or ids.size == 0:
         raise ValueError(f"segment_ids of shape {ids.shape}; accepted: [B, T] with B, T >= 1")
@@ -53,7 +60,11 @@ def segment_layout(segment_ids: np.ndarray) -> dict[str, np.ndarray] | None:
     if len(np.unique(row_ids, axis=0)) < len(row_ids):
         return None
     longest = int((ends - starts)[real].max(initial=1))
-    chunk = _chunk_length(T, longest)
+    if chunk is None:
+        chunk = _chunk_length(T, longest)
+    elif T % chunk or chunk < longest:
+        raise ValueError(f"chunk={chunk} for rows of {T} tokens whose longest example has {longest}; accepted: a "
+                         f"divisor of {T} >= {longest}")
     # padding runs cut at chunk edges
     cuts = np.arange(0, flat.size, chunk)
     cuts = cuts[(flat[cuts] == 0) & ~run_start[cuts]]
@@ -62,12 +73,34 @@ def segment_layout(segment_ids: np.ndarray) -> dict[str, np.ndarray] | None:
     rows = starts // chunk
     rank = np.arange(len(starts)) - np.searchsorted(rows, rows)  # [pieces] place within its chunk row
     R = flat.size // chunk
-    M = 1 << int(np.bincount(rows, minlength=R).max() - 1).bit_length()
-    offsets = np.full((R, M + 1), -1, np.int32)
-    sizes = np.full((R, M), -1, np.int32)
+    needed = int(np.bincount(rows, minlength=R).max())
+    if slots is None:
+        slots = 1 << (needed - 1).bit_length()
+    elif slots < needed:
+        raise ValueError(f"slots={slots}, but a chunk of {chunk} tokens starts {needed} pieces; accepted: >= {needed}")
+    offsets = np.full((R, slots + 1), -1, np.int32)
+    sizes = np.full((R, slots), -1, np.int32)
     offsets[rows, rank] = starts - rows * chunk
     sizes[rows, rank] = lengths
     return {"segment_offsets": offsets, "segment_lengths": sizes}
+
+
+def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """{padded length T: (chunk C, slots M)} that hold every batch of packed `rows` (with "segment_ids") padded to T:
+    one layout shape per length, so ragged attention adds no compiles. Lengths no row fits are left out."""
+    plan = {}
+    for T in buckets:
+        fitting = [r["segment_ids"] for r in rows if len(r["segment_ids"]) <= T]
+        if not fitting:
+            continue
+        ids = np.zeros((len(fitting), T), np.int32)  # every fitting row, padded to T
+        for i, row in enumerate(fitting):
+            ids[i, :len(row)] = row
+        layout = segment_layout(ids)
+        if layout is not None:
+            R, M = layout["segment_lengths"].shape
+            plan[T] = (ids.size // R, M)
+    return plan
 
 
 def _chunk_length(T: int, longest: int) -> int:

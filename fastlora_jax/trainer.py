@@ -131,6 +131,8 @@ class SFTTrainer:
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         self.train_rows = self._rows(train_dataset, "train_dataset", self.args.packing, collator_labels)
+        # one ragged attention layout shape per padded length for packed rows (no extra compiles)
+        self.layouts = data_lib.ragged_layouts(self.train_rows, self.buckets)
         self.eval_rows = (None if eval_dataset is None else
                           self._rows(eval_dataset, "eval_dataset", False, collator_labels))
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -252,7 +254,7 @@ class SFTTrainer:
                 if e != epoch:
                     epoch, batches = e, data_lib.iterate_batches(
                         self.train_rows, batch_size=self.rows_per_step, buckets=self.buckets,
-                        pad_token_id=self.pad_token_id, seed=seed, epoch=e, start=k)
+                        pad_token_id=self.pad_token_id, seed=seed, epoch=e, start=k, layouts=self.layouts)
                 batch = next(batches)
                 metrics = step_fn(batch)
                 step = step_fn.step

@@ -23,7 +23,9 @@ def _packed_batch(seed: int, *, batch_size: int = 4, max_len: int = 512, n_rows:
     rows = [{"input_ids": rng.integers(1, 50, n).astype(np.int32), "labels": rng.integers(1, 50, n).astype(np.int32)}
             for n in rng.integers(1, longest, n_rows)]
     packed = data.pack_rows(rows, max_len)
-    return data.collate(packed[:batch_size], batch_size=batch_size, buckets=data.length_buckets(max_len))
+    buckets = data.length_buckets(max_len)
+    return data.collate(packed[:batch_size], batch_size=batch_size, buckets=buckets,
+                        layouts=data.ragged_layouts(packed, buckets))
 
 
 def _segment_mask(segment_ids: np.ndarray) -> np.ndarray:
@@ -83,8 +85,34 @@ def test_layout_chunk_holds_the_longest_example_and_m_counts_pieces():
     np.testing.assert_array_equal(layout["segment_lengths"], [[100, 100], [56, -1], [128, -1], [128, -1]])
 
 
+def test_a_run_has_one_layout_shape_per_length_and_it_holds_every_batch():
+    rng = np.random.default_rng(8)
+    rows = [{"input_ids": np.ones(n, np.int32), "labels": np.ones(n, np.int32)} for n in rng.integers(1, 300, 300)]
+    packed = data.pack_rows(rows, 512) + data.pack_rows(rows[:3], 512)  # and a short row, for a smaller length
+    buckets = data.length_buckets(512)
+    layouts = data.ragged_layouts(packed, buckets)
+    assert set(layouts) >= {512}
+    shapes = {}
+    for epoch in range(3):
+        for batch in data.iterate_batches(packed, batch_size=3, buckets=buckets, epoch=epoch, layouts=layouts):
+            T = batch["input_ids"].shape[1]
+            chunk, slots = layouts[T]
+            assert batch["segment_lengths"].shape == (3 * T // chunk, slots)
+            shapes.setdefault(T, set()).add(tuple(batch[k].shape for k in sorted(batch)))
+            assert (packed_attention.segment_layout(batch["segment_ids"])["segment_lengths"].shape[1] <= slots)
+    assert all(len(s) == 1 for s in shapes.values())  # one compile per padded length, as without the layout
+    assert data.ragged_layouts(rows, buckets) == {}  # rows that are not packed
+    unpacked = next(data.iterate_batches(rows, batch_size=3, buckets=buckets, layouts=layouts))
+    assert not set(packed_attention.SEGMENT_KEYS) & set(unpacked)
+
+
 def test_layout_refuses_what_it_cannot_describe():
     assert packed_attention.segment_layout(np.array([[1, 1, 2, 2, 1, 1]])) is None  # example 1 in two runs
+    ids = np.repeat(np.arange(1, 9, dtype=np.int32), 64)[None]  # eight 64-token examples in one row of 512
+    with pytest.raises(ValueError, match="chunk=32 for rows of 512 tokens whose longest example has 64"):
+        packed_attention.segment_layout(ids, chunk=32)
+    with pytest.raises(ValueError, match="slots=1, but a chunk of 128 tokens starts 2 pieces"):
+        packed_attention.segment_layout(ids, chunk=128, slots=1)
     with pytest.raises(ValueError, match=r"segment_ids of shape \(6,\)"):
         packed_attention.segment_layout(np.array([1, 1, 2, 2, 0, 0]))
     batch = _packed_batch(0)
