@@ -124,13 +124,17 @@ def test_layout_refuses_what_it_cannot_describe():
 def test_ragged_path_does_not_apply_on_cpu_or_in_float32():
     batch = _packed_batch(0)
     offsets, lengths = jnp.asarray(batch["segment_offsets"]), jnp.asarray(batch["segment_lengths"])
-    for dtype in (jnp.float32, jnp.bfloat16):
-        q = jnp.zeros((4, 512, 4, 64), dtype)
-        assert packed_attention.ragged_applies(q, offsets, lengths) is (
-            dtype == jnp.bfloat16 and jax.default_backend() == "gpu"
-            and packed_attention.ragged_applies(q, offsets, lengths))
+    assert not packed_attention.ragged_applies(jnp.zeros((4, 512, 4, 64), jnp.float32), offsets, lengths)
+    assert not packed_attention.ragged_applies(jnp.zeros((4, 512, 4, 260), jnp.bfloat16), offsets, lengths)
     if jax.default_backend() == "cpu":
         assert not packed_attention.ragged_applies(jnp.zeros((4, 512, 4, 64), jnp.bfloat16), offsets, lengths)
+
+
+def test_the_workspace_limit_allows_the_8b_packed_step_and_refuses_long_rows_of_many_examples():
+    limit = packed_attention.WORKSPACE_LIMIT_BYTES
+    assert packed_attention.workspace_bytes((4, 2048, 32, 128), (16, 8)) <= limit  # 8B, 4 x 2048, M 8
+    assert packed_attention.workspace_bytes((4, 2048, 32, 128), (16, 16)) > limit
+    assert packed_attention.workspace_bytes((1, 16384, 32, 128), (32, 64)) == 32 << 30  # the measured request
 
 
 def test_microbatches_split_the_layout_with_their_rows():
