@@ -159,14 +159,21 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Arra
     return out.reshape(B, T, N, H)
 
 
-def layout_mask(offsets: np.ndarray, lengths: np.ndarray, B: int, T: int) -> np.ndarray:
-    """[B, 1, T, T] bool: which tokens share a piece (causality not included); what the layout tells cuDNN, for
-    tests and for reading a layout."""
-    R = lengths.shape[0]
+def layout_pieces(offsets: np.ndarray, lengths: np.ndarray, B: int, T: int) -> np.ndarray:
+    """[B, T] the piece of the layout each token belongs to (-1: none), as cuDNN reads it; ValueError where two
+    pieces overlap. For tests and for reading a layout."""
+    R, M = lengths.shape
     chunk = B * T // R
     piece = np.full(B * T, -1)
     for r, m in zip(*np.nonzero(lengths >= 0)):
         start = r * chunk + offsets[r, m]
-        piece[start:start + lengths[r, m]] = r * lengths.shape[1] + m
-    piece = piece.reshape(B, T)
+        if (piece[start:start + lengths[r, m]] >= 0).any():
+            raise ValueError(f"piece ({r}, {m}) of the layout overlaps another at tokens {start}..")
+        piece[start:start + lengths[r, m]] = r * M + m
+    return piece.reshape(B, T)
+
+
+def layout_mask(offsets: np.ndarray, lengths: np.ndarray, B: int, T: int) -> np.ndarray:
+    """[B, 1, T, T] bool: which tokens share a piece (causality not included): the attention the layout allows."""
+    piece = layout_pieces(offsets, lengths, B, T)
     return (piece[:, None, :, None] == piece[:, None, None, :]) & (piece[:, None, :, None] >= 0)

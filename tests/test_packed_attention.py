@@ -32,19 +32,6 @@ def _segment_mask(segment_ids: np.ndarray) -> np.ndarray:
     return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
 
 
-def _pieces(layout: dict, B: int, T: int) -> np.ndarray:
-    """[B, T] the piece each token belongs to (-1: none), as cuDNN reads the layout."""
-    offsets, lengths = layout["segment_offsets"], layout["segment_lengths"]
-    R, M = lengths.shape
-    chunk = B * T // R
-    piece = np.full(B * T, -1)
-    for r, m in zip(*np.nonzero(lengths >= 0)):
-        start = r * chunk + offsets[r, m]
-        assert (piece[start:start + lengths[r, m]] == -1).all(), "pieces overlap"
-        piece[start:start + lengths[r, m]] = r * M + m
-    return piece.reshape(B, T)
-
-
 @pytest.mark.parametrize("seed,longest", [(0, 200), (1, 60), (2, 500), (3, 2)])
 def test_layout_covers_every_token_once_and_each_example_whole(seed, longest):
     batch = _packed_batch(seed, longest=longest)
@@ -61,7 +48,7 @@ def test_layout_covers_every_token_once_and_each_example_whole(seed, longest):
     assert (lengths[valid] >= 1).all() and (lengths[valid] <= chunk).all()  # cuDNN's sequences are <= C tokens
     assert (offsets[:, :M][valid] < chunk).all()  # each piece starts in its own chunk row
     assert valid[:, 0].any() and (np.diff(valid.astype(int), axis=1) <= 0).all()  # -1 only after the last piece
-    piece = _pieces(batch, B, T)
+    piece = packed_attention.layout_pieces(offsets, lengths, B, T)  # raises where pieces overlap
     assert (piece >= 0).all()  # padding too: no output left unwritten
     for b in range(B):
         for s in np.unique(ids[b][ids[b] > 0]):
@@ -113,6 +100,8 @@ def test_layout_refuses_what_it_cannot_describe():
         packed_attention.segment_layout(ids, chunk=32)
     with pytest.raises(ValueError, match="slots=1, but a chunk of 128 tokens starts 2 pieces"):
         packed_attention.segment_layout(ids, chunk=128, slots=1)
+    with pytest.raises(ValueError, match=r"piece \(0, 1\) of the layout overlaps another at tokens 3"):
+        packed_attention.layout_pieces(np.array([[0, 3, -1]]), np.array([[4, 4]]), 1, 8)
     with pytest.raises(ValueError, match=r"segment_ids of shape \(6,\)"):
         packed_attention.segment_layout(np.array([1, 1, 2, 2, 0, 0]))
     batch = _packed_batch(0)
