@@ -231,9 +231,9 @@ class LlamaModel(nnx.Module):
                  cache: KVCache | None = None, dropout_rng=None, segment_offsets=None, segment_lengths=None):
         """input_ids [B, T] -> (hidden states [B, T, D] after the final norm, updated cache or None).
 
-        segment_offsets / segment_lengths: the ragged layout of `segment_ids` (`packed_attention.segment_layout`,
-        which data.collate adds to packed batches); with it, packed rows' attention runs on cuDNN's ragged path where
-        that applies (same results, less time). Ignored under a mesh, with an attention_mask or a cache."""
+        segment_offsets / segment_lengths: the ragged layout of `segment_ids` (`packed_attention.segment_layout`;
+        SFTTrainer's packed batches carry it); with it, packed rows' attention runs on cuDNN's ragged path where that
+        applies (same results, less time). Ignored under a mesh, with an attention_mask or a cache."""
         x = self.embed_tokens(input_ids)  # [B, T, D]
         inputs, positions = _attention_inputs(input_ids, attention_mask, positions, segment_ids, cache)
         if (segment_ids is not None and segment_offsets is not None and segment_lengths is not None

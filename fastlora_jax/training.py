@@ -79,7 +79,7 @@ def _takes_keywords(fn, names) -> bool:
     """True when fn(**{name: ...}) binds every name (named parameters or **kwargs)."""
     try:
         params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: pass everything, as before the layout existed
+    except (TypeError, ValueError):  # no signature to read: pass every key
         return True
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return any(p.kind == p.VAR_KEYWORD for p in params) or set(names) <= named
