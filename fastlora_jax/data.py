@@ -24,11 +24,11 @@ import bisect
 import json
 import os
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fastlora_jax.packed_attention import layout_plan, segment_layout
+from fastlora_jax.packed_attention import layout_fits, layout_plan, segment_layout
 
 IGNORE_INDEX = -100
 MIN_BUCKET = 64
@@ -286,7 +286,7 @@ def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: 
             pad_token_id: int = 0, layouts: dict[int, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """Pads `rows` into a batch of `batch_size` rows (missing rows are empty: all labels -100) of a bucketed length.
     Packed rows (with "segment_ids") of a length T in `layouts` ({T: (chunk, slots)}, from `ragged_layouts`) also
-    get their ragged layout of that shape, "segment_offsets" / "segment_lengths"
+    get their ragged layout of that shape where it holds them, "segment_offsets" / "segment_lengths"
     (`fastlora_jax.packed_attention.segment_layout`), with which cuDNN attends within each example only."""
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
@@ -297,18 +297,19 @@ def collate(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: 
     for b, row in enumerate(rows):
         for k in keys:
             batch[k][b, : len(row[k])] = row[k]
-    if "segment_ids" in batch and layouts and T in layouts:
+    if "segment_ids" in batch and layouts and T in layouts and layout_fits(batch["segment_ids"], *layouts[T]):
         chunk, slots = layouts[T]
-        batch.update(segment_layout(batch["segment_ids"], chunk=chunk, slots=slots) or {})
+        batch.update(segment_layout(batch["segment_ids"], chunk=chunk, slots=slots))
     return batch
 
 
-def ragged_layouts(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[int, tuple[int, int]]:
-    """The ragged layout shapes ({T: (chunk, slots)}) for every batch of packed `rows` (`packed_attention.layout_plan`);
-    {} for rows that are not packed."""
+def ragged_layouts(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], *,
+                   slot_limit: Callable[[int], int] | None = None) -> dict[int, tuple[int, int]]:
+    """The ragged layout shapes ({T: (chunk, slots)}) for batches of packed `rows` (`packed_attention.layout_plan`,
+    slot_limit(T) the most slots a batch may use); {} for rows that are not packed."""
     if not rows or "segment_ids" not in rows[0]:
         return {}
-    return layout_plan(rows, buckets)
+    return layout_plan(rows, buckets, slot_limit=slot_limit)
 
 
 def num_batches(n_rows: int, batch_size: int) -> int:

@@ -11,9 +11,9 @@ into R = B * T / C chunks of C tokens (C divides T and holds the longest example
 that start in it: offsets [R, M + 1] (from the chunk's start) and lengths [R, M], -1 past the last piece. An
 example is one piece; a padding run is cut at chunk edges (no real token and no loss term reads a padding output).
 cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C
-and M are kept small, each a power of two. SFTTrainer fixes one (C, M) per padded length for the whole run
-(`layout_plan` over the packed dataset): the layout adds no compiles, and where that shape's workspace is over the
-limit (many short examples a row) the mask path runs, as before the layout existed. `ragged_applies` says where this
+and M are kept small, each a power of two. On a GPU, SFTTrainer fixes one (C, M) per padded length for the whole run
+(`layout_plan` over the packed dataset), the one under the workspace limit that most rows fit: batches whose rows all
+fit get the layout, the others (rows of many short examples) the mask path, so a length compiles at most twice. `ragged_applies` says where this
 path runs; elsewhere the model uses the segment-id mask, with the same results on every real token.
 
 The ragged call goes through `jax._src.cudnn.fused_attention_stablehlo`: jax.nn.dot_product_attention (0.10-0.11)
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,34 +45,22 @@ def segment_layout(segment_ids: np.ndarray, *, chunk: int | None = None,
     when an example id comes back after another one (a segment that is not one run has no ragged layout).
 
     chunk (C) and slots (M) fix the shape (a run's `layout_plan`, so that every batch of a length compiles once);
-    None: the smallest that hold this batch. ValueError where a given C or M does not hold it."""
-    ids = np.asarray(segment_ids)
-    if ids.ndim != 2 or ids.size == 0:
-        raise ValueError(f"segment_ids of shape {ids.shape}; accepted: [B, T] with B, T >= 1")
-    B, T = ids.shape
-    flat = ids.reshape(-1)
-    index = np.arange(flat.size)
-    run_start = (index % T == 0) | np.concatenate([[True], flat[1:] != flat[:-1]])
-    starts = np.flatnonzero(run_start)
-    ends = np.append(starts[1:], flat.size)
-    real = flat[starts] > 0
-    row_ids = np.stack([starts // T, flat[starts]], axis=1)[real]
-    if len(np.unique(row_ids, axis=0)) < len(row_ids):
+    None: the smallest that hold this batch. ValueError where a given C or M does not hold it (`layout_fits`)."""
+    runs = _Runs(segment_ids)
+    if not runs.contiguous:
         return None
-    longest = int((ends - starts)[real].max(initial=1))
+    T = runs.T
+    longest = int(runs.longest().max())
     if chunk is None:
         chunk = _chunk_length(T, longest)
     elif T % chunk or chunk < longest:
         raise ValueError(f"chunk={chunk} for rows of {T} tokens whose longest example has {longest}; accepted: a "
                          f"divisor of {T} >= {longest}")
-    # padding runs cut at chunk edges
-    cuts = np.arange(0, flat.size, chunk)
-    cuts = cuts[(flat[cuts] == 0) & ~run_start[cuts]]
-    starts = np.union1d(starts, cuts)
-    lengths = np.diff(np.append(starts, flat.size))
+    starts = runs.pieces(chunk)
+    lengths = np.diff(np.append(starts, runs.flat.size))
     rows = starts // chunk
     rank = np.arange(len(starts)) - np.searchsorted(rows, rows)  # [pieces] place within its chunk row
-    R = flat.size // chunk
+    R = runs.flat.size // chunk
     needed = int(np.bincount(rows, minlength=R).max())
     if slots is None:
         slots = 1 << (needed - 1).bit_length()
@@ -85,9 +73,65 @@ def segment_layout(segment_ids: np.ndarray, *, chunk: int | None = None,
     return {"segment_offsets": offsets, "segment_lengths": sizes}
 
 
-def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[int, tuple[int, int]]:
-    """{padded length T: (chunk C, slots M)} that hold every batch of packed `rows` (with "segment_ids") padded to T:
-    one layout shape per length, so ragged attention adds no compiles. Lengths no row fits are left out."""
+def layout_fits(segment_ids: np.ndarray, chunk: int, slots: int) -> bool:
+    """Whether `segment_layout(segment_ids, chunk=chunk, slots=slots)` holds these rows [B, T]."""
+    runs = _Runs(segment_ids)
+    if not runs.contiguous or runs.T % chunk:
+        return False
+    longest, needed = runs.longest(), runs.pieces_per_chunk(chunk)
+    return bool((longest <= chunk).all() and (needed <= slots).all())
+
+
+class _Runs:
+    """The runs of equal segment ids of rows [B, T] (each row's first token starts one), flattened."""
+
+    def __init__(self, segment_ids: np.ndarray):
+        ids = np.asarray(segment_ids)
+        if ids.ndim != 2 or ids.size == 0:
+            raise ValueError(f"segment_ids of shape {ids.shape}; accepted: [B, T] with B, T >= 1")
+        self.B, self.T = ids.shape
+        self.flat = ids.reshape(-1)
+        index = np.arange(self.flat.size)
+        self.run_start = (index % self.T == 0) | np.concatenate([[True], self.flat[1:] != self.flat[:-1]])
+        self.starts = np.flatnonzero(self.run_start)  # [runs]
+        self.real = self.flat[self.starts] > 0
+        row_ids = np.stack([self.starts // self.T, self.flat[self.starts]], axis=1)[self.real]
+        self.contiguous = len(np.unique(row_ids, axis=0)) == len(row_ids)
+
+    def longest(self) -> np.ndarray:
+        """[B] each row's longest example (1 for a row of padding)."""
+        lengths = np.diff(np.append(self.starts, self.flat.size))
+        out = np.ones(self.B, np.int64)
+        np.maximum.at(out, self.starts[self.real] // self.T, lengths[self.real])
+        return out
+
+    def pieces(self, chunk: int) -> np.ndarray:
+        """[pieces] sorted starts: the runs, with padding runs also cut at every chunk edge."""
+        cuts = np.arange(0, self.flat.size, chunk)
+        return np.union1d(self.starts, cuts[(self.flat[cuts] == 0) & ~self.run_start[cuts]])
+
+    def pieces_per_chunk(self, chunk: int) -> np.ndarray:
+        """[B] the most pieces a chunk of each row starts."""
+        counts = np.bincount(self.pieces(chunk) // chunk, minlength=self.flat.size // chunk)
+        return counts.reshape(self.B, self.T // chunk).max(axis=1)
+
+
+def max_slots(batch_size: int, T: int, width: int) -> int:
+    """The most slots M (a power of two) whose workspace stays within WORKSPACE_LIMIT_BYTES for batch_size rows of
+    T tokens and width = N * H query features; 0 where not even one does."""
+    M = 1
+    while workspace_bytes((batch_size, T, 1, width), (1, M)) <= WORKSPACE_LIMIT_BYTES:
+        M *= 2
+    return M // 2
+
+
+def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], *,
+                slot_limit: Callable[[int], int] | None = None) -> dict[int, tuple[int, int]]:
+    """{padded length T: (chunk C, slots M)} for packed `rows` (with "segment_ids") padded to T: one layout shape per
+    length. slot_limit(T): the most slots a batch may use (`max_slots`), None: no limit. C is the one that lets the
+    most rows fit within that limit (then the smallest); M holds every row that fits at C. Batches whose rows all
+    fit get the layout (`layout_fits`); the others run the segment mask (a second shape). Lengths at which no row
+    fits are left out."""
     plan = {}
     for T in buckets:
         fitting = [r["segment_ids"] for r in rows if len(r["segment_ids"]) <= T]
@@ -96,10 +140,19 @@ def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -
         ids = np.zeros((len(fitting), T), np.int32)  # every fitting row, padded to T
         for i, row in enumerate(fitting):
             ids[i, :len(row)] = row
-        layout = segment_layout(ids)
-        if layout is not None:
-            R, M = layout["segment_lengths"].shape
-            plan[T] = (ids.size // R, M)
+        runs = _Runs(ids)
+        if not runs.contiguous:
+            continue
+        limit = slot_limit(T) if slot_limit is not None else np.inf
+        longest, best = runs.longest(), None
+        chunks = {T} | {_chunk_length(T, MIN_CHUNK << k) for k in range(T.bit_length()) if MIN_CHUNK << k < T}
+        for chunk in sorted(chunks):
+            needed = runs.pieces_per_chunk(chunk)
+            ok = (longest <= chunk) & (needed <= limit)
+            if ok.any() and (best is None or ok.sum() > best[0]):
+                best = (int(ok.sum()), chunk, int(needed[ok].max()))
+        if best is not None:
+            plan[T] = (best[1], 1 << (best[2] - 1).bit_length())
     return plan
 
 

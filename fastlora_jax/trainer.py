@@ -24,9 +24,11 @@ import time
 import warnings
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
 from fastlora_jax import data as data_lib
+from fastlora_jax import packed_attention
 from fastlora_jax.checkpointing import Checkpointer, is_step_directory
 from fastlora_jax.precision import check_mixed_precision
 from fastlora_jax.sft_config import SFTConfig
@@ -131,8 +133,7 @@ class SFTTrainer:
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         self.train_rows = self._rows(train_dataset, "train_dataset", self.args.packing, collator_labels)
-        # one ragged attention layout shape per padded length for packed rows (no extra compiles)
-        self.layouts = data_lib.ragged_layouts(self.train_rows, self.buckets)
+        self.layouts = self._ragged_layouts(model)
         self.eval_rows = (None if eval_dataset is None else
                           self._rows(eval_dataset, "eval_dataset", False, collator_labels))
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -143,6 +144,17 @@ class SFTTrainer:
         self.log_history: list[dict[str, Any]] = []
         self.state = TrainerState(max_steps=self.total_steps)
         self.optimizer: AdamW | None = None  # the last train()'s
+
+    def _ragged_layouts(self, model) -> dict[int, tuple[int, int]] | None:
+        """Packed rows' ragged attention layout, one shape per padded length (`data.ragged_layouts`), where the model
+        can run it: on a GPU, without a mesh, within cuDNN's workspace limit for a micro-batch. None elsewhere."""
+        config = getattr(model, "config", None)
+        inner = getattr(model, "model", None)
+        if config is None or getattr(inner, "mesh", None) is not None or jax.default_backend() != "gpu":
+            return None
+        rows, width = self.args.per_device_train_batch_size, config.num_attention_heads * config.head_dim
+        return data_lib.ragged_layouts(self.train_rows, self.buckets,
+                                       slot_limit=lambda T: packed_attention.max_slots(rows, T, width))
 
     def _rows(self, dataset, where: str, packing: bool, collator_labels) -> list[dict[str, Any]]:
         """The dataset tokenized, with the labels `collator_labels` makes of the input_ids (if not None), packed."""

@@ -93,6 +93,44 @@ def test_a_run_has_one_layout_shape_per_length_and_it_holds_every_batch():
     assert not set(packed_attention.SEGMENT_KEYS) & set(unpacked)
 
 
+def test_a_slot_limit_gives_the_layout_to_the_batches_that_fit_and_the_mask_to_the_rest():
+    rng = np.random.default_rng(9)
+    lengths = np.concatenate([rng.integers(100, 500, 150), rng.integers(2, 12, 150)])  # gap fillers: many in a row
+    rows = [{"input_ids": np.ones(n, np.int32), "labels": np.ones(n, np.int32)} for n in lengths]
+    packed = data.pack_rows(rows, 1024)
+    buckets = data.length_buckets(1024)
+    unlimited = data.ragged_layouts(packed, buckets)
+    limit = unlimited[1024][1] // 4
+    layouts = data.ragged_layouts(packed, buckets, slot_limit=lambda T: limit)
+    chunk, slots = layouts[1024]
+    assert slots <= limit and (chunk, slots) != unlimited[1024]
+    shapes, with_layout = set(), 0
+    for batch in data.iterate_batches(packed, batch_size=2, buckets=buckets, layouts=layouts):
+        ids = batch["segment_ids"]
+        fits = packed_attention.layout_fits(ids, chunk, slots)
+        assert (set(packed_attention.SEGMENT_KEYS) <= set(batch)) == fits
+        with_layout += fits
+        shapes.add(tuple(batch[k].shape for k in sorted(batch)))
+        if fits:
+            B, T = ids.shape
+            mask = packed_attention.layout_mask(batch["segment_offsets"], batch["segment_lengths"], B, T)
+            real = np.broadcast_to((ids > 0)[:, None, :, None], mask.shape)
+            np.testing.assert_array_equal(mask[real], _segment_mask(ids)[real])
+    assert 0 < with_layout < data.num_batches(len(packed), 2) and len(shapes) == 2  # with and without the layout
+    assert data.ragged_layouts(packed, buckets, slot_limit=lambda T: 0) == {}
+
+
+def test_max_slots_keeps_the_workspace_within_the_limit():
+    assert packed_attention.max_slots(4, 2048, 32 * 128) == 8  # 8B, 4 x 2048: 2 GiB at M 8
+    assert packed_attention.max_slots(1, 16384, 32 * 128) == 4
+    assert packed_attention.max_slots(64, 16384, 64 * 128) == 0
+    for args in ((4, 2048, 4096), (2, 512, 2048), (1, 100, 64)):
+        M = packed_attention.max_slots(*args)
+        B, T, width = args
+        assert packed_attention.workspace_bytes((B, T, 1, width), (1, M)) <= packed_attention.WORKSPACE_LIMIT_BYTES
+        assert packed_attention.workspace_bytes((B, T, 1, width), (1, 2 * M)) > packed_attention.WORKSPACE_LIMIT_BYTES
+
+
 def test_layout_refuses_what_it_cannot_describe():
     assert packed_attention.segment_layout(np.array([[1, 1, 2, 2, 1, 1]])) is None  # example 1 in two runs
     ids = np.repeat(np.arange(1, 9, dtype=np.int32), 64)[None]  # eight 64-token examples in one row of 512
@@ -215,3 +253,27 @@ def test_model_loss_and_gradients_with_the_layout_equal_the_mask_path(mode):
     compiled = {name: jax.jit(jax.grad(loss)).lower(state, b).compile().as_text() for name, b in
                 (("ragged", batch), ("mask", without))}
     assert "[4,1,256,256]" in compiled["mask"] and "[4,1,256,256]" not in compiled["ragged"]
+
+
+@pytest.mark.gpu
+def test_sft_trainer_packs_with_the_layout_on_a_gpu(tmp_path):
+    """SFTTrainer(packing=True) on a GPU plans the layout and trains with it, to the losses of the mask path."""
+    from fastlora_jax.loading import random_model
+    from fastlora_jax.lora import get_peft_model
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+
+    rng = np.random.default_rng(10)
+    records = [{"input_ids": rng.integers(1, CONFIG.vocab_size, n).tolist()} for n in rng.integers(20, 120, 64)]
+    losses = {}
+    for name in ("ragged", "mask"):
+        model = random_model(CONFIG, dtype=jnp.bfloat16)
+        model = get_peft_model(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], random_state=0)
+        args = SFTConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=2,
+                         learning_rate=1e-3, max_seq_length=256, packing=True, bf16=True, logging_steps=1,
+                         save_strategy="no", disable_tqdm=True)
+        trainer = SFTTrainer(model, None, train_dataset=records, args=args)
+        assert trainer.layouts and 256 in trainer.layouts
+        if name == "mask":
+            trainer.layouts = None
+        losses[name] = [log["loss"] for log in trainer.train().log_history if "loss" in log]
+    assert len(losses["ragged"]) == 3 and np.allclose(losses["ragged"], losses["mask"], rtol=2e-2)
