@@ -13,8 +13,9 @@ example is one piece; a padding run is cut at chunk edges (no real token and no 
 cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C
 and M are kept small, each a power of two. On a GPU, SFTTrainer fixes one (C, M) per padded length for the whole run
 (`layout_plan` over the packed dataset), the one under the workspace limit that most rows fit: batches whose rows all
-fit get the layout, the others (rows of many short examples) the mask path, so a length compiles at most twice. `ragged_applies` says where this
-path runs; elsewhere the model uses the segment-id mask, with the same results on every real token.
+fit get the layout, the others (rows of many short examples) the mask path, so a length compiles at most twice.
+`ragged_applies` says where this path runs; elsewhere the model uses the segment-id mask, with the same results on
+every real token.
 
 The ragged call goes through `jax._src.cudnn.fused_attention_stablehlo`: jax.nn.dot_product_attention (0.10-0.11)
 has no argument for it. Where that module or its function is missing, the mask path runs.
