@@ -146,8 +146,8 @@ def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], *
             continue
         limit = slot_limit(T) if slot_limit is not None else np.inf
         longest, best = runs.longest(), None
-        chunks = {T} | {_chunk_length(T, MIN_CHUNK << k) for k in range(T.bit_length()) if MIN_CHUNK << k < T}
-        for chunk in sorted(chunks):
+        powers = (MIN_CHUNK << k for k in range(T.bit_length()))
+        for chunk in [c for c in powers if c < T and T % c == 0] + [T]:  # `_chunk_length`'s candidates, ascending
             needed = runs.pieces_per_chunk(chunk)
             ok = (longest <= chunk) & (needed <= limit)
             if ok.any() and (best is None or ok.sum() > best[0]):
@@ -173,13 +173,14 @@ def ragged_applies(q: jax.Array, offsets: jax.Array, lengths: jax.Array) -> bool
                          f"{B} x {T} tokens; accepted: [R, M + 1] / [R, M] with R dividing {B * T}")
     if q.dtype not in (jnp.bfloat16, jnp.float16) or H > 256 or H % 8:
         return False
-    if workspace_bytes(q.shape, lengths.shape) > WORKSPACE_LIMIT_BYTES or _cudnn_module() is None:
+    fa = _cudnn_module()
+    if workspace_bytes(q.shape, lengths.shape) > WORKSPACE_LIMIT_BYTES or fa is None:
         return False
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
     if device.platform != "gpu" or capability is None or tuple(map(int, str(capability).split("."))) < (9, 0):
         return False
-    return _cudnn_module().check_cudnn_version() >= _MIN_CUDNN
+    return fa.check_cudnn_version() >= _MIN_CUDNN
 
 
 def workspace_bytes(q_shape: tuple[int, ...], lengths_shape: tuple[int, ...]) -> int:
