@@ -7,7 +7,9 @@
 The run: tokenize (and pack) the dataset, AdamW with weight decay under a linear / cosine / constant schedule with
 warm-up, a jitted step over the trainable state only (`fastlora_jax.training`), a tqdm bar with loss, learning rate
 and tokens/s, eval loss (`eval_strategy`), orbax checkpoints in `output_dir/checkpoints` (`save_strategy`,
-`save_steps`), and a loss-curve PNG in `output_dir`; `train()` returns transformers' metrics too.
+`save_steps`), and a loss-curve PNG in `output_dir`; `train()` returns transformers' metrics too. The loop waits for
+each step's loss (its logs, the non-finite check and the callbacks see every step), but prepares the next batch while
+the device runs the step.
 `resume_from_checkpoint=True` continues from the latest checkpoint with the same data order, rng and optimizer state,
 so its losses equal those of an uninterrupted run. Checkpoints the run must not mix with its own are moved, never
 deleted, into `output_dir/checkpoints.earlier/<UTC time>/`, with a warning: an earlier run's, when a run starts
@@ -22,7 +24,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -258,21 +260,22 @@ class SFTTrainer:
             bar = tqdm(total=total, initial=step_fn.step, desc="training", dynamic_ncols=True,
                        disable=args.disable_tqdm)
             meter = _Throughput(start)
-            epoch, batches = None, None
+            upcoming = self._batches_from(step_fn.step, seed)
+            batch = next(upcoming) if step_fn.step < total else None
+            host = _host_device()
             self.state = TrainerState(global_step=step_fn.step, max_steps=total,
                                       epoch=step_fn.step / self.steps_per_epoch, log_history=logs)
-            while step_fn.step < total:
-                e, k = divmod(step_fn.step, self.steps_per_epoch)
-                if e != epoch:
-                    epoch, batches = e, data_lib.iterate_batches(
-                        self.train_rows, batch_size=self.rows_per_step, buckets=self.buckets,
-                        pad_token_id=self.pad_token_id, seed=seed, epoch=e, start=k, layouts=self.layouts)
-                batch = next(batches)
-                metrics = step_fn(batch)
+            while batch is not None:
+                metrics = step_fn(batch)  # dispatched: the device runs it while the host prepares what follows
                 step = step_fn.step
-                lr = float(schedule(step))  # as transformers logs it: the rate of the next step
-                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-                if not bool(metrics["finite"]):
+                following = next(upcoming) if step < total else None
+                rows = int(np.count_nonzero((batch["labels"] != data_lib.IGNORE_INDEX).any(axis=1)))
+                tokens = data_lib.count_tokens(batch, self.pad_token_id)
+                with jax.default_device(host):  # the schedule's jnp ops on the host: none wait behind the step
+                    lr = float(schedule(step))  # as transformers logs it: the rate of the next step
+                fetched = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "finite")})  # waits
+                loss, grad_norm = float(fetched["loss"]), float(fetched["grad_norm"])
+                if not bool(fetched["finite"]):
                     manager.wait()
                     last = manager.latest_step()
                     kept = (f"the last checkpoint is step {last} in {manager.directory}" if last is not None
@@ -282,8 +285,7 @@ class SFTTrainer:
                     raise FloatingPointError(f"training stopped at step {step}: loss={loss}, grad_norm={grad_norm} "
                                              f"({reason}); the model keeps the weights before step {step}; {kept}")
                 losses.append((step, loss))
-                rows = int(np.count_nonzero((batch["labels"] != data_lib.IGNORE_INDEX).any(axis=1)))
-                meter.add(loss, data_lib.count_tokens(batch, self.pad_token_id), rows)
+                meter.add(loss, tokens, rows)
                 total_flos += (flops_per_token or 0.0) * rows * batch["input_ids"].shape[1]
                 self.state.global_step, self.state.epoch = step, step / self.steps_per_epoch
                 bar.update(1)
@@ -310,6 +312,7 @@ class SFTTrainer:
                         manager.save(step_fn, meta=self._meta(step_fn.step, seed, losses, evals, logs, total_flos))
                 for callback in self.callbacks:
                     callback(self, {"step": step, "loss": loss, "learning_rate": lr, "grad_norm": grad_norm})
+                batch = following
         finally:
             if bar is not None:
                 bar.close()
@@ -325,6 +328,15 @@ class SFTTrainer:
         return TrainOutput(
             global_step=step_fn.step, training_loss=metrics["train_loss"], loss_history=losses, eval_history=evals,
             log_history=logs, plot_path=plot_path, checkpoint_dir=manager.directory, metrics=metrics)
+
+    def _batches_from(self, step: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        """The training batches from update `step` on, epoch after epoch (each epoch's order from `seed`)."""
+        epoch, start = divmod(step, self.steps_per_epoch)
+        while True:
+            yield from data_lib.iterate_batches(
+                self.train_rows, batch_size=self.rows_per_step, buckets=self.buckets, pad_token_id=self.pad_token_id,
+                seed=seed, epoch=epoch, start=start, layouts=self.layouts)
+            epoch, start = epoch + 1, 0
 
     def _due(self, strategy: str, every: int, step: int, total: int) -> bool:
         """Whether an eval / save strategy ("no", "steps" every `every` steps, "epoch") acts after `step`; "steps"
@@ -406,6 +418,15 @@ def _collator_labels(collator) -> Callable[[np.ndarray], np.ndarray] | None:
             return lambda ids: np.where(ids == pad, data_lib.IGNORE_INDEX, ids).astype(np.int32)
     raise TypeError(f"data_collator={name}: the trainer batches token rows itself (right padding, labels -100 on "
                     f"padding and ignored tokens); {accepted}")
+
+
+def _host_device():
+    """The CPU device, where the loop evaluates the learning-rate schedule for its logs (a few jnp ops that would
+    otherwise queue behind the step on an accelerator); None (the default device) where JAX_PLATFORMS leaves none."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 class _Throughput:
