@@ -9,8 +9,8 @@ default max_grad_norm 1.0) and the guard that skips a non-finite update. `train_
 step adds. The same random-weight model (`train_step.build`), the same flags (--mode, --layer-loop, --qlora, --optim,
 ...); --packed N: every row packs N examples (segment ids and positions, as SFTTrainer(packing=True) builds them),
 so attention runs with segments; --packed-attention ragged (default: their ragged layout, as data.collate adds it) or
-mask (segment ids alone: the [B, 1, T, S] mask path). One JSON line: tokens/s (median step after --warmup), peak GPU memory
-(peak_bytes_in_use, XLA_PYTHON_CLIENT_PREALLOCATE=false), first-call seconds (compile + one step).
+mask (segment ids alone: the [B, 1, T, S] mask path). One JSON line: tokens/s (median step after --warmup), peak GPU
+memory (peak_bytes_in_use, XLA_PYTHON_CLIENT_PREALLOCATE=false), first-call seconds (compile + one step).
 """
 
 from __future__ import annotations
@@ -50,13 +50,18 @@ def host_batch(config, batch: int, seq: int, packed: int, seed: int = 1, ragged:
 
 
 def run(args) -> dict:
+    t_start = time.perf_counter()
+    model, config = train_step.build(args)
+    return time_step(model, config, args, t_start)
+
+
+def time_step(model, config, args, t_start: float) -> dict:
+    """The JSON line's fields for `model` (built at `t_start`, a time.perf_counter()) under `args`."""
     import jax
     import numpy as np
 
     from fastlora_jax.training import make_train_step
 
-    t_start = time.perf_counter()
-    model, config = train_step.build(args)
     step = make_train_step(model, train_step.library_adamw(args.optim or "adamw_torch"),
                            max_grad_norm=args.max_grad_norm)
     batch = host_batch(config, args.batch, args.seq, args.packed, ragged=args.packed_attention == "ragged")
@@ -72,6 +77,7 @@ def run(args) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times[args.warmup:]))
+    useful = train_step.useful_flops(config, args.batch, args.seq, args.packed)  # packed: each example's attention
     stats = jax.devices()[0].memory_stats() or {}
     return dict(system="fastlora-jax make_train_step", model=args.model, layers=config.num_hidden_layers,
                 batch=args.batch, seq=args.seq, mode=str(args.mode), qlora=args.qlora, layer_loop=args.layer_loop,
@@ -80,7 +86,7 @@ def run(args) -> dict:
                 init_s=round(init_s, 1), first_call_s=round(first_s, 1), step_s=round(step_s, 4),
                 tokens_per_s=round(args.batch * args.seq / step_s),
                 peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-                useful_tflops=round(train_step.useful_flops(config, args.batch, args.seq) / step_s / 1e12, 1),
+                useful_tflops=round(useful / step_s / 1e12, 1),
                 loss=round(float(metrics["loss"]), 3), finite=bool(metrics["finite"]))
 
 

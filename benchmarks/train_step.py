@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b", "tiny": None}
+MODELS = {"8b": "llama-3.1-8b", "1b": "llama-3.2-1b", "135m": "smollm2-135m", "tiny": None}
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_theta=10000.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -169,11 +169,14 @@ def xla_options(args) -> dict:
     return compiler_options(*args.xla_option)
 
 
-def useful_flops(config, batch: int, seq: int) -> float:
+def useful_flops(config, batch: int, seq: int, examples_per_row: int = 1) -> float:
+    """PERFORMANCE.md's useful FLOPs of a step: 4 x params x tokens + 3 x the causal attention forward, which for
+    rows packing `examples_per_row` examples of seq / examples_per_row tokens covers only each example's own."""
     from fastlora_jax.lora import base_parameter_count
 
     n_params = base_parameter_count(config)
-    attention = 4 * batch * seq * seq * config.hidden_size * config.num_hidden_layers / 2
+    length = seq / examples_per_row
+    attention = 4 * batch * examples_per_row * length * length * config.hidden_size * config.num_hidden_layers / 2
     return 4 * n_params * batch * seq + 3 * attention
 
 

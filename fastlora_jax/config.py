@@ -142,7 +142,7 @@ def _rope_scaling(rope: dict[str, Any]) -> RopeScaling:
     )
 
 
-# The benchmark shapes of PERFORMANCE.md (random weights; no checkpoint needed).
+# The benchmark shapes of PERFORMANCE.md, and the main job's SmolLM2-135M (random weights; no checkpoint needed).
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
@@ -154,11 +154,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                          max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
                          rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                   high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5),
 }
 
 
 def preset(name: str, **overrides: Any) -> LlamaConfig:
-    """A benchmark-shaped config by name ("llama-3.2-1b", "llama-3.1-8b"), with optional field overrides."""
+    """A benchmark-shaped config by name ("llama-3.2-1b", "llama-3.1-8b", "smollm2-135m"), with optional field
+    overrides."""
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
     return LlamaConfig(**{**PRESETS[name], **overrides})

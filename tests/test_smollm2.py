@@ -36,3 +36,16 @@ def test_smollm2_logits_match_transformers(smollm2):
     assert ours.shape == ref.shape == (1, ids.shape[1], 49152)
     assert rel_err(ours, ref) < 1e-4
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_smollm2_preset_has_the_bundled_checkpoints_shapes(smollm2):
+    """`config.preset("smollm2-135m")` (benchmarks' random-weight stand-in for the main job's model) is the GGUF's
+    config but for the float32 rounding of its epsilon and the tokenizer's pad id."""
+    import dataclasses
+
+    from fastlora_jax.config import preset
+
+    _, model, _ = smollm2
+    loaded = dataclasses.replace(model.config, rms_norm_eps=1e-5, pad_token_id=None)
+    assert preset("smollm2-135m") == loaded
+    assert model.config.rms_norm_eps == pytest.approx(1e-5, rel=1e-6)
