@@ -1,9 +1,10 @@
 """Attention: grouped-query dot-product attention through jax.nn.dot_product_attention.
 
-On an NVIDIA GPU, bf16/fp16 causal attention runs cuDNN flash attention (no [T, S] score matrix in memory; the
-causal blocks above the diagonal are skipped). Padding masks and packed sequences (segment ids) reach cuDNN as a
-[B, 1, T, S] mask (jax turns it into an additive bias, O(T * S) memory, flash still). Everything else (CPU, float32,
-head dims cuDNN rejects, generation against a cache) runs XLA's implementation, which accepts the same arguments.
+On an NVIDIA GPU of compute capability 8.0 or newer (Ampere on), bf16/fp16 causal attention runs cuDNN flash
+attention (no [T, S] score matrix in memory; the causal blocks above the diagonal are skipped). Padding masks and
+packed sequences (segment ids) reach cuDNN as a [B, 1, T, S] mask (jax turns it into an additive bias, O(T * S)
+memory, flash still). Everything else (CPU, older GPUs such as T4 and V100, float32, head dims cuDNN rejects,
+generation against a cache) runs XLA's implementation, which accepts the same arguments.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax import packed_attention
+from fastlora_jax.precision import cuda_capability
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
 
@@ -49,14 +51,23 @@ def resolve(implementation: str, q: jax.Array, k: jax.Array, mask: jax.Array | N
 
 
 def cudnn_applies(q: jax.Array, k: jax.Array, mask: jax.Array | None, causal: bool) -> bool:
-    """Whether cuDNN flash attention takes these inputs (GPU, 16-bit, head dim <= 256 and a multiple of 8,
+    """Whether cuDNN flash attention takes these inputs (an NVIDIA GPU it supports, 16-bit, `cudnn_head_dim_fits`,
     even lengths when a mask becomes a bias; self-attention only, so generation against a cache runs XLA)."""
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     T, S, H = q.shape[1], k.shape[1], q.shape[-1]
-    if H > 256 or H % 8 or not causal or T != S:
+    if not cudnn_head_dim_fits(cuda_capability(jax.devices()[0]), H) or not causal or T != S:
         return False
     return mask is None or (T % 2 == 0 and S % 2 == 0)
+
+
+def cudnn_head_dim_fits(capability: tuple[int, int] | None, head_dim: int) -> bool:
+    """Whether cuDNN flash attention trains head_dim on an NVIDIA GPU of this compute capability (None: not one):
+    compute capability 8.0 or newer (none before Ampere: T4, V100 run XLA), head_dim a multiple of 8 and <= 128, or
+    <= 256 from Hopper (9.0) on, as cuDNN's support matrix and JAX's checks say for the backward pass."""
+    if capability is None or capability < (8, 0) or head_dim % 8:
+        return False
+    return head_dim <= (256 if capability >= (9, 0) else 128)
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastlora_jax.precision import cuda_capability
+
 SEGMENT_KEYS = ("segment_offsets", "segment_lengths")
 # Largest float32 dq workspace (8 * B * T * M * N * H bytes) the ragged path may ask cuDNN for; above it the mask
 # path runs (8B, 4 x 2048: M <= 8).
@@ -176,9 +178,8 @@ def ragged_applies(q: jax.Array, offsets: jax.Array, lengths: jax.Array) -> bool
     fa = _cudnn_module()
     if workspace_bytes(q.shape, lengths.shape) > WORKSPACE_LIMIT_BYTES or fa is None:
         return False
-    device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if device.platform != "gpu" or capability is None or tuple(map(int, str(capability).split("."))) < (9, 0):
+    capability = cuda_capability(jax.devices()[0])
+    if capability is None or capability < (9, 0):
         return False
     return fa.check_cudnn_version() >= _MIN_CUDNN
 

@@ -31,11 +31,17 @@ def bfloat16_supported_on(device) -> bool:
         return False
     if device.platform != "gpu":
         return True
-    capability = str(getattr(device, "compute_capability", ""))
-    match = re.fullmatch(r"(\d+)\.(\d+)", capability)
-    if match is None:  # not a CUDA device (ROCm reports gfx names)
-        return True
-    return int(match.group(1)) >= 8
+    capability = cuda_capability(device)
+    return capability is None or capability >= (8, 0)  # None: not a CUDA device (ROCm)
+
+
+def cuda_capability(device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of an NVIDIA GPU (a jax Device, whose compute_capability reads "9.0"); None
+    for any other device (CPU, TPU, and ROCm GPUs, which report gfx names)."""
+    if device.platform != "gpu":
+        return None
+    match = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(device, "compute_capability", "")))
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
 def check_mixed_precision(*, fp16: bool, bf16: bool, model_dtype) -> None:

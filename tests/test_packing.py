@@ -118,6 +118,27 @@ def test_attention_rejects_unknown_implementation():
         attention(q, k, v, implementation="flash")
 
 
+def test_cudnn_takes_the_head_dims_its_support_matrix_lists_from_ampere_on():
+    from types import SimpleNamespace
+
+    from fastlora_jax.attention import cudnn_head_dim_fits
+    from fastlora_jax.precision import bfloat16_supported_on, cuda_capability
+
+    gpu = lambda capability: SimpleNamespace(platform="gpu", compute_capability=capability)  # noqa: E731
+    assert cuda_capability(gpu("9.0")) == (9, 0) and cuda_capability(gpu("12.1")) == (12, 1)
+    assert cuda_capability(gpu("gfx90a")) is None  # ROCm
+    assert cuda_capability(SimpleNamespace(platform="cpu")) is None
+    assert bfloat16_supported_on(gpu("7.5")) is False and bfloat16_supported_on(gpu("8.0")) is True
+    assert bfloat16_supported_on(gpu("gfx90a")) is True
+    assert not cudnn_head_dim_fits((7, 5), 64)  # T4: no flash attention in cuDNN before Ampere
+    assert not cudnn_head_dim_fits((7, 0), 128)  # V100
+    assert not cudnn_head_dim_fits(None, 64)  # not an NVIDIA GPU
+    assert cudnn_head_dim_fits((8, 0), 128) and cudnn_head_dim_fits((8, 6), 64)
+    assert not cudnn_head_dim_fits((8, 9), 256)  # Ampere / Ada train head dims up to 128
+    assert cudnn_head_dim_fits((9, 0), 256) and not cudnn_head_dim_fits((9, 0), 264)
+    assert not cudnn_head_dim_fits((9, 0), 100)  # not a multiple of 8
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_cudnn_attention_bf16(with_mask):
