@@ -99,12 +99,14 @@ def _check_implementation(implementation: str) -> str:
 def resolve(op: str, implementation: str, in_features: int, out_features: int, tokens: int, rank: int = 0,
             dtype=None) -> str:
     """The implementation that runs: "auto" becomes "mosaic" for LoRA and NF4 + LoRA (rank > 0) on a Hopper GPU
-    where its tiles fit (16-bit `dtype`, rank <= MOSAIC_MAX_RANK), "pallas" only on a GPU and where
-    PALLAS_FASTER_ON_GPU lists the shape, token count and rank, and NF4's "reduce" (kernels/nf4.py) on a GPU for the
-    NF4_REDUCE_FASTER_ON_GPU shapes at up to NF4_REDUCE_MAX_TOKENS tokens; XLA elsewhere."""
+    where its tiles fit (16-bit `dtype`, rank <= MOSAIC_MAX_RANK), "pallas" only on a Hopper GPU and where
+    PALLAS_FASTER_ON_GPU lists the shape, token count and rank, and NF4's "reduce" (kernels/nf4.py) on a Hopper GPU
+    for the NF4_REDUCE_FASTER_ON_GPU shapes at up to NF4_REDUCE_MAX_TOKENS tokens; XLA elsewhere. Hopper (compute
+    capability 9.0: H100, H200) is where the tables were measured; other GPUs run XLA, which was never timed against
+    the kernels there."""
     if _check_implementation(implementation) != "auto":
         return implementation
-    if not _compat.on_gpu():
+    if not _compat.on_gpu() or not lora_mosaic.on_hopper():
         return "xla"
     if rank > 0 and _mosaic_fits(in_features, out_features, tokens, rank, dtype):
         return "mosaic"  # LoRA, or NF4 + LoRA (an NF4 layer without LoRA has no rank-r term for the epilogue)

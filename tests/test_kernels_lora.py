@@ -164,13 +164,18 @@ def test_auto_is_xla_off_gpu_and_table_is_well_formed():
 
 def test_auto_matches_shape_tokens_and_rank_on_gpu(monkeypatch):
     monkeypatch.setattr(api._compat, "on_gpu", lambda: True)  # the table's GPU reading, on any backend
+    monkeypatch.setattr(api.lora_mosaic, "on_hopper", lambda: False)  # a GPU the tables were not measured on
+    assert api.resolve("lora", "auto", 4096, 1024, 16, 16) == "xla"
+    assert api.resolve("nf4", "auto", 4096, 4096, 1) == "xla"
+    assert api.resolve("nf4", "auto", 4096, 14336, 1) == "xla"
+    monkeypatch.setattr(api.lora_mosaic, "on_hopper", lambda: True)  # H100, H200: where they were
     assert api.resolve("lora", "auto", 4096, 1024, 16, 16) == "pallas"
     assert api.resolve("lora", "auto", 4096, 1024, 16, 128) == "xla"  # rank above the measured ones
     assert api.resolve("lora", "auto", 4096, 1024, 16, 8) == "xla"  # rank below the measured ones
     assert api.resolve("lora", "auto", 4096, 4096, 16, 64) == "pallas"
     assert api.resolve("lora", "auto", 4096, 4096, 16, 16) == "xla"  # measured, not faster
     assert api.resolve("lora", "auto", 4096, 1024, 4096, 16) == "xla"  # token count not measured
-    assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # not a Hopper GPU (or no dtype given)
+    assert api.resolve("lora", "auto", 4096, 4096, 8192, 16) == "xla"  # no dtype given: no Mosaic GEMM
     assert api.resolve("nf4", "auto", 4096, 4096, 1) == "reduce"  # one token: the multiply-and-sum form
     assert api.resolve("nf4", "auto", 4096, 14336, 1) == "pallas"  # ... except where the kernel measured faster
     assert api.resolve("nf4", "auto", 4096, 14336, 16) == "pallas"  # the fused kernel's forward, 2..16 tokens
