@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fastlora_jax.precision import cuda_capability
+
 _SMEM_BYTES = 227 * 1024  # a Hopper multiprocessor's shared memory for one block
 MIN_RANK = 16  # u and v^T are zero-padded to this rank (one MMA K step); their rows share one swizzle
 
@@ -75,7 +77,7 @@ class Tiles:
 
 def on_hopper() -> bool:
     """Whether JAX's first device is a Hopper GPU (compute capability 9.0), the only place this kernel runs."""
-    return jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+    return jax.default_backend() == "gpu" and cuda_capability(jax.devices()[0]) == (9, 0)
 
 
 def supports(m: int, n: int, k: int, tiles: Tiles | None = None) -> bool:
