@@ -166,8 +166,8 @@ def _chunk_length(T: int, longest: int) -> int:
 
 
 def ragged_applies(q: jax.Array, offsets: jax.Array, lengths: jax.Array) -> bool:
-    """Whether the ragged cuDNN path takes q [B, T, N, H] with this layout: an NVIDIA GPU of compute capability
-    >= 9.0, cuDNN >= 9.6, 16-bit q, H <= 256 and a multiple of 8, and a dq workspace within WORKSPACE_LIMIT_BYTES."""
+    """Whether the ragged cuDNN path takes q [B, T, N, H] with this layout: `ragged_supported`, 16-bit q, H <= 256
+    and a multiple of 8, and a dq workspace within WORKSPACE_LIMIT_BYTES."""
     B, T, N, H = q.shape
     R, M = lengths.shape
     if offsets.shape != (R, M + 1) or (B * T) % R:
@@ -175,13 +175,17 @@ def ragged_applies(q: jax.Array, offsets: jax.Array, lengths: jax.Array) -> bool
                          f"{B} x {T} tokens; accepted: [R, M + 1] / [R, M] with R dividing {B * T}")
     if q.dtype not in (jnp.bfloat16, jnp.float16) or H > 256 or H % 8:
         return False
-    fa = _cudnn_module()
-    if workspace_bytes(q.shape, lengths.shape) > WORKSPACE_LIMIT_BYTES or fa is None:
-        return False
+    return workspace_bytes(q.shape, lengths.shape) <= WORKSPACE_LIMIT_BYTES and ragged_supported()
+
+
+def ragged_supported() -> bool:
+    """Whether JAX's first device runs the ragged path at all: an NVIDIA GPU of compute capability >= 9.0 with
+    cuDNN >= 9.6, and JAX's private cuDNN attention module in place. Elsewhere a layout would go unused."""
     capability = cuda_capability(jax.devices()[0])
     if capability is None or capability < (9, 0):
         return False
-    return fa.check_cudnn_version() >= _MIN_CUDNN
+    fa = _cudnn_module()
+    return fa is not None and fa.check_cudnn_version() >= _MIN_CUDNN
 
 
 def workspace_bytes(q_shape: tuple[int, ...], lengths_shape: tuple[int, ...]) -> int:

@@ -149,10 +149,11 @@ class SFTTrainer:
 
     def _ragged_layouts(self, model) -> dict[int, tuple[int, int]] | None:
         """Packed rows' ragged attention layout, one shape per padded length (`data.ragged_layouts`), where the model
-        can run it: on a GPU, without a mesh, within cuDNN's workspace limit for a micro-batch. None elsewhere."""
+        can run it: where `packed_attention.ragged_supported`, without a mesh, within cuDNN's workspace limit for a
+        micro-batch. None elsewhere (a layout the model cannot use would only add a second compile per length)."""
         config = getattr(model, "config", None)
         inner = getattr(model, "model", None)
-        if config is None or getattr(inner, "mesh", None) is not None or jax.default_backend() != "gpu":
+        if config is None or getattr(inner, "mesh", None) is not None or not packed_attention.ragged_supported():
             return None
         rows, width = self.args.per_device_train_batch_size, config.num_attention_heads * config.head_dim
         return data_lib.ragged_layouts(self.train_rows, self.buckets,

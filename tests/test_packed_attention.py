@@ -255,6 +255,22 @@ def test_model_loss_and_gradients_with_the_layout_equal_the_mask_path(mode):
     assert "[4,1,256,256]" in compiled["mask"] and "[4,1,256,256]" not in compiled["ragged"]
 
 
+def test_sft_trainer_plans_a_layout_only_where_the_ragged_path_runs(tmp_path):
+    """No layout where the model cannot use one (CPU, GPUs before Hopper): it would only add a compile per length."""
+    from fastlora_jax.loading import random_model
+    from fastlora_jax.lora import get_peft_model
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+
+    rng = np.random.default_rng(11)
+    records = [{"input_ids": rng.integers(1, CONFIG.vocab_size, n).tolist()} for n in rng.integers(20, 120, 16)]
+    model = get_peft_model(random_model(CONFIG, dtype=jnp.bfloat16), r=8, target_modules=["q_proj"])
+    trainer = SFTTrainer(model, None, train_dataset=records, args=SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, max_seq_length=256, packing=True, bf16=True, save_strategy="no"))
+    assert (trainer.layouts is not None) == packed_attention.ragged_supported()
+    if jax.default_backend() == "cpu":
+        assert trainer.layouts is None and not packed_attention.ragged_supported()
+
+
 @pytest.mark.gpu
 def test_sft_trainer_packs_with_the_layout_on_a_gpu(tmp_path):
     """SFTTrainer(packing=True) on a GPU plans the layout and trains with it, to the losses of the mask path."""
