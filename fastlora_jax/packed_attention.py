@@ -11,9 +11,10 @@ into R = B * T / C chunks of C tokens (C divides T and holds the longest example
 that start in it: offsets [R, M + 1] (from the chunk's start) and lengths [R, M], -1 past the last piece. An
 example is one piece; a padding run is cut at chunk edges (no real token and no loss term reads a padding output).
 cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C
-and M are kept small, each a power of two. On a GPU, SFTTrainer fixes one (C, M) per padded length for the whole run
-(`layout_plan` over the packed dataset), the one under the workspace limit that most rows fit: batches whose rows all
-fit get the layout, the others (rows of many short examples) the mask path, so a length compiles at most twice.
+and M are kept small, each a power of two. Where the path runs (`ragged_supported`), SFTTrainer fixes one (C, M) per
+padded length for the whole run (`layout_plan` over the packed dataset), the one under the workspace limit that most
+rows fit: batches whose rows all fit get the layout, the others (rows of many short examples) the mask path, so a
+length compiles at most twice.
 `ragged_applies` says where this path runs; elsewhere the model uses the segment-id mask, with the same results on
 every real token.
 
