@@ -134,7 +134,8 @@ class SFTTrainer:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        self.train_rows = self._rows(train_dataset, "train_dataset", self.args.packing, collator_labels)
+        self.train_rows = self._rows(train_dataset, "train_dataset", self.args.packing, collator_labels,
+                                     max_examples=self._examples_per_row(model))
         self.layouts = self._ragged_layouts(model)
         self.eval_rows = (None if eval_dataset is None else
                           self._rows(eval_dataset, "eval_dataset", False, collator_labels))
@@ -159,8 +160,22 @@ class SFTTrainer:
         return data_lib.ragged_layouts(self.train_rows, self.buckets,
                                        slot_limit=lambda T: packed_attention.max_slots(rows, T, width))
 
-    def _rows(self, dataset, where: str, packing: bool, collator_labels) -> list[dict[str, Any]]:
-        """The dataset tokenized, with the labels `collator_labels` makes of the input_ids (if not None), packed."""
+    def _examples_per_row(self, model) -> int | None:
+        """The most examples a packed row should hold (`data.pack_rows`' max_examples): one fewer than the ragged
+        layout's slots for a micro-batch of max_seq_length rows (`packed_attention.max_slots`), so that a row and its
+        padding fit one chunk. From the model's config alone: a dataset packs the same on any machine. None without
+        a config or where fewer than two slots fit."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return None
+        slots = packed_attention.max_slots(self.args.per_device_train_batch_size, self.max_seq_length,
+                                           config.num_attention_heads * config.head_dim)
+        return slots - 1 if slots >= 2 else None
+
+    def _rows(self, dataset, where: str, packing: bool, collator_labels,
+              max_examples: int | None = None) -> list[dict[str, Any]]:
+        """The dataset tokenized, with the labels `collator_labels` makes of the input_ids (if not None), packed
+        (at most about max_examples to a row, `data.pack_rows`)."""
         records = data_lib.load_records(dataset)
         if self.args.skip_prepare_dataset:
             for i, record in enumerate(records):
@@ -173,7 +188,7 @@ class SFTTrainer:
                                          dataset_text_field=self.args.dataset_text_field)
         if collator_labels is not None:
             rows = [{**r, "labels": collator_labels(r["input_ids"])} for r in rows]
-        return data_lib.pack_rows(rows, self.max_seq_length) if packing else rows
+        return data_lib.pack_rows(rows, self.max_seq_length, max_examples=max_examples) if packing else rows
 
     @property
     def train_dataset(self) -> list[dict[str, Any]]:

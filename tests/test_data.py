@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fastlora_jax import data
+from fastlora_jax.packed_attention import layout_fits
 from helpers import TINY, rel_err, tiny_chat_tokenizer
 
 IGNORE = data.IGNORE_INDEX
@@ -162,6 +163,66 @@ def test_packing_segment_ids_positions_and_contents():
     assert data.count_tokens(batch) == sum(len(r["input_ids"]) for r in packed[:3])
     with pytest.raises(ValueError, match="max_seq_length=8"):
         data.pack_rows(rows, max_seq_length=8)
+
+
+def _examples_of(packed):
+    """Each example of packed rows as (input_ids bytes, labels after the first bytes), sorted."""
+    seen = []
+    for row in packed:
+        for s in range(1, row["segment_ids"].max() + 1):
+            where = np.flatnonzero(row["segment_ids"] == s)
+            assert (np.diff(where) == 1).all() and (row["positions"][where] == np.arange(len(where))).all()
+            seen.append((row["input_ids"][where].tobytes(), row["labels"][where][1:].tobytes()))
+    return sorted(seen)
+
+
+def _short_examples(rng, n, median, T):
+    """Chat-like lengths: lognormal around `median` tokens (most short, a long tail), 1..T."""
+    lengths = np.clip(rng.lognormal(np.log(median), 0.8, n).astype(int), 1, T)
+    return [{"input_ids": rng.integers(0, 256, k).astype(np.int32), "labels": rng.integers(0, 256, k).astype(np.int32)}
+            for k in lengths]
+
+
+def _share_fitting(packed, T, chunk, slots):
+    """The share of packed rows, padded to T, that the ragged layout of (chunk, slots) holds."""
+    return np.mean([layout_fits(np.pad(r["segment_ids"], (0, T - len(r["segment_ids"])))[None], chunk, slots)
+                    for r in packed])
+
+
+def test_packing_spreads_examples_over_rows_for_the_ragged_layout():
+    rng = np.random.default_rng(7)
+    rows = _short_examples(rng, 1500, 240, 2048)
+    best_fit = data.pack_rows(rows, 2048)
+    spread = data.pack_rows(rows, 2048, max_examples=7)
+    assert len(spread) == len(best_fit)  # no row added
+    assert _examples_of(spread) == _examples_of(best_fit) == sorted(
+        (r["input_ids"].tobytes(), r["labels"][1:].tobytes()) for r in rows)  # each example once, whole
+    assert all(len(r["input_ids"]) <= 2048 for r in spread)
+    counts = lambda packed: np.array([r["segment_ids"].max() for r in packed])  # noqa: E731
+    assert (counts(best_fit) > 7).mean() > 0.15  # best fit ends with rows of many short examples
+    assert (counts(spread) > 7).mean() < 0.03
+    # What it is for: a row of <= 7 examples and its padding fit one 2048-token chunk of 8 slots (8B, 4 x 2048).
+    assert _share_fitting(best_fit, 2048, 2048, 8) < 0.9 and _share_fitting(spread, 2048, 2048, 8) > 0.97
+    again = data.pack_rows(rows, 2048, max_examples=7)
+    assert all((a["input_ids"] == b["input_ids"]).all() and (a["segment_ids"] == b["segment_ids"]).all()
+               for a, b in zip(spread, again))  # deterministic
+
+
+def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
+    rng = np.random.default_rng(8)
+    rows = _short_examples(rng, 3000, 60, 1024)  # about 12 a row: more than 7, so a row's chunks share them
+    best_fit = data.pack_rows(rows, 1024)
+    spread = data.pack_rows(rows, 1024, max_examples=7)
+    average = -(-len(rows) // len(best_fit))
+    assert len(spread) == len(best_fit) and max(r["segment_ids"].max() for r in spread) <= average + 1
+    fitting = []
+    for packed in (best_fit, spread):
+        chunk, slots = data.ragged_layouts(packed, (1024,), slot_limit=lambda T: 8)[1024]
+        assert chunk < 1024
+        fitting.append(_share_fitting(packed, 1024, chunk, slots))
+    assert fitting[1] > fitting[0] + 0.08 and fitting[1] > 0.85
+    with pytest.raises(ValueError, match="max_examples=0"):
+        data.pack_rows(rows, 1024, max_examples=0)
 
 
 def test_packed_loss_equals_unpacked_loss():

@@ -271,6 +271,30 @@ def test_sft_trainer_plans_a_layout_only_where_the_ragged_path_runs(tmp_path):
         assert trainer.layouts is None and not packed_attention.ragged_supported()
 
 
+def test_sft_trainer_packs_at_most_the_slots_of_a_chunk_less_one_to_a_row(tmp_path):
+    """SFTTrainer(packing=True) spreads examples over rows by the model's config on every machine: for the 8B
+    widths at 4 x 2048, 8 slots (`max_slots`), so at most 7 examples and the padding a row."""
+    from types import SimpleNamespace
+
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+
+    rng = np.random.default_rng(12)
+    lengths = np.clip(rng.lognormal(np.log(240), 0.8, 600).astype(int), 2, 2048)
+    records = [{"input_ids": rng.integers(1, 1000, n).tolist()} for n in lengths]
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=32, head_dim=128))  # 8B's query widths
+    trainer = SFTTrainer(model, None, train_dataset=records, args=SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, per_device_train_batch_size=4, packing=True,
+        save_strategy="no"))
+    assert trainer._examples_per_row(model) == packed_attention.max_slots(4, 2048, 32 * 128) - 1 == 7
+    rows = [{"input_ids": np.asarray(r["input_ids"], np.int32), "labels": np.asarray(r["input_ids"], np.int32)}
+            for r in records]
+    expected = data.pack_rows(rows, 2048, max_examples=7)
+    assert [r["segment_ids"].tolist() for r in trainer.train_rows] == [r["segment_ids"].tolist() for r in expected]
+    assert np.mean([r["segment_ids"].max() <= 7 for r in trainer.train_rows]) > 0.97
+    assert SFTTrainer(None, None, train_dataset=records, args=SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, packing=True))._examples_per_row(None) is None
+
+
 @pytest.mark.gpu
 def test_sft_trainer_packs_with_the_layout_on_a_gpu(tmp_path):
     """SFTTrainer(packing=True) on a GPU plans the layout and trains with it, to the losses of the mask path."""
