@@ -28,12 +28,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fastlora_jax.packed_attention import layout_fits, layout_plan, segment_layout
+from fastlora_jax.packed_attention import MIN_CHUNK, layout_fits, layout_plan, segment_layout
 
 IGNORE_INDEX = -100
 MIN_BUCKET = 64
 _SPREAD_GROUP = 1024  # rows that exchange examples among themselves (`_spread`)
 _MOST_GIVEN = 16  # the most examples a crowded row gives for one (`_exchange`)
+_ORDER_SHUFFLES = 8  # shuffled orders `_chunk_order` tries after its two even ones
 
 
 # ---------------------------------------------------------------------------------------------- loading records
@@ -230,11 +231,13 @@ def pack_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *,
     within each example). The first label of each example is set to -100: it is never a target (nothing precedes it
     in its own example), so the packed loss equals the unpacked one even for a loss that ignores segments.
 
-    max_examples: None keeps best fit's rows, each in dataset order. A number evens out the examples per row for
-    cuDNN's ragged layout (`fastlora_jax.packed_attention`: a chunk of a row may start at most M pieces): examples
-    are exchanged between rows until each holds at most max_examples where the lengths allow (never adding a row;
-    where best fit's rows average more than max_examples, the bound is one above that average instead), and each
-    row's examples are ordered so that they start evenly spaced. The same dataset gives the same rows on any machine.
+    max_examples: None keeps best fit's rows, each in dataset order. A number K = M - 1 evens out the examples per
+    row for cuDNN's ragged layout (`fastlora_jax.packed_attention`: a chunk of a row may start at most M pieces, its
+    padding one of them): examples are exchanged between rows, never adding one, until each holds at most K where
+    the lengths allow. Where best fit's rows average more than K, the rows are taken as 2, 4, ... chunks (of >=
+    MIN_CHUNK tokens): the bound is the fewest chunks' M * chunks - 1 that holds the average (or one above the
+    average), and each row's examples are ordered to start at most M in a chunk where an order tried does
+    (`_chunk_order`). The same dataset gives the same rows on any machine.
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples={max_examples!r}; accepted: an int >= 1, or None")
@@ -247,9 +250,16 @@ def pack_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *,
     if max_examples is None:
         bins = [sorted(members) for members in bins]  # dataset order inside a row
     else:
+        slots = max_examples + 1  # M: the examples and the padding of a chunk
         average = -(-len(rows) // max(len(bins), 1))  # examples per row, rounded up
-        bound = max_examples if average <= max_examples else average + 1
-        bins = [_evenly_started(members, lengths) for members in _spread(bins, lengths, max_seq_length, bound)]
+        chunks = 1  # rows cut into this many chunks of M slots each hold the average
+        while average > chunks * slots - 1 and max_seq_length // (2 * chunks) >= MIN_CHUNK:
+            chunks *= 2
+        bound = chunks * slots - 1
+        if average > max_examples:  # rows nearly all at the average: room for the exchanges
+            bound = max(bound, average + 1)
+        bins = [_chunk_order(members, lengths, max_seq_length, chunks, slots, seed=b)
+                for b, members in enumerate(_spread(bins, lengths, max_seq_length, bound))]
     packed = []
     for members in bins:
         ids = np.concatenate([rows[i]["input_ids"] for i in members])
@@ -358,6 +368,32 @@ def _exchange(rows: list[list[int]], lengths: np.ndarray, capacity: int, bound: 
         while len(rows[z]) > bound and exchange(z):
             pass
     return rows
+
+
+def _chunk_order(members: list[int], lengths: np.ndarray, T: int, chunks: int, slots: int, *,
+                 seed: int) -> list[int]:
+    """A row's examples in an order that starts at most `slots` pieces (examples, and the padding, which is also cut at
+    each chunk edge) in each of `chunks` chunks of a T-token row, where one of the orders tried does: evenly spaced
+    starts (`_evenly_started`), the same reversed, then shuffles seeded by `seed` (the row's index). The first order
+    with the fewest pieces in its fullest chunk; with one chunk, evenly spaced starts."""
+    order = _evenly_started(members, lengths)
+    if chunks == 1:
+        return order
+    tries = [order, order[::-1]]
+    shuffles = np.random.default_rng(seed)
+    tries += [[members[k] for k in shuffles.permutation(len(members))] for _ in range(_ORDER_SHUFFLES)]
+    return min(tries, key=lambda o: _fullest_chunk(lengths[o], T, T // chunks))
+
+
+def _fullest_chunk(row_lengths: np.ndarray, T: int, chunk: int) -> int:
+    """The most pieces that start in one chunk of a row of examples of `row_lengths` in this order, padded to T
+    (`packed_attention._Runs.pieces`: each example, the padding run, and the padding again at each chunk edge)."""
+    ends = np.cumsum(row_lengths)  # [n]
+    total = int(ends[-1]) if len(ends) else 0
+    starts = np.concatenate([[0], ends[:-1]])
+    edges = np.arange(chunk, T, chunk)
+    padding = np.concatenate([[total] if total < T else [], edges[edges > total]])
+    return int(np.bincount(np.concatenate([starts, padding]).astype(np.int64) // chunk, minlength=T // chunk).max())
 
 
 def _evenly_started(members: list[int], lengths: np.ndarray) -> list[int]:

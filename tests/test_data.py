@@ -213,14 +213,14 @@ def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
     rows = _short_examples(rng, 3000, 60, 1024)  # about 12 a row: more than 7, so a row's chunks share them
     best_fit = data.pack_rows(rows, 1024)
     spread = data.pack_rows(rows, 1024, max_examples=7)
-    average = -(-len(rows) // len(best_fit))
-    assert len(spread) == len(best_fit) and max(r["segment_ids"].max() for r in spread) <= average + 1
+    assert -(-len(rows) // len(best_fit)) > 7  # the average: one chunk of 8 slots a row cannot hold it; two can
+    assert len(spread) == len(best_fit) and max(r["segment_ids"].max() for r in spread) <= 2 * 8 - 1
     fitting = []
     for packed in (best_fit, spread):
         chunk, slots = data.ragged_layouts(packed, (1024,), slot_limit=lambda T: 8)[1024]
         assert chunk < 1024
         fitting.append(_share_fitting(packed, 1024, chunk, slots))
-    assert fitting[1] > fitting[0] + 0.08 and fitting[1] > 0.85
+    assert fitting[1] > fitting[0] + 0.1 and fitting[1] > 0.9  # evenly started alone: 0.86 (`_chunk_order`)
     with pytest.raises(ValueError, match="max_examples=0"):
         data.pack_rows(rows, 1024, max_examples=0)
 
