@@ -235,9 +235,9 @@ def pack_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *,
     row for cuDNN's ragged layout (`fastlora_jax.packed_attention`: a chunk of a row may start at most M pieces, its
     padding one of them): examples are exchanged between rows, never adding one, until each holds at most K where
     the lengths allow. Where best fit's rows average more than K, the rows are taken as 2, 4, ... chunks (of >=
-    MIN_CHUNK tokens): the bound is the fewest chunks' M * chunks - 1 that holds the average (or one above the
-    average), and each row's examples are ordered to start at most M in a chunk where an order tried does
-    (`_chunk_order`). The same dataset gives the same rows on any machine.
+    MIN_CHUNK tokens), the fewest whose M * chunks - 1 examples a row hold them all, that many at most a row, and
+    each row's examples are ordered to start at most M in a chunk where an order tried does (`_chunk_order`). The
+    same dataset gives the same rows on any machine.
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples={max_examples!r}; accepted: an int >= 1, or None")
@@ -251,15 +251,11 @@ def pack_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *,
         bins = [sorted(members) for members in bins]  # dataset order inside a row
     else:
         slots = max_examples + 1  # M: the examples and the padding of a chunk
-        average = -(-len(rows) // max(len(bins), 1))  # examples per row, rounded up
-        chunks = 1  # rows cut into this many chunks of M slots each hold the average
-        while average > chunks * slots - 1 and max_seq_length // (2 * chunks) >= MIN_CHUNK:
+        chunks = 1  # the fewest chunks of M slots a row whose rows can hold the examples
+        while len(rows) > (chunks * slots - 1) * len(bins) and max_seq_length // (2 * chunks) >= MIN_CHUNK:
             chunks *= 2
-        bound = chunks * slots - 1
-        if average > max_examples:  # rows nearly all at the average: room for the exchanges
-            bound = max(bound, average + 1)
         bins = [_chunk_order(members, lengths, max_seq_length, chunks, slots, seed=b)
-                for b, members in enumerate(_spread(bins, lengths, max_seq_length, bound))]
+                for b, members in enumerate(_spread(bins, lengths, max_seq_length, chunks * slots - 1))]
     packed = []
     for members in bins:
         ids = np.concatenate([rows[i]["input_ids"] for i in members])
