@@ -368,10 +368,10 @@ def _exchange(rows: list[list[int]], lengths: np.ndarray, capacity: int, bound: 
 
 def _chunk_order(members: list[int], lengths: np.ndarray, T: int, chunks: int, slots: int, *,
                  seed: int) -> list[int]:
-    """A row's examples in an order that starts at most `slots` pieces (examples, and the padding, which is also cut at
-    each chunk edge) in each of `chunks` chunks of a T-token row, where one of the orders tried does: evenly spaced
-    starts (`_evenly_started`), the same reversed, then shuffles seeded by `seed` (the row's index). The first order
-    with the fewest pieces in its fullest chunk; with one chunk, evenly spaced starts."""
+    """A row's examples in an order that starts at most `slots` pieces (examples, and the padding) in each of `chunks`
+    chunks of a T-token row, where one of the orders tried does: evenly spaced starts (`_evenly_started`), the same
+    reversed, then shuffles seeded by `seed` (the row's index). The first order with the fewest pieces in its fullest
+    chunk; with one chunk, evenly spaced starts."""
     order = _evenly_started(members, lengths)
     if chunks == 1:
         return order
@@ -383,13 +383,11 @@ def _chunk_order(members: list[int], lengths: np.ndarray, T: int, chunks: int, s
 
 def _fullest_chunk(row_lengths: np.ndarray, T: int, chunk: int) -> int:
     """The most pieces that start in one chunk of a row of examples of `row_lengths` in this order, padded to T
-    (`packed_attention._Runs.pieces`: each example, the padding run, and the padding again at each chunk edge)."""
+    (`packed_attention._Runs.pieces`: each example and the padding run. The layout also cuts the padding at each
+    chunk edge, but that puts one piece in a chunk of padding alone, never more than the first chunk's)."""
     ends = np.cumsum(row_lengths)  # [n]
-    total = int(ends[-1]) if len(ends) else 0
-    starts = np.concatenate([[0], ends[:-1]])
-    edges = np.arange(chunk, T, chunk)
-    padding = np.concatenate([[total] if total < T else [], edges[edges > total]])
-    return int(np.bincount(np.concatenate([starts, padding]).astype(np.int64) // chunk, minlength=T // chunk).max())
+    starts = np.concatenate([[0], ends[:-1], ends[-1:] if ends[-1] < T else []]).astype(np.int64)
+    return int(np.bincount(starts // chunk).max())
 
 
 def _evenly_started(members: list[int], lengths: np.ndarray) -> list[int]:

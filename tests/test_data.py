@@ -225,6 +225,23 @@ def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
         data.pack_rows(rows, 1024, max_examples=0)
 
 
+def test_the_chunk_order_counts_pieces_as_the_layout_does():
+    """`data._fullest_chunk` (which order `pack_rows` keeps) counts a row's pieces per chunk as
+    `packed_attention`'s layout cuts them: examples, the padding, and the padding again at each chunk edge."""
+    from fastlora_jax.packed_attention import _Runs
+
+    rng = np.random.default_rng(9)
+    for _ in range(200):
+        T, chunk = 1024, int(rng.choice([128, 256, 512, 1024]))
+        lengths = rng.integers(1, 300, rng.integers(1, 12))
+        lengths = lengths[np.cumsum(lengths) <= T]
+        if not len(lengths):
+            continue
+        ids = np.zeros((1, T), np.int32)
+        ids[0, :lengths.sum()] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+        assert data._fullest_chunk(lengths, T, chunk) == _Runs(ids).pieces_per_chunk(chunk)[0]
+
+
 def test_packed_loss_equals_unpacked_loss():
     from fastlora_jax import LlamaConfig
     from fastlora_jax.loading import random_model
