@@ -152,24 +152,28 @@ class SFTTrainer:
         """Packed rows' ragged attention layout, one shape per padded length (`data.ragged_layouts`), where the model
         can run it: where `packed_attention.ragged_supported`, without a mesh, within cuDNN's workspace limit for a
         micro-batch. None elsewhere (a layout the model cannot use would only add a second compile per length)."""
-        config = getattr(model, "config", None)
+        slot_limit = self._slot_limit(model)
         inner = getattr(model, "model", None)
-        if config is None or getattr(inner, "mesh", None) is not None or not packed_attention.ragged_supported():
+        if slot_limit is None or getattr(inner, "mesh", None) is not None or not packed_attention.ragged_supported():
+            return None
+        return data_lib.ragged_layouts(self.train_rows, self.buckets, slot_limit=slot_limit)
+
+    def _slot_limit(self, model) -> Callable[[int], int] | None:
+        """T -> the most ragged-layout slots a micro-batch of rows of T tokens may use (`packed_attention.max_slots`,
+        from the model's config), or None without a config."""
+        config = getattr(model, "config", None)
+        if config is None:
             return None
         rows, width = self.args.per_device_train_batch_size, config.num_attention_heads * config.head_dim
-        return data_lib.ragged_layouts(self.train_rows, self.buckets,
-                                       slot_limit=lambda T: packed_attention.max_slots(rows, T, width))
+        return lambda T: packed_attention.max_slots(rows, T, width)
 
     def _examples_per_row(self, model) -> int | None:
         """The most examples a packed row should hold (`data.pack_rows`' max_examples): one fewer than the ragged
         layout's slots for a micro-batch of max_seq_length rows (`packed_attention.max_slots`), so that a row and its
         padding fit one chunk. From the model's config alone: a dataset packs the same on any machine. None without
         a config or where fewer than two slots fit."""
-        config = getattr(model, "config", None)
-        if config is None:
-            return None
-        slots = packed_attention.max_slots(self.args.per_device_train_batch_size, self.max_seq_length,
-                                           config.num_attention_heads * config.head_dim)
+        slot_limit = self._slot_limit(model)
+        slots = 0 if slot_limit is None else slot_limit(self.max_seq_length)
         return slots - 1 if slots >= 2 else None
 
     def _rows(self, dataset, where: str, packing: bool, collator_labels,

@@ -226,8 +226,8 @@ def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
 
 
 def test_the_chunk_order_counts_pieces_as_the_layout_does():
-    """`data._fullest_chunk` (which order `pack_rows` keeps) counts a row's pieces per chunk as
-    `packed_attention`'s layout cuts them: examples, the padding, and the padding again at each chunk edge."""
+    """`data._fullest_chunk` (which order `pack_rows` keeps) gives the fullest chunk's pieces as `packed_attention`'s
+    layout counts them (examples, the padding, and the padding again at each chunk edge, which it leaves out)."""
     from fastlora_jax.packed_attention import _Runs
 
     rng = np.random.default_rng(9)
