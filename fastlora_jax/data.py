@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fastlora_jax.packed_attention import MIN_CHUNK, layout_fits, layout_plan, segment_layout
+from fastlora_jax.packed_attention import MIN_CHUNK, layout_fits, layout_plan, rows_fitting, segment_layout
 
 IGNORE_INDEX = -100
 MIN_BUCKET = 64
@@ -465,24 +465,58 @@ def ragged_layouts(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]
     return layout_plan(rows, buckets, slot_limit=slot_limit)
 
 
+def layout_misfits(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int],
+                   layouts: dict[int, tuple[int, int]] | None) -> np.ndarray | None:
+    """[rows] bool: the packed rows that the layout of their padded length (`ragged_layouts`) does not hold, which
+    `epoch_order` batches apart from the others so that one such row does not send a whole batch to the mask path.
+    None where there is no layout, or where every row or none fits (nothing to group)."""
+    if not layouts or not rows or "segment_ids" not in rows[0]:
+        return None
+    misfits = np.ones(len(rows), bool)
+    padded = np.array([bucket_for(len(r["segment_ids"]), buckets) for r in rows])  # [rows]
+    for T, (chunk, slots) in layouts.items():
+        members = np.flatnonzero(padded == T)
+        if members.size:
+            ids = np.zeros((members.size, T), np.int32)  # [members, T]
+            for k, i in enumerate(members):
+                ids[k, :len(rows[i]["segment_ids"])] = rows[i]["segment_ids"]
+            misfits[members] = ~rows_fitting(ids, chunk, slots)
+    return misfits if 0 < misfits.sum() < len(rows) else None
+
+
 def num_batches(n_rows: int, batch_size: int) -> int:
     return -(-n_rows // batch_size)
 
 
-def epoch_order(n_rows: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The row order of one epoch: a permutation seeded by (seed, epoch), or dataset order."""
+def epoch_order(n_rows: int, *, seed: int, epoch: int, shuffle: bool = True, batch_size: int = 1,
+                misfits: np.ndarray | None = None) -> np.ndarray:
+    """The row order of one epoch: a permutation seeded by (seed, epoch), or dataset order.
+
+    misfits [n_rows] bool (`layout_misfits`), shuffled only: the rows the ragged layout does not hold are batched
+    among themselves, at most one batch holding both kinds, and the batches come in a shuffled order (the short
+    last batch, if any, last). Every row still comes once an epoch; only which rows share a batch changes."""
     if not shuffle:
         return np.arange(n_rows)
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n_rows)
+    if misfits is None:
+        return order
+    if len(misfits) != n_rows:
+        raise ValueError(f"misfits has {len(misfits)} entries for {n_rows} rows; accepted: one per row")
+    grouped = np.concatenate([order[~misfits[order]], order[misfits[order]]])  # fitting rows first
+    full = n_rows // batch_size
+    batches = grouped[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]  # [full, batch_size]
+    return np.concatenate([batches.reshape(-1), grouped[full * batch_size:]])
 
 
 def iterate_batches(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
                     pad_token_id: int = 0, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                    start: int = 0, layouts: dict[int, tuple[int, int]] | None = None
-                    ) -> Iterator[dict[str, np.ndarray]]:
+                    start: int = 0, layouts: dict[int, tuple[int, int]] | None = None,
+                    misfits: np.ndarray | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The batches of one epoch, from batch index `start` on (resuming skips without collating); `layouts`: packed
-    rows' ragged layout shapes (`ragged_layouts`), or None for none."""
-    order = epoch_order(len(rows), seed=seed, epoch=epoch, shuffle=shuffle)
+    rows' ragged layout shapes (`ragged_layouts`), or None for none; `misfits`: the rows batched apart
+    (`layout_misfits`, `epoch_order`)."""
+    order = epoch_order(len(rows), seed=seed, epoch=epoch, shuffle=shuffle, batch_size=batch_size, misfits=misfits)
     for k in range(start, num_batches(len(rows), batch_size)):
         chosen = [rows[i] for i in order[k * batch_size: (k + 1) * batch_size]]
         yield collate(chosen, batch_size=batch_size, buckets=buckets, pad_token_id=pad_token_id, layouts=layouts)

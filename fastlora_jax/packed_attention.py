@@ -14,7 +14,8 @@ cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens
 and M are kept small, each a power of two. Where the path runs (`ragged_supported`), SFTTrainer fixes one (C, M) per
 padded length for the whole run (`layout_plan` over the packed dataset), the one under the workspace limit that most
 rows fit: batches whose rows all fit get the layout, the others (rows of many short examples) the mask path, so a
-length compiles at most twice. Its packing (`data.pack_rows`' max_examples) puts at most M - 1 examples in a row where
+length compiles at most twice; it batches the rows that do not fit among themselves (`data.layout_misfits`), so that
+one of them does not send a whole batch to the mask path. Its packing (`data.pack_rows`' max_examples) puts at most M - 1 examples in a row where
 the lengths allow, so that a row and its padding fit one chunk of T tokens: on chat-like lengths around 240 tokens,
 97-100% of 8B's 4 x 2048 batches get the layout instead of 38% (benchmarks/RESULTS.md, session 25).
 `ragged_applies` says where this path runs; elsewhere the model uses the segment-id mask, with the same results on
@@ -81,11 +82,16 @@ def segment_layout(segment_ids: np.ndarray, *, chunk: int | None = None,
 
 def layout_fits(segment_ids: np.ndarray, chunk: int, slots: int) -> bool:
     """Whether `segment_layout(segment_ids, chunk=chunk, slots=slots)` holds these rows [B, T]."""
+    return bool(rows_fitting(segment_ids, chunk, slots).all())
+
+
+def rows_fitting(segment_ids: np.ndarray, chunk: int, slots: int) -> np.ndarray:
+    """[B] bool: which rows of segment_ids [B, T] the layout of shape (chunk, slots) holds: each example one run of
+    at most `chunk` tokens, and at most `slots` pieces starting in each chunk. A batch of such rows has the layout."""
     runs = _Runs(segment_ids)
-    if not runs.contiguous or runs.T % chunk:
-        return False
-    longest, needed = runs.longest(), runs.pieces_per_chunk(chunk)
-    return bool((longest <= chunk).all() and (needed <= slots).all())
+    if runs.T % chunk:
+        return np.zeros(runs.B, bool)
+    return ~runs.broken & (runs.longest() <= chunk) & (runs.pieces_per_chunk(chunk) <= slots)
 
 
 class _Runs:
@@ -102,7 +108,10 @@ class _Runs:
         self.starts = np.flatnonzero(self.run_start)  # [runs]
         self.real = self.flat[self.starts] > 0
         row_ids = np.stack([self.starts // self.T, self.flat[self.starts]], axis=1)[self.real]
-        self.contiguous = len(np.unique(row_ids, axis=0)) == len(row_ids)
+        pairs, runs_of = np.unique(row_ids, axis=0, return_counts=True)
+        self.broken = np.zeros(self.B, bool)  # [B] rows where an example id comes back after another one
+        self.broken[pairs[runs_of > 1, 0]] = True
+        self.contiguous = not self.broken.any()
 
     def longest(self) -> np.ndarray:
         """[B] each row's longest example (1 for a row of padding)."""

@@ -136,7 +136,9 @@ class SFTTrainer:
         self.pad_token_id = int(pad) if pad is not None else 0
         self.train_rows = self._rows(train_dataset, "train_dataset", self.args.packing, collator_labels,
                                      max_examples=self._examples_per_row(model))
-        self.layouts = self._ragged_layouts(model)
+        self.layout_plan = self._layout_plan(model)
+        self.layouts = self._usable(self.layout_plan, model)
+        self.misfits = data_lib.layout_misfits(self.train_rows, self.buckets, self.layout_plan)
         self.eval_rows = (None if eval_dataset is None else
                           self._rows(eval_dataset, "eval_dataset", False, collator_labels))
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -148,15 +150,22 @@ class SFTTrainer:
         self.state = TrainerState(max_steps=self.total_steps)
         self.optimizer: AdamW | None = None  # the last train()'s
 
-    def _ragged_layouts(self, model) -> dict[int, tuple[int, int]] | None:
-        """Packed rows' ragged attention layout, one shape per padded length (`data.ragged_layouts`), where the model
-        can run it: where `packed_attention.ragged_supported`, without a mesh, within cuDNN's workspace limit for a
-        micro-batch. None elsewhere (a layout the model cannot use would only add a second compile per length)."""
+    def _layout_plan(self, model) -> dict[int, tuple[int, int]]:
+        """Packed rows' ragged attention layout, one shape per padded length (`data.ragged_layouts`) within cuDNN's
+        workspace limit for a micro-batch; {} without a model config or packing. From the config alone, as the
+        packing: the rows batched apart for it (`data.layout_misfits`) are the same on any machine."""
         slot_limit = self._slot_limit(model)
+        return {} if slot_limit is None else data_lib.ragged_layouts(self.train_rows, self.buckets,
+                                                                     slot_limit=slot_limit)
+
+    @staticmethod
+    def _usable(plan: dict[int, tuple[int, int]], model) -> dict[int, tuple[int, int]] | None:
+        """`plan` where the model can run the ragged path (`packed_attention.ragged_supported`, no mesh); None
+        elsewhere: a layout the model cannot use would only add a second compile per length."""
         inner = getattr(model, "model", None)
-        if slot_limit is None or getattr(inner, "mesh", None) is not None or not packed_attention.ragged_supported():
+        if not plan or getattr(inner, "mesh", None) is not None or not packed_attention.ragged_supported():
             return None
-        return data_lib.ragged_layouts(self.train_rows, self.buckets, slot_limit=slot_limit)
+        return plan
 
     def _slot_limit(self, model) -> Callable[[int], int] | None:
         """T -> the most ragged-layout slots a micro-batch of rows of T tokens may use (`packed_attention.max_slots`,
@@ -355,7 +364,7 @@ class SFTTrainer:
         while True:
             yield from data_lib.iterate_batches(
                 self.train_rows, batch_size=self.rows_per_step, buckets=self.buckets, pad_token_id=self.pad_token_id,
-                seed=seed, epoch=epoch, start=start, layouts=self.layouts)
+                seed=seed, epoch=epoch, start=start, layouts=self.layouts, misfits=self.misfits)
             epoch, start = epoch + 1, 0
 
     def _due(self, strategy: str, every: int, step: int, total: int) -> bool:

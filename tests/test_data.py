@@ -225,6 +225,28 @@ def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
         data.pack_rows(rows, 1024, max_examples=0)
 
 
+def test_rows_the_layout_does_not_hold_are_batched_apart():
+    """Short examples (about 15 a 2048-token row): the rows holding an example longer than the plan's chunk, or too
+    many pieces in one, are batched among themselves, so the other batches all get the layout (1B widths, 8 x 2048:
+    8 slots)."""
+    rng = np.random.default_rng(13)
+    packed = data.pack_rows(_short_examples(rng, 6000, 100, 2048), 2048, max_examples=7)
+    layouts = data.ragged_layouts(packed, (2048,), slot_limit=lambda T: 8)
+    misfits = data.layout_misfits(packed, (2048,), layouts)
+    chunk, slots = layouts[2048]
+    assert misfits.tolist() == [_share_fitting([r], 2048, chunk, slots) == 0 for r in packed]
+    assert 0.03 < misfits.mean() < 0.2
+    shares = {}
+    for name, apart in (("shuffled", None), ("apart", misfits)):
+        batches = list(data.iterate_batches(packed, batch_size=8, buckets=(2048,), seed=4, layouts=layouts,
+                                            misfits=apart))
+        shares[name] = np.mean(["segment_offsets" in b for b in batches])
+        assert len(batches) == data.num_batches(len(packed), 8)
+    assert shares["shuffled"] < 0.7 and shares["apart"] >= (len(packed) - misfits.sum()) // 8 / len(batches) > 0.8
+    assert data.layout_misfits(packed, (2048,), {}) is None
+    assert data.layout_misfits(packed, (2048,), {2048: (2048, 64)}) is None  # every row fits: nothing to group
+
+
 def test_the_chunk_order_counts_pieces_as_the_layout_does():
     """`data._fullest_chunk` (which order `pack_rows` keeps) gives the fullest chunk's pieces as `packed_attention`'s
     layout counts them (examples, the padding, and the padding again at each chunk edge, which it leaves out)."""
@@ -290,3 +312,24 @@ def test_epoch_order_is_deterministic_and_resumable():
     other = [b["input_ids"][:, 0].tolist() for b in data.iterate_batches(rows, batch_size=2, buckets=(4,), seed=5,
                                                                           epoch=2)]
     assert other != full
+
+
+def test_an_epoch_with_misfits_batched_apart_is_a_shuffled_grouping():
+    n, B = 23, 4
+    misfits = np.zeros(n, bool)
+    misfits[[1, 5, 6, 11, 17, 20, 22]] = True
+    orders = [data.epoch_order(n, seed=5, epoch=e, batch_size=B, misfits=misfits) for e in range(6)]
+    for order in orders:
+        assert sorted(order) == list(range(n))  # every row once
+        kinds = [set(misfits[order[k:k + B]]) for k in range(0, n, B)]
+        assert sum(len(kind) == 2 for kind in kinds) <= 1  # at most one batch holds both
+        assert len(order[(n // B) * B:]) == n % B  # the short batch stays last
+    assert len({tuple(o) for o in orders}) == 6  # each epoch its own order
+    np.testing.assert_array_equal(orders[0], data.epoch_order(n, seed=5, epoch=0, batch_size=B, misfits=misfits))
+    first_misfit_batch = [min(k for k in range(0, n - B + 1, B) if misfits[o[k:k + B]].all()) for o in orders]
+    assert min(first_misfit_batch) == 0 and len(set(first_misfit_batch)) > 1  # the batches come shuffled too
+    plain = data.epoch_order(n, seed=5, epoch=0)
+    np.testing.assert_array_equal(plain, data.epoch_order(n, seed=5, epoch=0, batch_size=B, misfits=None))
+    np.testing.assert_array_equal(data.epoch_order(n, seed=5, epoch=0, shuffle=False, misfits=misfits), np.arange(n))
+    with pytest.raises(ValueError, match="misfits has 3 entries for 23 rows"):
+        data.epoch_order(n, seed=5, epoch=0, batch_size=B, misfits=misfits[:3])

@@ -295,6 +295,37 @@ def test_sft_trainer_packs_at_most_the_slots_of_a_chunk_less_one_to_a_row(tmp_pa
         output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, packing=True))._examples_per_row(None) is None
 
 
+def test_sft_trainer_batches_the_rows_the_layout_does_not_hold_apart_on_every_machine(tmp_path):
+    """Short examples (1B widths, 8 x 2048): SFTTrainer plans the layout from the config on any machine and batches
+    the rows it does not hold among themselves, so the batches are the same with or without a GPU."""
+    from types import SimpleNamespace
+
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+
+    rng = np.random.default_rng(14)
+    lengths = np.clip(rng.lognormal(np.log(100), 0.8, 3000).astype(int), 2, 2048)
+    records = [{"input_ids": rng.integers(1, 1000, n).tolist()} for n in lengths]
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=32, head_dim=64))  # 1B's query widths
+    trainer = SFTTrainer(model, None, train_dataset=records, args=SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, per_device_train_batch_size=8, packing=True,
+        save_strategy="no"))
+    plan = data.ragged_layouts(trainer.train_rows, trainer.buckets,
+                               slot_limit=lambda T: packed_attention.max_slots(8, T, 32 * 64))
+    assert trainer.layout_plan == plan and 2048 in plan
+    misfits = data.layout_misfits(trainer.train_rows, trainer.buckets, plan)
+    assert misfits is not None and misfits.any()
+    np.testing.assert_array_equal(trainer.misfits, misfits)
+    fitting_ids = {r["input_ids"].tobytes() for r, m in zip(trainer.train_rows, misfits) if not m}
+    upcoming = trainer._batches_from(0, seed=3)
+    mixed = 0
+    for _ in range(trainer.steps_per_epoch):
+        batch = next(upcoming)
+        kinds = {row[:np.count_nonzero(r)].tobytes() in fitting_ids
+                 for row, r in zip(batch["input_ids"], batch["segment_ids"]) if r.any()}
+        mixed += len(kinds) == 2
+    assert mixed <= 1
+
+
 @pytest.mark.gpu
 def test_sft_trainer_packs_with_the_layout_on_a_gpu(tmp_path):
     """SFTTrainer(packing=True) on a GPU plans the layout and trains with it, to the losses of the mask path."""
