@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fastlora_jax.packed_attention import MIN_CHUNK, layout_fits, layout_plan, rows_fitting, segment_layout
+from fastlora_jax.packed_attention import (MIN_CHUNK, layout_fits, layout_plan, padded_blocks, rows_fitting,
+                                          segment_layout)
 
 IGNORE_INDEX = -100
 MIN_BUCKET = 64
@@ -476,11 +477,8 @@ def layout_misfits(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]
     padded = np.array([bucket_for(len(r["segment_ids"]), buckets) for r in rows])  # [rows]
     for T, (chunk, slots) in layouts.items():
         members = np.flatnonzero(padded == T)
-        if members.size:
-            ids = np.zeros((members.size, T), np.int32)  # [members, T]
-            for k, i in enumerate(members):
-                ids[k, :len(rows[i]["segment_ids"])] = rows[i]["segment_ids"]
-            misfits[members] = ~rows_fitting(ids, chunk, slots)
+        fits = [rows_fitting(ids, chunk, slots) for ids in padded_blocks([rows[i]["segment_ids"] for i in members], T)]
+        misfits[members] = ~np.concatenate(fits) if fits else []
     return misfits if 0 < misfits.sum() < len(rows) else None
 
 

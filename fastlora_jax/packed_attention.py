@@ -11,13 +11,14 @@ into R = B * T / C chunks of C tokens (C divides T and holds the longest example
 that start in it: offsets [R, M + 1] (from the chunk's start) and lengths [R, M], -1 past the last piece. An
 example is one piece; a padding run is cut at chunk edges (no real token and no loss term reads a padding output).
 cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C
-and M are kept small, each a power of two. Where the path runs (`ragged_supported`), SFTTrainer fixes one (C, M) per
-padded length for the whole run (`layout_plan` over the packed dataset), the one under the workspace limit that most
-rows fit: batches whose rows all fit get the layout, the others (rows of many short examples) the mask path, so a
-length compiles at most twice; it batches the rows that do not fit among themselves (`data.layout_misfits`), so that
-one of them does not send a whole batch to the mask path. Its packing (`data.pack_rows`' max_examples) puts at most M - 1 examples in a row where
-the lengths allow, so that a row and its padding fit one chunk of T tokens: on chat-like lengths around 240 tokens,
-97-100% of 8B's 4 x 2048 batches get the layout instead of 38% (benchmarks/RESULTS.md, session 25).
+and M are kept small, each a power of two. SFTTrainer fixes one (C, M) per padded length for the whole run
+(`layout_plan` over the packed dataset, from the model's config: the same on any machine), the one under the workspace
+limit that most rows fit. Where the path runs (`ragged_supported`), batches whose rows all fit get the layout, the
+others (rows of many short examples) the mask path, so a length compiles at most twice. The rows that do not fit are
+batched among themselves (`data.layout_misfits`), so that one of them does not send a whole batch to the mask path.
+Its packing (`data.pack_rows`' max_examples) puts at most M - 1 examples in a row where the lengths allow, so that a
+row and its padding fit one chunk of T tokens: on chat-like lengths around 240 tokens, 97-100% of 8B's 4 x 2048
+batches get the layout instead of 38% (benchmarks/RESULTS.md, session 25).
 `ragged_applies` says where this path runs; elsewhere the model uses the segment-id mask, with the same results on
 every real token.
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ SEGMENT_KEYS = ("segment_offsets", "segment_lengths")
 # path runs (8B, 4 x 2048: M <= 8).
 WORKSPACE_LIMIT_BYTES = 2 << 30
 MIN_CHUNK = 128  # tokens: cuDNN's query tile, so that short examples share a chunk row rather than fill one each
+BLOCK_ROWS = 1024  # packed rows planned at a time (`padded_blocks`): the host memory stays ~40 bytes a token of them
 _CUDNN_MODULE = "jax._src.cudnn.fused_attention_stablehlo"
 _MIN_CUDNN = 90600
 
@@ -152,23 +154,36 @@ def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], *
         fitting = [r["segment_ids"] for r in rows if len(r["segment_ids"]) <= T]
         if not fitting:
             continue
-        ids = np.zeros((len(fitting), T), np.int32)  # every fitting row, padded to T
-        for i, row in enumerate(fitting):
-            ids[i, :len(row)] = row
-        runs = _Runs(ids)
-        if not runs.contiguous:
+        chunks = [c for c in (MIN_CHUNK << k for k in range(T.bit_length())) if c < T and T % c == 0] + [T]
+        longest, needed, contiguous = [], {chunk: [] for chunk in chunks}, True  # `_chunk_length`'s candidates
+        for ids in padded_blocks(fitting, T):
+            runs = _Runs(ids)
+            contiguous &= runs.contiguous
+            longest.append(runs.longest())
+            for chunk in chunks:
+                needed[chunk].append(runs.pieces_per_chunk(chunk))
+        if not contiguous:
             continue
         limit = slot_limit(T) if slot_limit is not None else np.inf
-        longest, best = runs.longest(), None
-        powers = (MIN_CHUNK << k for k in range(T.bit_length()))
-        for chunk in [c for c in powers if c < T and T % c == 0] + [T]:  # `_chunk_length`'s candidates, ascending
-            needed = runs.pieces_per_chunk(chunk)
-            ok = (longest <= chunk) & (needed <= limit)
+        longest, best = np.concatenate(longest), None  # [rows]
+        for chunk in chunks:  # ascending
+            most = np.concatenate(needed[chunk])  # [rows]
+            ok = (longest <= chunk) & (most <= limit)
             if ok.any() and (best is None or ok.sum() > best[0]):
-                best = (int(ok.sum()), chunk, int(needed[ok].max()))
+                best = (int(ok.sum()), chunk, int(most[ok].max()))
         if best is not None:
             plan[T] = (best[1], 1 << (best[2] - 1).bit_length())
     return plan
+
+
+def padded_blocks(segment_rows: Sequence[np.ndarray], T: int) -> Iterator[np.ndarray]:
+    """segment_rows (each at most T long) padded to T with 0, BLOCK_ROWS at a time: [<= BLOCK_ROWS, T] int32."""
+    for start in range(0, len(segment_rows), BLOCK_ROWS):
+        block = segment_rows[start:start + BLOCK_ROWS]
+        ids = np.zeros((len(block), T), np.int32)
+        for i, row in enumerate(block):
+            ids[i, :len(row)] = row
+        yield ids
 
 
 def _chunk_length(T: int, longest: int) -> int:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fastlora_jax import data
+from fastlora_jax import data, packed_attention
 from fastlora_jax.packed_attention import layout_fits
 from helpers import TINY, rel_err, tiny_chat_tokenizer
 
@@ -225,7 +225,7 @@ def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
         data.pack_rows(rows, 1024, max_examples=0)
 
 
-def test_rows_the_layout_does_not_hold_are_batched_apart():
+def test_rows_the_layout_does_not_hold_are_batched_apart(monkeypatch):
     """Short examples (about 15 a 2048-token row): the rows holding an example longer than the plan's chunk, or too
     many pieces in one, are batched among themselves, so the other batches all get the layout (1B widths, 8 x 2048:
     8 slots)."""
@@ -243,6 +243,9 @@ def test_rows_the_layout_does_not_hold_are_batched_apart():
         shares[name] = np.mean(["segment_offsets" in b for b in batches])
         assert len(batches) == data.num_batches(len(packed), 8)
     assert shares["shuffled"] < 0.7 and shares["apart"] >= (len(packed) - misfits.sum()) // 8 / len(batches) > 0.8
+    monkeypatch.setattr(packed_attention, "BLOCK_ROWS", 7)  # the same plan and rows, a few rows at a time
+    assert data.ragged_layouts(packed, (2048,), slot_limit=lambda T: 8) == layouts
+    np.testing.assert_array_equal(data.layout_misfits(packed, (2048,), layouts), misfits)
     assert data.layout_misfits(packed, (2048,), {}) is None
     assert data.layout_misfits(packed, (2048,), {2048: (2048, 64)}) is None  # every row fits: nothing to group
 
