@@ -271,20 +271,29 @@ def test_sft_trainer_plans_a_layout_only_where_the_ragged_path_runs(tmp_path):
         assert trainer.layouts is None and not packed_attention.ragged_supported()
 
 
-def test_sft_trainer_packs_at_most_the_slots_of_a_chunk_less_one_to_a_row(tmp_path):
-    """SFTTrainer(packing=True) spreads examples over rows by the model's config on every machine: for the 8B
-    widths at 4 x 2048, 8 slots (`max_slots`), so at most 7 examples and the padding a row."""
+def _chat_like_trainer(tmp_path, *, seed: int, median: int, n: int, head_dim: int, batch_size: int):
+    """(model, records, SFTTrainer(packing=True)) for n examples lognormal around `median` tokens (sigma 0.8) at
+    max_seq_length 2048; the model is only a config of 32 query heads of head_dim (8B: 128, 1B: 64)."""
     from types import SimpleNamespace
 
     from fastlora_jax.trainer import SFTConfig, SFTTrainer
 
-    rng = np.random.default_rng(12)
-    lengths = np.clip(rng.lognormal(np.log(240), 0.8, 600).astype(int), 2, 2048)
-    records = [{"input_ids": rng.integers(1, 1000, n).tolist()} for n in lengths]
-    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=32, head_dim=128))  # 8B's query widths
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.8, n).astype(int), 2, 2048)
+    records = [{"input_ids": rng.integers(1, 1000, k).tolist()} for k in lengths]
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=32, head_dim=head_dim))
     trainer = SFTTrainer(model, None, train_dataset=records, args=SFTConfig(
-        output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, per_device_train_batch_size=4, packing=True,
-        save_strategy="no"))
+        output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, per_device_train_batch_size=batch_size,
+        packing=True, save_strategy="no"))
+    return model, records, trainer
+
+
+def test_sft_trainer_packs_at_most_the_slots_of_a_chunk_less_one_to_a_row(tmp_path):
+    """SFTTrainer(packing=True) spreads examples over rows by the model's config on every machine: for the 8B
+    widths at 4 x 2048, 8 slots (`max_slots`), so at most 7 examples and the padding a row."""
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+
+    model, records, trainer = _chat_like_trainer(tmp_path, seed=12, median=240, n=600, head_dim=128, batch_size=4)
     assert trainer._examples_per_row(model) == packed_attention.max_slots(4, 2048, 32 * 128) - 1 == 7
     rows = [{"input_ids": np.asarray(r["input_ids"], np.int32), "labels": np.asarray(r["input_ids"], np.int32)}
             for r in records]
@@ -298,17 +307,7 @@ def test_sft_trainer_packs_at_most_the_slots_of_a_chunk_less_one_to_a_row(tmp_pa
 def test_sft_trainer_batches_the_rows_the_layout_does_not_hold_apart_on_every_machine(tmp_path):
     """Short examples (1B widths, 8 x 2048): SFTTrainer plans the layout from the config on any machine and batches
     the rows it does not hold among themselves, so the batches are the same with or without a GPU."""
-    from types import SimpleNamespace
-
-    from fastlora_jax.trainer import SFTConfig, SFTTrainer
-
-    rng = np.random.default_rng(14)
-    lengths = np.clip(rng.lognormal(np.log(100), 0.8, 3000).astype(int), 2, 2048)
-    records = [{"input_ids": rng.integers(1, 1000, n).tolist()} for n in lengths]
-    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=32, head_dim=64))  # 1B's query widths
-    trainer = SFTTrainer(model, None, train_dataset=records, args=SFTConfig(
-        output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, per_device_train_batch_size=8, packing=True,
-        save_strategy="no"))
+    _, _, trainer = _chat_like_trainer(tmp_path, seed=14, median=100, n=3000, head_dim=64, batch_size=8)
     plan = data.ragged_layouts(trainer.train_rows, trainer.buckets,
                                slot_limit=lambda T: packed_attention.max_slots(8, T, 32 * 64))
     assert trainer.layout_plan == plan and 2048 in plan
