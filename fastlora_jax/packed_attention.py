@@ -154,8 +154,9 @@ def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], *
         fitting = [r["segment_ids"] for r in rows if len(r["segment_ids"]) <= T]
         if not fitting:
             continue
-        chunks = [c for c in (MIN_CHUNK << k for k in range(T.bit_length())) if c < T and T % c == 0] + [T]
-        longest, needed, contiguous = [], {chunk: [] for chunk in chunks}, True  # `_chunk_length`'s candidates
+        powers = (MIN_CHUNK << k for k in range(T.bit_length()))
+        chunks = [c for c in powers if c < T and T % c == 0] + [T]  # `_chunk_length`'s candidates, ascending
+        longest, needed, contiguous = [], {chunk: [] for chunk in chunks}, True  # [rows], {chunk: [rows]}, blocks
         for ids in padded_blocks(fitting, T):
             runs = _Runs(ids)
             contiguous &= runs.contiguous
@@ -166,7 +167,7 @@ def layout_plan(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int], *
             continue
         limit = slot_limit(T) if slot_limit is not None else np.inf
         longest, best = np.concatenate(longest), None  # [rows]
-        for chunk in chunks:  # ascending
+        for chunk in chunks:
             most = np.concatenate(needed[chunk])  # [rows]
             ok = (longest <= chunk) & (most <= limit)
             if ok.any() and (best is None or ok.sum() > best[0]):
