@@ -21,6 +21,7 @@ T is rounded up to one of a few length buckets, so a run compiles the train step
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import warnings
@@ -35,7 +36,7 @@ IGNORE_INDEX = -100
 MIN_BUCKET = 64
 _SPREAD_GROUP = 1024  # rows that exchange examples among themselves (`_spread`)
 _MOST_GIVEN = 16  # the most examples a crowded row gives for one (`_exchange`)
-_ORDER_SHUFFLES = 8  # shuffled orders `_chunk_order` tries after its two even ones
+_ORDER_SHUFFLES = 64  # the most shuffled orders `_chunk_order` tries after its two even ones
 
 
 # ---------------------------------------------------------------------------------------------- loading records
@@ -371,15 +372,22 @@ def _chunk_order(members: list[int], lengths: np.ndarray, T: int, chunks: int, s
                  seed: int) -> list[int]:
     """A row's examples in an order that starts at most `slots` pieces (examples, and the padding) in each of `chunks`
     chunks of a T-token row, where one of the orders tried does: evenly spaced starts (`_evenly_started`), the same
-    reversed, then shuffles seeded by `seed` (the row's index). The first order with the fewest pieces in its fullest
-    chunk; with one chunk, evenly spaced starts."""
+    reversed, then up to _ORDER_SHUFFLES shuffles seeded by `seed` (the row's index). The first order that fits, else
+    the first with the fewest pieces in its fullest chunk; with one chunk, evenly spaced starts."""
     order = _evenly_started(members, lengths)
     if chunks == 1:
         return order
-    tries = [order, order[::-1]]
     shuffles = np.random.default_rng(seed)
-    tries += [[members[k] for k in shuffles.permutation(len(members))] for _ in range(_ORDER_SHUFFLES)]
-    return min(tries, key=lambda o: _fullest_chunk(lengths[o], T, T // chunks))
+    tries = itertools.chain([order, order[::-1]], ([members[k] for k in shuffles.permutation(len(members))]
+                                                   for _ in range(_ORDER_SHUFFLES)))
+    best, fewest = order, None
+    for tried in tries:
+        fullest = _fullest_chunk(lengths[tried], T, T // chunks)
+        if fewest is None or fullest < fewest:
+            best, fewest = tried, fullest
+        if fewest <= slots:
+            break
+    return best
 
 
 def _fullest_chunk(row_lengths: np.ndarray, T: int, chunk: int) -> int:

@@ -220,7 +220,7 @@ def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
         chunk, slots = data.ragged_layouts(packed, (1024,), slot_limit=lambda T: 8)[1024]
         assert chunk < 1024
         fitting.append(_share_fitting(packed, 1024, chunk, slots))
-    assert fitting[1] > fitting[0] + 0.1 and fitting[1] > 0.9  # evenly started alone: 0.86 (`_chunk_order`)
+    assert fitting[1] > fitting[0] + 0.1 and fitting[1] > 0.92  # `_chunk_order`: 0.93; 8 shuffles 0.914, none 0.86
     with pytest.raises(ValueError, match="max_examples=0"):
         data.pack_rows(rows, 1024, max_examples=0)
 
