@@ -21,6 +21,7 @@ T is rounded up to one of a few length buckets, so a run compiles the train step
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import json
 import os
@@ -488,6 +489,21 @@ def layout_misfits(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]
         fits = [rows_fitting(ids, chunk, slots) for ids in padded_blocks([rows[i]["segment_ids"] for i in members], T)]
         misfits[members] = ~np.concatenate(fits) if fits else []
     return misfits if 0 < misfits.sum() < len(rows) else None
+
+
+def rows_digest(rows: Sequence[dict[str, np.ndarray]], misfits: np.ndarray | None = None) -> str:
+    """sha256 (hex) of tokenized rows in order, every field, and of the rows batched apart (`layout_misfits`): with
+    the seed and the rows per step, what decides each step's batch. A checkpoint records it, so that a resumed run
+    can tell it is about to train on other rows."""
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in sorted(row):
+            value = np.ascontiguousarray(row[key])
+            digest.update(f"{key}:{value.dtype.str}:{value.size};".encode())
+            digest.update(value.tobytes())
+    if misfits is not None:
+        digest.update(b"misfits;" + np.packbits(misfits).tobytes())
+    return digest.hexdigest()
 
 
 def num_batches(n_rows: int, batch_size: int) -> int:

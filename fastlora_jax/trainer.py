@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -380,8 +381,13 @@ class SFTTrainer:
         """What a checkpoint records besides arrays: the data position and the histories so far."""
         epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
         return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "rows_per_step": self.rows_per_step,
-                "n_rows": len(self.train_rows), "seed": seed, "loss_history": losses, "eval_history": evals,
-                "log_history": logs, "total_flos": total_flos}
+                "n_rows": len(self.train_rows), "rows_digest": self._rows_digest, "seed": seed,
+                "loss_history": losses, "eval_history": evals, "log_history": logs, "total_flos": total_flos}
+
+    @functools.cached_property
+    def _rows_digest(self) -> str:
+        """`data.rows_digest` of the training rows and the rows batched apart, once a run."""
+        return data_lib.rows_digest(self.train_rows, self.misfits)
 
     def _restore(self, step_fn: TrainStep, manager: Checkpointer, resume) -> dict[str, Any]:
         """Restores the checkpoint `resume` names into step_fn; checks that the data order would be the same."""
@@ -408,6 +414,12 @@ class SFTTrainer:
             raise ValueError(f"the checkpoint of step {step_fn.step} was written with {theirs} (rows per step = "
                              "per_device_train_batch_size x gradient_accumulation_steps; rows of the tokenized "
                              f"dataset); this run has {mine}: the data order would differ")
+        if meta.get("rows_digest", self._rows_digest) != self._rows_digest:  # checkpoints before session 26 lack it
+            raise ValueError(f"the checkpoint of step {step_fn.step} was written for other training rows (their "
+                             f"digest {meta['rows_digest'][:12]}..., this run's {self._rows_digest[:12]}...) of the "
+                             "same count: the dataset, its tokenization or, with packing=True, how examples were "
+                             "packed and batched (max_seq_length, the model's attention widths, "
+                             "per_device_train_batch_size) differ, so the data order would differ")
         later = [s for s in manager.all_steps() if s > step_fn.step]
         if later:
             moved = manager.set_aside(later)

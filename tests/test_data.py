@@ -336,3 +336,18 @@ def test_an_epoch_with_misfits_batched_apart_is_a_shuffled_grouping():
     np.testing.assert_array_equal(data.epoch_order(n, seed=5, epoch=0, shuffle=False, misfits=misfits), np.arange(n))
     with pytest.raises(ValueError, match="misfits has 3 entries for 23 rows"):
         data.epoch_order(n, seed=5, epoch=0, batch_size=B, misfits=misfits[:3])
+
+
+def test_rows_digest_changes_with_any_token_the_order_or_the_rows_batched_apart():
+    rng = np.random.default_rng(15)
+    rows = data.pack_rows(_short_examples(rng, 60, 30, 256), 256)
+    digest = data.rows_digest(rows)
+    assert digest == data.rows_digest([{k: v.copy() for k, v in r.items()} for r in rows])
+    changed = [dict(r) for r in rows]
+    changed[3] = {**changed[3], "labels": changed[3]["labels"].copy()}
+    changed[3]["labels"][-1] += 1
+    assert data.rows_digest(changed) != digest
+    assert data.rows_digest(rows[::-1]) != digest
+    misfits = np.zeros(len(rows), bool)
+    misfits[1] = True
+    assert len({digest, data.rows_digest(rows, misfits), data.rows_digest(rows, ~misfits)}) == 3

@@ -177,6 +177,12 @@ def test_resume_errors_other_lora_layout_missing_checkpoint_and_stale_checkpoint
         SFTTrainer(lora_model(r=4, dropout=0.0), None, records[:3],
                    args=dataclass_replace(args, resume_from_checkpoint=str(tmp_path / "checkpoints" / "2")),
                    loss_fn=poison_loss).train()
+    other_rows = [{"input_ids": [1 + i, 2, 3, 5]} for i in range(4)]  # as many rows, one token else
+    with pytest.raises(ValueError, match=r"written for other training rows \(their digest [0-9a-f]{12}\.\.\., this "
+                                         r"run's [0-9a-f]{12}\.\.\.\) of the same count"):
+        SFTTrainer(lora_model(r=4, dropout=0.0), None, other_rows,
+                   args=dataclass_replace(args, resume_from_checkpoint=str(tmp_path / "checkpoints" / "2")),
+                   loss_fn=poison_loss).train()
 
 
 def dataclass_replace(args, **changes):
