@@ -486,8 +486,9 @@ def layout_misfits(rows: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]
     padded = np.array([bucket_for(len(r["segment_ids"]), buckets) for r in rows])  # [rows]
     for T, (chunk, slots) in layouts.items():
         members = np.flatnonzero(padded == T)
-        fits = [rows_fitting(ids, chunk, slots) for ids in padded_blocks([rows[i]["segment_ids"] for i in members], T)]
-        misfits[members] = ~np.concatenate(fits) if fits else []
+        if members.size:
+            blocks = padded_blocks([rows[i]["segment_ids"] for i in members], T)
+            misfits[members] = ~np.concatenate([rows_fitting(ids, chunk, slots) for ids in blocks])
     return misfits if 0 < misfits.sum() < len(rows) else None
 
 
