@@ -31,8 +31,8 @@ import jax
 import numpy as np
 
 from fastlora_jax import data as data_lib
-from fastlora_jax import packed_attention
 from fastlora_jax.checkpointing import Checkpointer, is_step_directory
+from fastlora_jax.packed_batches import PackedBatches
 from fastlora_jax.precision import check_mixed_precision
 from fastlora_jax.sft_config import SFTConfig
 from fastlora_jax.training import AdamW, EvalStep, LossFn, TrainStep
@@ -135,13 +135,16 @@ class SFTTrainer:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        self.train_rows = self._rows(train_dataset, "train_dataset", self.args.packing, collator_labels,
-                                     max_examples=self._examples_per_row(model))
-        self.layout_plan = self._layout_plan(model)
-        self.layouts = self._usable(self.layout_plan, model)
-        self.misfits = data_lib.layout_misfits(self.train_rows, self.buckets, self.layout_plan)
-        self.eval_rows = (None if eval_dataset is None else
-                          self._rows(eval_dataset, "eval_dataset", False, collator_labels))
+        rows = self._rows(train_dataset, "train_dataset", collator_labels)
+        # train_rows; the ragged layout planned from the config, used where the model runs it; rows batched apart
+        self.train_rows, self.layout_plan, self.layouts, self.misfits = rows, {}, None, None
+        if self.args.packing:
+            packed = PackedBatches(rows, model, batch_size=self.rows_per_step, max_seq_length=self.max_seq_length,
+                                   micro_batch_size=self.args.per_device_train_batch_size, buckets=self.buckets,
+                                   pad_token_id=self.pad_token_id)
+            self.train_rows, self.layout_plan, self.layouts, self.misfits = (
+                packed.rows, packed.plan, packed.layouts, packed.misfits)
+        self.eval_rows = None if eval_dataset is None else self._rows(eval_dataset, "eval_dataset", collator_labels)
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab_size is not None:
             data_lib.check_rows_vocab(self.train_rows, vocab_size, where="train_dataset")
@@ -151,45 +154,8 @@ class SFTTrainer:
         self.state = TrainerState(max_steps=self.total_steps)
         self.optimizer: AdamW | None = None  # the last train()'s
 
-    def _layout_plan(self, model) -> dict[int, tuple[int, int]]:
-        """Packed rows' ragged attention layout, one shape per padded length (`data.ragged_layouts`) within cuDNN's
-        workspace limit for a micro-batch; {} without a model config or packing. From the config alone, as the
-        packing: the rows batched apart for it (`data.layout_misfits`) are the same on any machine."""
-        slot_limit = self._slot_limit(model)
-        return {} if slot_limit is None else data_lib.ragged_layouts(self.train_rows, self.buckets,
-                                                                     slot_limit=slot_limit)
-
-    @staticmethod
-    def _usable(plan: dict[int, tuple[int, int]], model) -> dict[int, tuple[int, int]] | None:
-        """`plan` where the model can run the ragged path (`packed_attention.ragged_supported`, no mesh); None
-        elsewhere: a layout the model cannot use would only add a second compile per length."""
-        inner = getattr(model, "model", None)
-        if not plan or getattr(inner, "mesh", None) is not None or not packed_attention.ragged_supported():
-            return None
-        return plan
-
-    def _slot_limit(self, model) -> Callable[[int], int] | None:
-        """T -> the most ragged-layout slots a micro-batch of rows of T tokens may use (`packed_attention.max_slots`,
-        from the model's config), or None without a config."""
-        config = getattr(model, "config", None)
-        if config is None:
-            return None
-        rows, width = self.args.per_device_train_batch_size, config.num_attention_heads * config.head_dim
-        return lambda T: packed_attention.max_slots(rows, T, width)
-
-    def _examples_per_row(self, model) -> int | None:
-        """The most examples a packed row should hold (`data.pack_rows`' max_examples): one fewer than the ragged
-        layout's slots for a micro-batch of max_seq_length rows (`packed_attention.max_slots`), so that a row and its
-        padding fit one chunk. From the model's config alone: a dataset packs the same on any machine. None without
-        a config or where fewer than two slots fit."""
-        slot_limit = self._slot_limit(model)
-        slots = 0 if slot_limit is None else slot_limit(self.max_seq_length)
-        return slots - 1 if slots >= 2 else None
-
-    def _rows(self, dataset, where: str, packing: bool, collator_labels,
-              max_examples: int | None = None) -> list[dict[str, Any]]:
-        """The dataset tokenized, with the labels `collator_labels` makes of the input_ids (if not None), packed
-        (at most about max_examples to a row, `data.pack_rows`)."""
+    def _rows(self, dataset, where: str, collator_labels) -> list[dict[str, Any]]:
+        """The dataset tokenized, with the labels `collator_labels` makes of the input_ids (if not None)."""
         records = data_lib.load_records(dataset)
         if self.args.skip_prepare_dataset:
             for i, record in enumerate(records):
@@ -202,7 +168,7 @@ class SFTTrainer:
                                          dataset_text_field=self.args.dataset_text_field)
         if collator_labels is not None:
             rows = [{**r, "labels": collator_labels(r["input_ids"])} for r in rows]
-        return data_lib.pack_rows(rows, self.max_seq_length, max_examples=max_examples) if packing else rows
+        return rows
 
     @property
     def train_dataset(self) -> list[dict[str, Any]]:

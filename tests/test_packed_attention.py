@@ -291,17 +291,17 @@ def _chat_like_trainer(tmp_path, *, seed: int, median: int, n: int, head_dim: in
 def test_sft_trainer_packs_at_most_the_slots_of_a_chunk_less_one_to_a_row(tmp_path):
     """SFTTrainer(packing=True) spreads examples over rows by the model's config on every machine: for the 8B
     widths at 4 x 2048, 8 slots (`max_slots`), so at most 7 examples and the padding a row."""
-    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+    from fastlora_jax.packed_batches import PackedBatches
 
     model, records, trainer = _chat_like_trainer(tmp_path, seed=12, median=240, n=600, head_dim=128, batch_size=4)
-    assert trainer._examples_per_row(model) == packed_attention.max_slots(4, 2048, 32 * 128) - 1 == 7
     rows = [{"input_ids": np.asarray(r["input_ids"], np.int32), "labels": np.asarray(r["input_ids"], np.int32)}
             for r in records]
+    assert PackedBatches(rows, model, batch_size=4, max_seq_length=2048).max_examples == 7
+    assert packed_attention.max_slots(4, 2048, 32 * 128) - 1 == 7
     expected = data.pack_rows(rows, 2048, max_examples=7)
     assert [r["segment_ids"].tolist() for r in trainer.train_rows] == [r["segment_ids"].tolist() for r in expected]
     assert np.mean([r["segment_ids"].max() <= 7 for r in trainer.train_rows]) > 0.97
-    assert SFTTrainer(None, None, train_dataset=records, args=SFTConfig(
-        output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, packing=True))._examples_per_row(None) is None
+    assert PackedBatches(rows, None, batch_size=4, max_seq_length=2048).max_examples is None
 
 
 def test_sft_trainer_batches_the_rows_the_layout_does_not_hold_apart_on_every_machine(tmp_path):

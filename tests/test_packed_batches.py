@@ -1,0 +1,107 @@
+"""PackedBatches: SFTTrainer(packing=True)'s rows and batches, for a loop of one's own."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fastlora_jax import data, packed_attention
+from fastlora_jax.packed_batches import PackedBatches
+
+
+def _examples(seed: int, n: int, median: int) -> list[dict[str, np.ndarray]]:
+    """n tokenized examples, lengths lognormal around `median` (sigma 0.8), 2..2048 tokens."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.8, n).astype(int), 2, 2048)
+    rows = []
+    for k in lengths:
+        ids = rng.integers(1, 1000, k).astype(np.int32)
+        rows.append({"input_ids": ids, "labels": ids.copy()})
+    return rows
+
+
+def _model(head_dim: int):
+    """A stand-in with only what PackedBatches reads: a config of 32 query heads (1B: head_dim 64, 8B: 128)."""
+    return SimpleNamespace(config=SimpleNamespace(num_attention_heads=32, head_dim=head_dim))
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+def test_packed_batches_are_the_batches_sft_trainer_trains_on(tmp_path):
+    """Same rows, plan, rows batched apart and batches as SFTTrainer(packing=True), gradient accumulation included
+    (the layout's workspace sized for the micro-batch)."""
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+
+    examples, model = _examples(14, 1500, 100), _model(64)
+    trainer = SFTTrainer(model, None, train_dataset=[{"input_ids": r["input_ids"].tolist()} for r in examples],
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=1, max_seq_length=2048,
+                                        per_device_train_batch_size=4, gradient_accumulation_steps=2, packing=True,
+                                        save_strategy="no"))
+    packed = PackedBatches(examples, model, batch_size=8, micro_batch_size=4, max_seq_length=2048,
+                           buckets=trainer.buckets)
+    slot_limit = lambda T: packed_attention.max_slots(4, T, 32 * 64)  # noqa: E731  (the micro-batch's rows)
+    assert packed.max_examples == slot_limit(2048) - 1
+    assert _same_batches(packed.rows, data.pack_rows(examples, 2048, max_examples=slot_limit(2048) - 1))
+    assert _same_batches(packed.rows, trainer.train_rows)
+    plan = data.ragged_layouts(packed.rows, trainer.buckets, slot_limit=slot_limit)
+    assert packed.plan == plan == trainer.layout_plan and 2048 in plan
+    misfits = data.layout_misfits(packed.rows, trainer.buckets, packed.plan)
+    assert misfits is not None and misfits.any()
+    np.testing.assert_array_equal(packed.misfits, misfits)
+    np.testing.assert_array_equal(trainer.misfits, misfits)
+    assert packed.digest() == trainer._rows_digest
+    assert len(packed) == trainer.steps_per_epoch
+    upcoming = trainer._batches_from(0, seed=3)
+    assert _same_batches(list(packed.epoch(0, seed=3)), [next(upcoming) for _ in range(len(packed))])
+    # the micro-batch sizes the layout: 8 rows a pass would allow fewer slots, so fewer examples a row
+    assert PackedBatches(examples, model, batch_size=8, max_seq_length=2048).max_examples <= packed.max_examples
+
+
+def test_packed_batches_cover_every_row_once_an_epoch_and_resume_mid_epoch():
+    examples = _examples(3, 400, 120)
+    packed = PackedBatches(examples, _model(128), batch_size=4, max_seq_length=2048)
+    epoch = list(packed.epoch(1, seed=0))
+    assert len(epoch) == len(packed) == data.num_batches(len(packed.rows), 4)
+    tokens = sorted(int(np.count_nonzero(b["segment_ids"])) for b in epoch)
+    assert sum(tokens) == sum(len(r["input_ids"]) for r in examples)
+    assert _same_batches(list(packed.epoch(1, seed=0, start=5)), epoch[5:])
+    assert not _same_batches(list(packed.epoch(2, seed=0)), epoch)
+
+
+def test_packed_batches_attach_the_layout_only_where_the_model_runs_it(monkeypatch):
+    examples = _examples(5, 300, 240)
+    packed = PackedBatches(examples, _model(128), batch_size=4, max_seq_length=2048)
+    assert packed.plan  # planned from the config on every machine
+    assert (packed.layouts is not None) == packed_attention.ragged_supported()
+    monkeypatch.setattr(packed_attention, "ragged_supported", lambda: True)  # as on a Hopper GPU
+    on_gpu = PackedBatches(examples, _model(128), batch_size=4, max_seq_length=2048)
+    assert on_gpu.layouts == packed.plan
+    with_layout = [set(packed_attention.SEGMENT_KEYS) <= set(b) for b in on_gpu.epoch(0, seed=0)]
+    assert np.mean(with_layout) > 0.9 and not any(set(packed_attention.SEGMENT_KEYS) & set(b)
+                                                  for b in packed.epoch(0, seed=0) if packed.layouts is None)
+    meshed = SimpleNamespace(config=_model(128).config, model=SimpleNamespace(mesh=object()))  # sharded: the mask
+    assert PackedBatches(examples, meshed, batch_size=4, max_seq_length=2048).layouts is None
+
+
+def test_packed_batches_without_a_config_pack_best_fit_with_no_layout():
+    examples = _examples(7, 200, 240)
+    packed = PackedBatches(examples, None, batch_size=4, max_seq_length=2048)
+    assert packed.max_examples is None and packed.plan == {} and packed.layouts is None and packed.misfits is None
+    assert _same_batches(packed.rows, data.pack_rows(examples, 2048))
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=6, micro_batch_size=4), dict(batch_size=0),
+                                    dict(batch_size=4, micro_batch_size=0)])
+def test_packed_batches_refuse_batch_sizes_that_do_not_divide(kwargs):
+    with pytest.raises(ValueError, match=f"batch_size={kwargs['batch_size']}"):
+        PackedBatches(_examples(1, 20, 50), None, max_seq_length=256, **kwargs)
+
+
+def test_packed_batches_refuse_buckets_short_of_max_seq_length():
+    with pytest.raises(ValueError, match=r"buckets=\(128,\) must reach max_seq_length=256"):
+        PackedBatches(_examples(1, 20, 50), None, batch_size=2, max_seq_length=256, buckets=(128,))
