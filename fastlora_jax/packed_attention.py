@@ -8,17 +8,17 @@ into the flattened tokens. 8B shapes, 4 x 2048, four examples a row, forward + b
 
 The layout is built on the host with each batch (`segment_layout`, from `data.collate`). The B * T tokens are cut
 into R = B * T / C chunks of C tokens (C divides T and holds the longest example), and chunk row r lists the pieces
-that start in it: offsets [R, M + 1] (from the chunk's start) and lengths [R, M], -1 past the last piece. An
-example is one piece; a padding run is cut at chunk edges (no real token and no loss term reads a padding output).
-cuDNN sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C
-and M are kept small, each a power of two. SFTTrainer fixes one (C, M) per padded length for the whole run
-(`layout_plan` over the packed dataset, from the model's config: the same on any machine), the one under the workspace
-limit that most rows fit. Where the path runs (`ragged_supported`), batches whose rows all fit get the layout, the
-others (rows of many short examples) the mask path, so a length compiles at most twice. The rows that do not fit are
-batched among themselves (`data.layout_misfits`), so that one of them does not send a whole batch to the mask path.
-Its packing (`data.pack_rows`' max_examples) puts at most M - 1 examples in a row where the lengths allow, so that a
-row and its padding fit one chunk of T tokens: on chat-like lengths around 240 tokens, 97-100% of 8B's 4 x 2048
-batches get the layout instead of 38% (benchmarks/RESULTS.md, session 25).
+that start in it: offsets [R, M + 1] (from the chunk's start) and lengths [R, M], -1 past the last piece. An example
+is one piece; a padding run is cut at chunk edges (no real token and no loss term reads a padding output). cuDNN
+sizes its work and its float32 dq workspace by R * M sequences of C tokens (8 * B * T * M * N * H bytes), so C and M
+are kept small, each a power of two. SFTTrainer (`packed_batches.PackedBatches`) fixes one (C, M) per padded length
+for the whole run (`layout_plan` over the packed dataset, from the model's config: the same on any machine), the one
+under the workspace limit that most rows fit. Where the path runs (`ragged_supported`), batches whose rows all fit
+get the layout, the others (rows of many short examples) the mask path, so a length compiles at most twice. The rows
+that do not fit are batched among themselves (`data.layout_misfits`), so that one of them does not send a whole
+batch to the mask path. Its packing (`data.pack_rows`' max_examples) puts at most M - 1 examples in a row where the
+lengths allow, so that a row and its padding fit one chunk of T tokens: on chat-like lengths around 240 tokens,
+97-100% of 8B's 4 x 2048 batches get the layout instead of 38% (benchmarks/RESULTS.md, session 25).
 `ragged_applies` says where this path runs; elsewhere the model uses the segment-id mask, with the same results on
 every real token.
 
