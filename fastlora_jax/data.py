@@ -584,7 +584,8 @@ def check_rows_vocab(rows: Sequence[dict[str, np.ndarray]], vocab_size: int, *, 
 def prepare_rows(dataset, tokenizer, *, max_seq_length: int, packing: bool = False,
                  train_on_responses_only: bool | None = None, dataset_text_field: str = "text"
                  ) -> list[dict[str, np.ndarray]]:
-    """Tokenized (and, with packing, packed) rows of a dataset, ready for `iterate_batches`."""
+    """Tokenized (and, with packing, packed best fit) rows of a dataset, ready for `iterate_batches`. For the rows
+    and batches SFTTrainer(packing=True) makes for a model (cuDNN's ragged layout), see `packed_batches`."""
     rows = tokenize_dataset(dataset, tokenizer, max_seq_length=max_seq_length,
                             train_on_responses_only=train_on_responses_only, dataset_text_field=dataset_text_field)
     return pack_rows(rows, max_seq_length) if packing else rows
