@@ -68,10 +68,6 @@ class PackedBatches:
                                     pad_token_id=self.pad_token_id, seed=seed, epoch=epoch, shuffle=shuffle,
                                     start=start, layouts=self.layouts, misfits=self.misfits)
 
-    def digest(self) -> str:
-        """`data.rows_digest` of the rows and the rows batched apart: what decides each epoch's batches."""
-        return data.rows_digest(self.rows, self.misfits)
-
 
 def _slot_limit(config: Any, micro_batch_size: int) -> Callable[[int], int] | None:
     """T -> the most layout slots a micro-batch of rows of T tokens may use (`packed_attention.max_slots`), from the
