@@ -28,7 +28,7 @@ import train_step  # noqa: E402  (this folder's bare-step benchmark: model, conf
 def host_batch(config, batch: int, seq: int, packed: int, seed: int = 1, ragged: bool = True) -> dict:
     """{input_ids, labels[, segment_ids, positions, segment_offsets, segment_lengths]} int32 numpy: random ids [batch,
     seq], labels = ids; packed rows hold `packed` examples of seq // packed tokens, each example's first label -100
-    (data.pack_rows' rule), with their ragged layout where `ragged`."""
+    (packing.pack_rows' rule), with their ragged layout where `ragged`."""
     import numpy as np
 
     from fastlora_jax.data import IGNORE_INDEX

@@ -16,7 +16,7 @@ for the whole run (`layout_plan` over the packed dataset, from the model's confi
 under the workspace limit that most rows fit. Where the path runs (`ragged_supported`), batches whose rows all fit
 get the layout, the others (rows of many short examples) the mask path, so a length compiles at most twice. The rows
 that do not fit are batched among themselves (`data.layout_misfits`), so that one of them does not send a whole
-batch to the mask path. Its packing (`data.pack_rows`' max_examples) puts at most M - 1 examples in a row where the
+batch to the mask path. Its packing (`packing.pack_rows`' max_examples) puts at most M - 1 examples in a row where the
 lengths allow, so that a row and its padding fit one chunk of T tokens: on chat-like lengths around 240 tokens,
 97-100% of 8B's 4 x 2048 batches get the layout instead of 38% (benchmarks/RESULTS.md, session 25).
 `ragged_applies` says where this path runs; elsewhere the model uses the segment-id mask, with the same results on

@@ -9,7 +9,7 @@
         for batch in packed.epoch(epoch, seed=3407):
             metrics = step(batch)
 
-The examples are packed for cuDNN's ragged attention layout (`data.pack_rows` with at most `max_examples` to a
+The examples are packed for cuDNN's ragged attention layout (`packing.pack_rows` with at most `max_examples` to a
 row), the layout shape of each padded length is planned over the whole dataset (`data.ragged_layouts`), and each
 epoch batches the rows that shape does not hold among themselves (`data.layout_misfits`, `data.epoch_order`). All
 three come from the model's config and the micro-batch size alone, so the rows and the batches are the same on any
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from fastlora_jax import data, packed_attention
+from fastlora_jax import data, packed_attention, packing
 
 Layouts = dict[int, tuple[int, int]]  # {padded length T: (chunk C, slots M)}
 
@@ -51,7 +51,7 @@ class PackedBatches:
         slot_limit = _slot_limit(getattr(model, "config", None), micro_batch_size)
         slots = 0 if slot_limit is None else slot_limit(max_seq_length)
         self.max_examples = slots - 1 if slots >= 2 else None  # a row and its padding fit one chunk's slots
-        self.rows = data.pack_rows(examples, max_seq_length, max_examples=self.max_examples)
+        self.rows = packing.pack_rows(examples, max_seq_length, max_examples=self.max_examples)
         self.plan: Layouts = ({} if slot_limit is None else
                               data.ragged_layouts(self.rows, self.buckets, slot_limit=slot_limit))
         self.layouts = _runnable(self.plan, model)

@@ -31,7 +31,7 @@ class SFTConfig:
     step directory in it, or False. length_buckets: padded sequence lengths (default: powers of two from 64, then
     max_seq_length).
     packing: True packs examples into rows of max_seq_length (each attends only to itself), spread so that a row
-    fits cuDNN's ragged layout for the model (`data.pack_rows`); the rows that layout does not hold are batched among
+    fits cuDNN's ragged layout for the model (`packing.pack_rows`); the rows that layout does not hold are batched among
     themselves (`data.layout_misfits`). Both follow from the data, the model's config and the micro-batch, so the
     batches are the same on any machine.
     optim: one of `fastlora_jax.training.OPTIMIZERS` ("adamw_torch" and "adamw_torch_fused" are torch's AdamW,

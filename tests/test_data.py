@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fastlora_jax import data, packed_attention
+from fastlora_jax import data, packed_attention, packing
 from fastlora_jax.packed_attention import layout_fits
 from helpers import TINY, rel_err, tiny_chat_tokenizer
 
@@ -143,7 +143,7 @@ def _random_rows(rng, n, lo, hi, vocab=256):
 def test_packing_segment_ids_positions_and_contents():
     rng = np.random.default_rng(0)
     rows = _random_rows(rng, 40, 2, 30)
-    packed = data.pack_rows(rows, max_seq_length=64)
+    packed = packing.pack_rows(rows, max_seq_length=64)
     assert len(packed) < len(rows)
     seen = []
     for row in packed:
@@ -162,7 +162,7 @@ def test_packing_segment_ids_positions_and_contents():
     assert batch["segment_ids"].shape == (4, 64) and (batch["segment_ids"][3] == 0).all()
     assert data.count_tokens(batch) == sum(len(r["input_ids"]) for r in packed[:3])
     with pytest.raises(ValueError, match="max_seq_length=8"):
-        data.pack_rows(rows, max_seq_length=8)
+        packing.pack_rows(rows, max_seq_length=8)
 
 
 def _examples_of(packed):
@@ -192,8 +192,8 @@ def _share_fitting(packed, T, chunk, slots):
 def test_packing_spreads_examples_over_rows_for_the_ragged_layout():
     rng = np.random.default_rng(7)
     rows = _short_examples(rng, 1500, 240, 2048)
-    best_fit = data.pack_rows(rows, 2048)
-    spread = data.pack_rows(rows, 2048, max_examples=7)
+    best_fit = packing.pack_rows(rows, 2048)
+    spread = packing.pack_rows(rows, 2048, max_examples=7)
     assert len(spread) == len(best_fit)  # no row added
     assert _examples_of(spread) == _examples_of(best_fit) == sorted(
         (r["input_ids"].tobytes(), r["labels"][1:].tobytes()) for r in rows)  # each example once, whole
@@ -203,7 +203,7 @@ def test_packing_spreads_examples_over_rows_for_the_ragged_layout():
     assert (counts(spread) > 7).mean() < 0.03
     # What it is for: a row of <= 7 examples and its padding fit one 2048-token chunk of 8 slots (8B, 4 x 2048).
     assert _share_fitting(best_fit, 2048, 2048, 8) < 0.9 and _share_fitting(spread, 2048, 2048, 8) > 0.97
-    again = data.pack_rows(rows, 2048, max_examples=7)
+    again = packing.pack_rows(rows, 2048, max_examples=7)
     assert all((a["input_ids"] == b["input_ids"]).all() and (a["segment_ids"] == b["segment_ids"]).all()
                for a, b in zip(spread, again))  # deterministic
 
@@ -211,8 +211,8 @@ def test_packing_spreads_examples_over_rows_for_the_ragged_layout():
 def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
     rng = np.random.default_rng(8)
     rows = _short_examples(rng, 3000, 60, 1024)  # about 12 a row: more than 7, so a row's chunks share them
-    best_fit = data.pack_rows(rows, 1024)
-    spread = data.pack_rows(rows, 1024, max_examples=7)
+    best_fit = packing.pack_rows(rows, 1024)
+    spread = packing.pack_rows(rows, 1024, max_examples=7)
     assert -(-len(rows) // len(best_fit)) > 7  # the average: one chunk of 8 slots a row cannot hold it; two can
     assert len(spread) == len(best_fit) and max(r["segment_ids"].max() for r in spread) <= 2 * 8 - 1
     fitting = []
@@ -222,7 +222,7 @@ def test_spread_rows_fit_smaller_chunks_where_they_hold_more_examples():
         fitting.append(_share_fitting(packed, 1024, chunk, slots))
     assert fitting[1] > fitting[0] + 0.1 and fitting[1] > 0.92  # `_chunk_order`: 0.93; 8 shuffles 0.914, none 0.86
     with pytest.raises(ValueError, match="max_examples=0"):
-        data.pack_rows(rows, 1024, max_examples=0)
+        packing.pack_rows(rows, 1024, max_examples=0)
 
 
 def test_rows_the_layout_does_not_hold_are_batched_apart(monkeypatch):
@@ -230,7 +230,7 @@ def test_rows_the_layout_does_not_hold_are_batched_apart(monkeypatch):
     many pieces in one, are batched among themselves, so the other batches all get the layout (1B widths, 8 x 2048:
     8 slots)."""
     rng = np.random.default_rng(13)
-    packed = data.pack_rows(_short_examples(rng, 6000, 100, 2048), 2048, max_examples=7)
+    packed = packing.pack_rows(_short_examples(rng, 6000, 100, 2048), 2048, max_examples=7)
     layouts = data.ragged_layouts(packed, (2048,), slot_limit=lambda T: 8)
     misfits = data.layout_misfits(packed, (2048,), layouts)
     chunk, slots = layouts[2048]
@@ -251,7 +251,7 @@ def test_rows_the_layout_does_not_hold_are_batched_apart(monkeypatch):
 
 
 def test_the_chunk_order_counts_pieces_as_the_layout_does():
-    """`data._fullest_chunk` (which order `pack_rows` keeps) gives the fullest chunk's pieces as `packed_attention`'s
+    """`packing._fullest_chunk` (which order `pack_rows` keeps) gives the fullest chunk's pieces as `packed_attention`'s
     layout counts them (examples, the padding, and the padding again at each chunk edge, which it leaves out)."""
     from fastlora_jax.packed_attention import _Runs
 
@@ -264,7 +264,7 @@ def test_the_chunk_order_counts_pieces_as_the_layout_does():
             continue
         ids = np.zeros((1, T), np.int32)
         ids[0, :lengths.sum()] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
-        assert data._fullest_chunk(lengths, T, chunk) == _Runs(ids).pieces_per_chunk(chunk)[0]
+        assert packing._fullest_chunk(lengths, T, chunk) == _Runs(ids).pieces_per_chunk(chunk)[0]
 
 
 def test_packed_loss_equals_unpacked_loss():
@@ -275,7 +275,7 @@ def test_packed_loss_equals_unpacked_loss():
     model = random_model(LlamaConfig.from_hf_config(dict(TINY)), seed=1)
     rng = np.random.default_rng(1)
     rows = _random_rows(rng, 6, 5, 24)
-    packed = data.pack_rows(rows, max_seq_length=64)
+    packed = packing.pack_rows(rows, max_seq_length=64)
     assert len(packed) < len(rows)
     loss = jax.jit(lambda batch: batch_loss(model, batch))
     packed_sum, packed_n = loss(data.collate(packed, batch_size=len(packed), buckets=(64,)))
@@ -340,7 +340,7 @@ def test_an_epoch_with_misfits_batched_apart_is_a_shuffled_grouping():
 
 def test_rows_digest_changes_with_any_token_the_order_or_the_rows_batched_apart():
     rng = np.random.default_rng(15)
-    rows = data.pack_rows(_short_examples(rng, 60, 30, 256), 256)
+    rows = packing.pack_rows(_short_examples(rng, 60, 30, 256), 256)
     digest = data.rows_digest(rows)
     assert digest == data.rows_digest([{k: v.copy() for k, v in r.items()} for r in rows])
     changed = [dict(r) for r in rows]

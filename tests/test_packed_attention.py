@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fastlora_jax import data, packed_attention
+from fastlora_jax import data, packed_attention, packing
 from fastlora_jax.attention import attention, attention_reference
 from fastlora_jax.config import LlamaConfig
 from fastlora_jax.loss import IGNORE_INDEX, causal_lm_loss
@@ -22,7 +22,7 @@ def _packed_batch(seed: int, *, batch_size: int = 4, max_len: int = 512, n_rows:
     rng = np.random.default_rng(seed)
     rows = [{"input_ids": rng.integers(1, 50, n).astype(np.int32), "labels": rng.integers(1, 50, n).astype(np.int32)}
             for n in rng.integers(1, longest, n_rows)]
-    packed = data.pack_rows(rows, max_len)
+    packed = packing.pack_rows(rows, max_len)
     buckets = data.length_buckets(max_len)
     return data.collate(packed[:batch_size], batch_size=batch_size, buckets=buckets,
                         layouts=data.ragged_layouts(packed, buckets))
@@ -75,7 +75,7 @@ def test_layout_chunk_holds_the_longest_example_and_m_counts_pieces():
 def test_a_run_has_one_layout_shape_per_length_and_it_holds_every_batch():
     rng = np.random.default_rng(8)
     rows = [{"input_ids": np.ones(n, np.int32), "labels": np.ones(n, np.int32)} for n in rng.integers(1, 300, 300)]
-    packed = data.pack_rows(rows, 512) + data.pack_rows(rows[:3], 512)  # and a short row, for a smaller length
+    packed = packing.pack_rows(rows, 512) + packing.pack_rows(rows[:3], 512)  # and a short row, for a smaller length
     buckets = data.length_buckets(512)
     layouts = data.ragged_layouts(packed, buckets)
     assert set(layouts) >= {512}
@@ -97,7 +97,7 @@ def test_a_slot_limit_gives_the_layout_to_the_batches_that_fit_and_the_mask_to_t
     rng = np.random.default_rng(9)
     lengths = np.concatenate([rng.integers(100, 500, 150), rng.integers(2, 12, 150)])  # gap fillers: many in a row
     rows = [{"input_ids": np.ones(n, np.int32), "labels": np.ones(n, np.int32)} for n in lengths]
-    packed = data.pack_rows(rows, 1024)
+    packed = packing.pack_rows(rows, 1024)
     buckets = data.length_buckets(1024)
     unlimited = data.ragged_layouts(packed, buckets)
     limit = unlimited[1024][1] // 4
@@ -298,7 +298,7 @@ def test_sft_trainer_packs_at_most_the_slots_of_a_chunk_less_one_to_a_row(tmp_pa
             for r in records]
     assert PackedBatches(rows, model, batch_size=4, max_seq_length=2048).max_examples == 7
     assert packed_attention.max_slots(4, 2048, 32 * 128) - 1 == 7
-    expected = data.pack_rows(rows, 2048, max_examples=7)
+    expected = packing.pack_rows(rows, 2048, max_examples=7)
     assert [r["segment_ids"].tolist() for r in trainer.train_rows] == [r["segment_ids"].tolist() for r in expected]
     assert np.mean([r["segment_ids"].max() <= 7 for r in trainer.train_rows]) > 0.97
     assert PackedBatches(rows, None, batch_size=4, max_seq_length=2048).max_examples is None

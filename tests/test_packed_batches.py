@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fastlora_jax import data, packed_attention
+from fastlora_jax import data, packed_attention, packing
 from fastlora_jax.packed_batches import PackedBatches
 
 
@@ -46,7 +46,7 @@ def test_packed_batches_are_the_batches_sft_trainer_trains_on(tmp_path):
                            buckets=trainer.buckets)
     slot_limit = lambda T: packed_attention.max_slots(4, T, 32 * 64)  # noqa: E731  (the micro-batch's rows)
     assert packed.max_examples == slot_limit(2048) - 1
-    assert _same_batches(packed.rows, data.pack_rows(examples, 2048, max_examples=slot_limit(2048) - 1))
+    assert _same_batches(packed.rows, packing.pack_rows(examples, 2048, max_examples=slot_limit(2048) - 1))
     assert _same_batches(packed.rows, trainer.train_rows)
     plan = data.ragged_layouts(packed.rows, trainer.buckets, slot_limit=slot_limit)
     assert packed.plan == plan == trainer.layout_plan and 2048 in plan
@@ -91,7 +91,7 @@ def test_packed_batches_without_a_config_pack_best_fit_with_no_layout():
     examples = _examples(7, 200, 240)
     packed = PackedBatches(examples, None, batch_size=4, max_seq_length=2048)
     assert packed.max_examples is None and packed.plan == {} and packed.layouts is None and packed.misfits is None
-    assert _same_batches(packed.rows, data.pack_rows(examples, 2048))
+    assert _same_batches(packed.rows, packing.pack_rows(examples, 2048))
 
 
 @pytest.mark.parametrize("kwargs", [dict(batch_size=6, micro_batch_size=4), dict(batch_size=0),
