@@ -194,9 +194,10 @@ def _chat_chunks(tokenizer, messages: list[dict], *, n_prompt: int, responses_on
     return chunks
 
 
-def tokenize_dataset(dataset, tokenizer, *, max_seq_length: int, train_on_responses_only: bool | None = None,
+def tokenize_dataset(dataset, tokenizer, *, max_seq_length: int | None, train_on_responses_only: bool | None = None,
                      dataset_text_field: str = "text") -> list[dict[str, np.ndarray]]:
-    """Rows {"input_ids", "labels"} for every record, truncated to max_seq_length; rows without any label dropped."""
+    """Rows {"input_ids", "labels"} for every record, truncated to max_seq_length (None: not truncated, for packing
+    that cuts or wraps long examples, `fastlora_jax.packing`); rows without any label dropped."""
     rows, truncated, dropped = [], 0, 0
     for i, record in enumerate(load_records(dataset)):
         try:
@@ -204,7 +205,7 @@ def tokenize_dataset(dataset, tokenizer, *, max_seq_length: int, train_on_respon
                                           dataset_text_field=dataset_text_field)
         except ValueError as e:
             raise ValueError(f"dataset record {i}: {e}") from None
-        if len(ids) > max_seq_length:
+        if max_seq_length is not None and len(ids) > max_seq_length:
             ids, labels, truncated = ids[:max_seq_length], labels[:max_seq_length], truncated + 1
         if np.count_nonzero(labels[1:] != IGNORE_INDEX) == 0:  # the first label is never a target
             dropped += 1

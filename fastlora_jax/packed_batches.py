@@ -35,11 +35,17 @@ class PackedBatches:
     `config` sizes the layout; without one the rows are packed best fit and get no layout). micro_batch_size: the
     rows of one forward pass where a step accumulates gradients over several (batch_size = micro_batch_size x
     gradient_accumulation_steps); the layout's workspace is sized for one. buckets: the padded lengths
-    (`data.length_buckets(max_seq_length)` by default).
+    (`data.length_buckets(max_seq_length)` by default). strategy: TRL's packing_strategy (`fastlora_jax.packing`):
+    "bfd" (examples must fit max_seq_length), "bfd_split" (longer ones are cut into pieces that do) or "wrapped"
+    (all tokens concatenated and cut into rows; no segments, so no layout).
     """
 
     def __init__(self, examples: Sequence[dict[str, np.ndarray]], model, *, batch_size: int, max_seq_length: int,
-                 micro_batch_size: int | None = None, buckets: Sequence[int] | None = None, pad_token_id: int = 0):
+                 micro_batch_size: int | None = None, buckets: Sequence[int] | None = None, pad_token_id: int = 0,
+                 strategy: str = "bfd"):
+        if strategy not in packing.STRATEGIES:
+            raise ValueError(f"strategy={strategy!r}; accepted: {', '.join(map(repr, packing.STRATEGIES))} (TRL's "
+                             "packing_strategy)")
         micro_batch_size = batch_size if micro_batch_size is None else micro_batch_size
         if micro_batch_size < 1 or batch_size < 1 or batch_size % micro_batch_size:
             raise ValueError(f"batch_size={batch_size!r}, micro_batch_size={micro_batch_size!r}; accepted: ints "
@@ -48,10 +54,15 @@ class PackedBatches:
         self.buckets = tuple(buckets or data.length_buckets(max_seq_length))
         if self.buckets[-1] < max_seq_length:
             raise ValueError(f"buckets={self.buckets} must reach max_seq_length={max_seq_length}")
+        self.strategy = strategy
         slot_limit = _slot_limit(getattr(model, "config", None), micro_batch_size)
-        slots = 0 if slot_limit is None else slot_limit(max_seq_length)
+        slots = 0 if slot_limit is None or strategy == "wrapped" else slot_limit(max_seq_length)
         self.max_examples = slots - 1 if slots >= 2 else None  # a row and its padding fit one chunk's slots
-        self.rows = packing.pack_rows(examples, max_seq_length, max_examples=self.max_examples)
+        if strategy == "wrapped":
+            self.rows = packing.wrap_rows(examples, max_seq_length)  # no segments: no layout, nothing batched apart
+        else:
+            examples = packing.split_long(examples, max_seq_length) if strategy == "bfd_split" else examples
+            self.rows = packing.pack_rows(examples, max_seq_length, max_examples=self.max_examples)
         self.plan: Layouts = ({} if slot_limit is None else
                               data.ragged_layouts(self.rows, self.buckets, slot_limit=slot_limit))
         self.layouts = _runnable(self.plan, model)

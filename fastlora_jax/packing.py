@@ -1,8 +1,13 @@
-"""Packing: several tokenized examples to a row of at most max_seq_length tokens, each a segment of its own.
+"""Packing: tokenized examples into rows of at most max_seq_length tokens, TRL's three strategies
+(SFTConfig.packing_strategy).
 
-`pack_rows` fills rows best fit, longest first, never splitting an example. Given `max_examples` it also evens out
-the examples per row and orders them so that the rows fit cuDNN's ragged layout (`fastlora_jax.packed_attention`);
-`fastlora_jax.packed_batches` does that for a model and batches the rows.
+- "bfd": `pack_rows` fills rows best fit, longest first, never splitting an example; each is a segment of its own
+  (it attends only to itself, its positions start at 0). Given `max_examples` it also evens out the examples per
+  row and orders them so that the rows fit cuDNN's ragged layout (`fastlora_jax.packed_attention`);
+  `fastlora_jax.packed_batches` does that for a model and batches the rows. Examples must fit max_seq_length
+  (the tokenization truncates them).
+- "bfd_split": the same after `split_long` has cut the longer examples into pieces that fit: no token is dropped.
+- "wrapped": `wrap_rows` concatenates every example and cuts rows of max_seq_length, with no segments.
 """
 
 from __future__ import annotations
@@ -19,6 +24,37 @@ from fastlora_jax.packed_attention import MIN_CHUNK
 _SPREAD_GROUP = 1024  # rows that exchange examples among themselves (`_spread`)
 _MOST_GIVEN = 16  # the most examples a crowded row gives for one (`_exchange`)
 _ORDER_SHUFFLES = 64  # the most shuffled orders `_chunk_order` tries after its two even ones
+STRATEGIES = ("bfd", "bfd_split", "wrapped")  # TRL's SFTConfig.packing_strategy
+
+
+def split_long(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int) -> list[dict[str, np.ndarray]]:
+    """Each example longer than max_seq_length as consecutive pieces of max_seq_length tokens (the last shorter), as
+    TRL's "bfd_split": packed, each piece is an example of its own (its positions restart at 0 and it sees nothing
+    of the pieces before it). Pieces with no token to train on (labels -100 after the first) are dropped; examples
+    that fit are kept as they are, in dataset order."""
+    pieces = []
+    for row in rows:
+        n = len(row["input_ids"])
+        if n <= max_seq_length:
+            pieces.append(row)
+            continue
+        for start in range(0, n, max_seq_length):
+            piece = {k: v[start: start + max_seq_length] for k, v in row.items()}
+            if np.any(piece["labels"][1:] != IGNORE_INDEX):
+                pieces.append(piece)
+    return pieces
+
+
+def wrap_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int) -> list[dict[str, np.ndarray]]:
+    """TRL's "wrapped" packing: every example's tokens and labels in dataset order, concatenated and cut into rows of
+    max_seq_length tokens (the last shorter), with no segment ids. As in TRL, attention and positions run across
+    the examples a row holds, and an example's last token is trained to predict the next one's first (where that
+    label is not -100). Rows left with no token to train on are dropped."""
+    ids = np.concatenate([r["input_ids"] for r in rows])  # [all tokens]
+    labels = np.concatenate([r["labels"] for r in rows])  # [all tokens]
+    cuts = range(0, len(ids), max_seq_length)
+    return [{"input_ids": ids[s: s + max_seq_length], "labels": labels[s: s + max_seq_length]} for s in cuts
+            if np.any(labels[s + 1: s + max_seq_length] != IGNORE_INDEX)]
 
 
 def pack_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *,
@@ -43,7 +79,8 @@ def pack_rows(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *,
     too_long = np.flatnonzero(lengths > max_seq_length)
     if too_long.size:
         i = int(too_long[0])
-        raise ValueError(f"row {i} has {lengths[i]} tokens > max_seq_length={max_seq_length}; truncate it first")
+        raise ValueError(f"row {i} has {lengths[i]} tokens > max_seq_length={max_seq_length}; truncate it first, "
+                         "or cut it into pieces that fit (`split_long`, TRL's packing_strategy 'bfd_split')")
     bins = _best_fit(lengths, max_seq_length)
     if max_examples is None:
         bins = [sorted(members) for members in bins]  # dataset order inside a row

@@ -8,6 +8,7 @@ import dataclasses
 import os
 from typing import Any
 
+from fastlora_jax.packing import STRATEGIES as PACKING_STRATEGIES
 from fastlora_jax.training import OPTIMIZERS, SCHEDULES, check_adam_settings
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -33,7 +34,10 @@ class SFTConfig:
     packing: True packs examples into rows of max_seq_length (each attends only to itself), spread so that a row
     fits cuDNN's ragged layout for the model (`packing.pack_rows`); the rows that layout does not hold are batched among
     themselves (`data.layout_misfits`). Both follow from the data, the model's config and the micro-batch, so the
-    batches are the same on any machine.
+    batches are the same on any machine. packing_strategy (TRL's, used with packing=True): "bfd" (best fit
+    decreasing, examples truncated to max_seq_length), "bfd_split" (longer examples cut into pieces of
+    max_seq_length, each packed as an example of its own: no token dropped) or "wrapped" (every example concatenated
+    and cut into rows of max_seq_length, attending across examples as TRL's; no ragged layout).
     optim: one of `fastlora_jax.training.OPTIMIZERS` ("adamw_torch" and "adamw_torch_fused" are torch's AdamW,
     "adamw_8bit", "adamw_bnb_8bit" and "paged_adamw_8bit" bitsandbytes' 8-bit one).
     fp16 / bf16: the model computes in its own dtype (from_pretrained's `dtype`) with float32 trainable weights;
@@ -84,6 +88,7 @@ class SFTConfig:
     max_seq_length: int | None = None
     max_length: int | None = None
     packing: bool = False
+    packing_strategy: str = "bfd"
     train_on_responses_only: bool | None = None
     completion_only_loss: bool | None = None
     assistant_only_loss: bool = False
@@ -165,6 +170,9 @@ class SFTConfig:
         if self.loss_type not in LOSS_TYPES:
             raise NotImplementedError(f"loss_type={self.loss_type!r}; accepted: None, 'nll' or 'chunked_nll' (the "
                                       "token-mean cross-entropy; pass SFTTrainer(loss_fn=...) for another loss)")
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing_strategy={self.packing_strategy!r}; accepted: "
+                             f"{', '.join(map(repr, PACKING_STRATEGIES))} (TRL's names)")
         if self.dataset_kwargs is not None and (not isinstance(self.dataset_kwargs, dict)
                                                 or set(self.dataset_kwargs) - {"skip_prepare_dataset"}):
             raise ValueError(f"dataset_kwargs={self.dataset_kwargs!r}; accepted: None or "

@@ -135,13 +135,14 @@ class SFTTrainer:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        rows = self._rows(train_dataset, "train_dataset", collator_labels)
+        whole = self.args.packing and self.args.packing_strategy != "bfd"  # the packing cuts or wraps long examples
+        rows = self._rows(train_dataset, "train_dataset", collator_labels, truncate=not whole)
         # train_rows; the ragged layout planned from the config, used where the model runs it; rows batched apart
         self.train_rows, self.layout_plan, self.layouts, self.misfits = rows, {}, None, None
         if self.args.packing:
             packed = PackedBatches(rows, model, batch_size=self.rows_per_step, max_seq_length=self.max_seq_length,
                                    micro_batch_size=self.args.per_device_train_batch_size, buckets=self.buckets,
-                                   pad_token_id=self.pad_token_id)
+                                   pad_token_id=self.pad_token_id, strategy=self.args.packing_strategy)
             self.train_rows, self.layout_plan, self.layouts, self.misfits = (
                 packed.rows, packed.plan, packed.layouts, packed.misfits)
         self.eval_rows = None if eval_dataset is None else self._rows(eval_dataset, "eval_dataset", collator_labels)
@@ -154,8 +155,9 @@ class SFTTrainer:
         self.state = TrainerState(max_steps=self.total_steps)
         self.optimizer: AdamW | None = None  # the last train()'s
 
-    def _rows(self, dataset, where: str, collator_labels) -> list[dict[str, Any]]:
-        """The dataset tokenized, with the labels `collator_labels` makes of the input_ids (if not None)."""
+    def _rows(self, dataset, where: str, collator_labels, *, truncate: bool = True) -> list[dict[str, Any]]:
+        """The dataset tokenized (truncated to max_seq_length where `truncate`), with the labels `collator_labels`
+        makes of the input_ids (if not None)."""
         records = data_lib.load_records(dataset)
         if self.args.skip_prepare_dataset:
             for i, record in enumerate(records):
@@ -163,7 +165,8 @@ class SFTTrainer:
                     raise ValueError(f"dataset_kwargs={{'skip_prepare_dataset': True}} trains on the records as they "
                                      f"are, which needs 'input_ids' in each, but {where} record {i} has the fields "
                                      f"{sorted(record)}; drop skip_prepare_dataset to have them tokenized")
-        rows = data_lib.tokenize_dataset(records, self.tokenizer, max_seq_length=self.max_seq_length,
+        rows = data_lib.tokenize_dataset(records, self.tokenizer,
+                                         max_seq_length=self.max_seq_length if truncate else None,
                                          train_on_responses_only=self.args.responses_only,
                                          dataset_text_field=self.args.dataset_text_field)
         if collator_labels is not None:
