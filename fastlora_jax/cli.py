@@ -21,6 +21,7 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 CHECKPOINTING = ("false", "true", "unsloth", "dots", "long_context")
 EXPORT_FORMATS = ("adapter", "merged_16bit", "gguf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")  # fastlora_jax.packing.STRATEGIES, without importing JAX
 _ERRORS = (ValueError, OSError, NotImplementedError, FloatingPointError, TypeError, KeyError)
 
 
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-seq-length", type=_positive_int, default=512,
                    help="longer examples are truncated (default: %(default)s)")
     f.add_argument("--packing", action="store_true", help="pack several examples into each sequence")
+    f.add_argument("--packing-strategy", choices=PACKING_STRATEGIES, default="bfd",
+                   help="with --packing, TRL's: bfd (examples truncated), bfd_split (long ones cut into pieces), "
+                        "wrapped (all tokens concatenated and cut into rows) (default: %(default)s)")
     f.add_argument("--train-on-responses-only", action="store_true",
                    help="loss on assistant answers / completions only (default: on for prompt/completion data, "
                         "off for chats and text)")
@@ -248,6 +252,7 @@ def finetune(args) -> int:
                        lr_scheduler_type=args.lr_scheduler, warmup_steps=args.warmup_steps,
                        weight_decay=args.weight_decay, logging_steps=args.logging_steps, save_steps=args.save_steps,
                        max_seq_length=args.max_seq_length, packing=args.packing,
+                       packing_strategy=args.packing_strategy,
                        train_on_responses_only=True if args.train_on_responses_only else None, seed=args.seed,
                        resume_from_checkpoint=args.resume, disable_tqdm=args.no_progress)
     model, tokenizer = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.max_seq_length,

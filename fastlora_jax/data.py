@@ -32,7 +32,7 @@ import numpy as np
 
 from fastlora_jax.loss import IGNORE_INDEX
 from fastlora_jax.packed_attention import layout_fits, layout_plan, padded_blocks, rows_fitting, segment_layout
-from fastlora_jax.packing import pack_rows
+from fastlora_jax.packing import STRATEGIES, pack
 
 MIN_BUCKET = 64
 
@@ -379,14 +379,18 @@ def check_rows_vocab(rows: Sequence[dict[str, np.ndarray]], vocab_size: int, *, 
     check_token_ids(np.concatenate(ids) if ids else np.zeros(0, np.int32), vocab_size, where=where)
 
 
-def prepare_rows(dataset, tokenizer, *, max_seq_length: int, packing: bool = False,
+def prepare_rows(dataset, tokenizer, *, max_seq_length: int, packing: bool = False, packing_strategy: str = "bfd",
                  train_on_responses_only: bool | None = None, dataset_text_field: str = "text"
                  ) -> list[dict[str, np.ndarray]]:
-    """Tokenized (and, with packing, packed best fit) rows of a dataset, ready for `iterate_batches`. For the rows
-    and batches SFTTrainer(packing=True) makes for a model (cuDNN's ragged layout), see `packed_batches`."""
-    rows = tokenize_dataset(dataset, tokenizer, max_seq_length=max_seq_length,
+    """Tokenized (and, with packing, packed: TRL's packing_strategy, `fastlora_jax.packing`) rows of a dataset, ready
+    for `iterate_batches`. For the rows and batches SFTTrainer(packing=True) makes for a model (cuDNN's ragged
+    layout), see `packed_batches`."""
+    if packing_strategy not in STRATEGIES:
+        raise ValueError(f"packing_strategy={packing_strategy!r}; accepted: {', '.join(map(repr, STRATEGIES))}")
+    whole = packing and packing_strategy != "bfd"  # the packing cuts or wraps the long examples
+    rows = tokenize_dataset(dataset, tokenizer, max_seq_length=None if whole else max_seq_length,
                             train_on_responses_only=train_on_responses_only, dataset_text_field=dataset_text_field)
-    return pack_rows(rows, max_seq_length) if packing else rows
+    return pack(rows, max_seq_length, strategy=packing_strategy) if packing else rows
 
 
 def distinct_shapes(batches: Iterable[dict[str, np.ndarray]]) -> set[tuple[tuple[int, ...], ...]]:

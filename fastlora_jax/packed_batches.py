@@ -9,7 +9,7 @@
         for batch in packed.epoch(epoch, seed=3407):
             metrics = step(batch)
 
-The examples are packed for cuDNN's ragged attention layout (`packing.pack_rows` with at most `max_examples` to a
+The examples are packed for cuDNN's ragged attention layout (`packing.pack` with at most `max_examples` to a
 row), the layout shape of each padded length is planned over the whole dataset (`data.ragged_layouts`), and each
 epoch batches the rows that shape does not hold among themselves (`data.layout_misfits`, `data.epoch_order`). All
 three come from the model's config and the micro-batch size alone, so the rows and the batches are the same on any
@@ -43,9 +43,6 @@ class PackedBatches:
     def __init__(self, examples: Sequence[dict[str, np.ndarray]], model, *, batch_size: int, max_seq_length: int,
                  micro_batch_size: int | None = None, buckets: Sequence[int] | None = None, pad_token_id: int = 0,
                  strategy: str = "bfd"):
-        if strategy not in packing.STRATEGIES:
-            raise ValueError(f"strategy={strategy!r}; accepted: {', '.join(map(repr, packing.STRATEGIES))} (TRL's "
-                             "packing_strategy)")
         micro_batch_size = batch_size if micro_batch_size is None else micro_batch_size
         if micro_batch_size < 1 or batch_size < 1 or batch_size % micro_batch_size:
             raise ValueError(f"batch_size={batch_size!r}, micro_batch_size={micro_batch_size!r}; accepted: ints "
@@ -54,15 +51,11 @@ class PackedBatches:
         self.buckets = tuple(buckets or data.length_buckets(max_seq_length))
         if self.buckets[-1] < max_seq_length:
             raise ValueError(f"buckets={self.buckets} must reach max_seq_length={max_seq_length}")
-        self.strategy = strategy
         slot_limit = _slot_limit(getattr(model, "config", None), micro_batch_size)
         slots = 0 if slot_limit is None or strategy == "wrapped" else slot_limit(max_seq_length)
         self.max_examples = slots - 1 if slots >= 2 else None  # a row and its padding fit one chunk's slots
-        if strategy == "wrapped":
-            self.rows = packing.wrap_rows(examples, max_seq_length)  # no segments: no layout, nothing batched apart
-        else:
-            examples = packing.split_long(examples, max_seq_length) if strategy == "bfd_split" else examples
-            self.rows = packing.pack_rows(examples, max_seq_length, max_examples=self.max_examples)
+        # "wrapped" rows have no segments: no layout, nothing batched apart
+        self.rows = packing.pack(examples, max_seq_length, strategy=strategy, max_examples=self.max_examples)
         self.plan: Layouts = ({} if slot_limit is None else
                               data.ragged_layouts(self.rows, self.buckets, slot_limit=slot_limit))
         self.layouts = _runnable(self.plan, model)

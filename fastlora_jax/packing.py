@@ -27,6 +27,20 @@ _ORDER_SHUFFLES = 64  # the most shuffled orders `_chunk_order` tries after its 
 STRATEGIES = ("bfd", "bfd_split", "wrapped")  # TRL's SFTConfig.packing_strategy
 
 
+def pack(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *, strategy: str = "bfd",
+         max_examples: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Tokenized examples packed into rows of at most max_seq_length tokens by TRL's packing `strategy` (above).
+    max_examples: `pack_rows`' (for the ragged layout); "wrapped" rows have no segments, so it does not apply."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}; accepted: {', '.join(map(repr, STRATEGIES))} (TRL's "
+                         "packing_strategy)")
+    if strategy == "wrapped":
+        return wrap_rows(rows, max_seq_length)
+    if strategy == "bfd_split":
+        rows = split_long(rows, max_seq_length)
+    return pack_rows(rows, max_seq_length, max_examples=max_examples)
+
+
 def split_long(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int) -> list[dict[str, np.ndarray]]:
     """Each example longer than max_seq_length as consecutive pieces of max_seq_length tokens (the last shorter), as
     TRL's "bfd_split": packed, each piece is an example of its own (its positions restart at 0 and it sees nothing

@@ -75,6 +75,8 @@ def test_help_documents_every_option():
                    "--gradient-checkpointing", "--resume"):
         assert option in finetune
     assert "{adapter,merged_16bit,gguf}" in subparsers.choices["export"].format_help()
+    from fastlora_jax import packing  # the CLI spells the choices out so that --help needs no JAX
+    assert cli.PACKING_STRATEGIES == packing.STRATEGIES
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -86,6 +88,7 @@ def test_help_documents_every_option():
     (["finetune", "--data", __file__, "--output", __file__], "exists and is not a directory"),
     (["finetune", "--data", __file__, "--output", "o", "--seed", "-5"],
      "argument --seed: '-5'; accepted: an integer in [0, 2**63)"),
+    (["finetune", "--data", __file__, "--output", "o", "--packing-strategy", "wrap"], "'wrap'"),
     (["export", "--adapter", ".", "--output", "o", "--format", "onnx"], "'onnx'"),
     (["generate", "--adapter", "no/such/dir", "--prompt", "hi"], "'no/such/dir' is not an existing directory"),
     (["generate"], "--prompt"),

@@ -111,3 +111,23 @@ def test_sft_trainer_packs_whole_examples_for_bfd_split_and_wrapped(tmp_path):
                    args=SFTConfig(output_dir=str(tmp_path), max_seq_length=512, packing=True, save_strategy="no"))
     with pytest.raises(ValueError, match=r"packing_strategy='bfd-requeue'; accepted: 'bfd', 'bfd_split', 'wrapped'"):
         SFTConfig(packing=True, packing_strategy="bfd-requeue")
+
+
+def test_prepare_rows_packs_by_the_strategy():
+    from helpers import tiny_chat_tokenizer
+
+    from fastlora_jax import data
+
+    tokenizer = tiny_chat_tokenizer()
+    records = [{"text": "word " * n} for n in (3, 9, 20, 5, 2)]
+    truncated = data.tokenize_dataset(records, tokenizer, max_seq_length=32)
+    whole = data.tokenize_dataset(records, tokenizer, max_seq_length=None)
+    assert max(len(r["input_ids"]) for r in whole) > 64
+    for strategy in packing.STRATEGIES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "bfd" warns of the truncation
+            got = data.prepare_rows(records, tokenizer, max_seq_length=32, packing=True, packing_strategy=strategy)
+        expected = packing.pack(truncated if strategy == "bfd" else whole, 32, strategy=strategy)
+        assert len(got) == len(expected) and all(np.array_equal(a[k], b[k]) for a, b in zip(got, expected) for k in a)
+    with pytest.raises(ValueError, match=r"packing_strategy='bfd-requeue'; accepted: 'bfd', 'bfd_split', 'wrapped'"):
+        data.prepare_rows(records, tokenizer, max_seq_length=32, packing=True, packing_strategy="bfd-requeue")
