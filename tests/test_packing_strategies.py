@@ -131,3 +131,43 @@ def test_prepare_rows_packs_by_the_strategy():
         assert len(got) == len(expected) and all(np.array_equal(a[k], b[k]) for a, b in zip(got, expected) for k in a)
     with pytest.raises(ValueError, match=r"packing_strategy='bfd-requeue'; accepted: 'bfd', 'bfd_split', 'wrapped'"):
         data.prepare_rows(records, tokenizer, max_seq_length=32, packing=True, packing_strategy="bfd-requeue")
+
+
+def test_each_strategy_packs_as_trls_pack_dataset():
+    """Against trl.data_utils.pack_dataset (the peer): "bfd" and "wrapped" give TRL's rows; "bfd_split" the same
+    pieces in no more rows (best fit's ties among equal lengths are broken otherwise, so which short pieces share
+    a row may differ). TRL keeps one-token pieces, which train on nothing (its collator masks position 0); we drop
+    them."""
+    from collections import Counter
+
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    T = 64
+    examples = _examples(0, 400, 40, 300)
+    dataset = Dataset.from_dict({"input_ids": [r["input_ids"].tolist() for r in examples]})
+
+    def trl_rows(strategy, source=dataset):
+        packed = pack_dataset(source, T, strategy=strategy)[:]
+        if strategy == "wrapped":
+            return packed["input_ids"]
+        rows = []
+        for ids, lengths in zip(packed["input_ids"], packed["seq_lengths"]):
+            ends = np.cumsum(lengths)
+            rows.append(frozenset(tuple(ids[e - n: e]) for e, n in zip(ends, lengths)))
+        return rows
+
+    truncated = [{k: v[:T] for k, v in r.items()} for r in examples]
+    theirs = trl_rows("bfd", Dataset.from_dict({"input_ids": [r["input_ids"].tolist() for r in truncated]}))
+    ours = packing.pack(truncated, T, strategy="bfd")
+    assert Counter(map(_segments, ours)) == Counter(theirs)
+
+    wrapped = packing.pack(examples, T, strategy="wrapped")
+    assert [r["input_ids"].tolist() for r in wrapped] == trl_rows("wrapped")
+
+    theirs = trl_rows("bfd_split")
+    ours = packing.pack(examples, T, strategy="bfd_split")
+    their_pieces = Counter(s for row in theirs for s in row if len(s) > 1)
+    assert Counter(s for row in ours for s in _segments(row)) == their_pieces
+    assert sum(len(s) == 1 for row in theirs for s in row) > 0  # the case the docstring names occurs
+    assert len(ours) <= len(theirs)
