@@ -24,7 +24,9 @@ class SFTConfig:
     max_steps > 0 overrides num_train_epochs. warmup_steps > 0 overrides warmup_ratio. save_total_limit is orbax's
     max_to_keep (None keeps all). max_grad_norm 0 or None: no clipping (as transformers).
     max_seq_length (or TRL's newer name max_length; passing both, they must agree) None takes the model's
-    `max_seq_length` (from from_pretrained), else 1024.
+    `max_seq_length` (from from_pretrained), else 1024. truncation_mode: "keep_start" only (TRL deprecates
+    "keep_end"). shuffle_dataset: the tokenized rows shuffled with `seed` before packing (TRL's; what "wrapped"
+    concatenates then comes in that order); the batches are shuffled each epoch either way.
     train_on_responses_only: True trains on assistant answers / completions only; None does so for
     prompt/completion records only (TRL's default); False on every token. TRL's completion_only_loss=True or
     assistant_only_loss=True mean True here, completion_only_loss=False means False.
@@ -37,7 +39,11 @@ class SFTConfig:
     batches are the same on any machine. packing_strategy (TRL's, used with packing=True): "bfd" (best fit
     decreasing, examples truncated to max_seq_length), "bfd_split" (longer examples cut into pieces of
     max_seq_length, each packed as an example of its own: no token dropped) or "wrapped" (every example concatenated
-    and cut into rows of max_seq_length, attending across examples as TRL's; no ragged layout).
+    and cut into rows of max_seq_length, attending across examples as TRL's; no ragged layout). eval_packing:
+    whether the eval_dataset is packed the same way (None: as packing); for "bfd" the eval loss is the same either
+    way (a token-weighted mean, each example attending to itself), packed rows only take fewer batches.
+    activation_offloading=True (TRL's) asks for activations in host memory: the model must offload its layer inputs
+    (get_peft_model's use_gradient_checkpointing="unsloth" or "long_context"), else ValueError.
     optim: one of `fastlora_jax.training.OPTIMIZERS` ("adamw_torch" and "adamw_torch_fused" are torch's AdamW,
     "adamw_8bit", "adamw_bnb_8bit" and "paged_adamw_8bit" bitsandbytes' 8-bit one).
     fp16 / bf16: the model computes in its own dtype (from_pretrained's `dtype`) with float32 trainable weights;
@@ -53,10 +59,11 @@ class SFTConfig:
     dataset_kwargs: None or {"skip_prepare_dataset": bool}; True needs every record pre-tokenized ("input_ids").
     embedding_learning_rate (UnslothTrainingArguments): the modules_to_save copies (embed_tokens, lm_head) train at
     this rate under the same schedule, the rest at learning_rate (Unsloth's two parameter groups; `AdamW`).
-    Accepted with no effect: dataset_num_proc (tokenization runs in this process), padding_free (batches are padded
-    to a few length buckets; packing=True packs rows), gradient_checkpointing and gradient_checkpointing_kwargs (the
-    model's mode from get_peft_model / for_training decides, as Unsloth's trainer keeps it), remove_unused_columns,
-    dataloader_num_workers, dataloader_pin_memory, run_name, logging_strategy="steps".
+    Accepted with no effect: dataset_num_proc (tokenization runs in this process), padding_free and
+    pad_to_multiple_of (batches are padded to a few length buckets; packing=True packs rows), gradient_checkpointing
+    and gradient_checkpointing_kwargs (the model's mode from get_peft_model / for_training decides, as Unsloth's
+    trainer keeps it), remove_unused_columns, dataloader_num_workers, dataloader_pin_memory, run_name,
+    logging_strategy="steps".
     """
 
     output_dir: str = "outputs"
@@ -89,6 +96,10 @@ class SFTConfig:
     max_length: int | None = None
     packing: bool = False
     packing_strategy: str = "bfd"
+    eval_packing: bool | None = None
+    shuffle_dataset: bool = False
+    truncation_mode: str = "keep_start"
+    activation_offloading: bool = False
     train_on_responses_only: bool | None = None
     completion_only_loss: bool | None = None
     assistant_only_loss: bool = False
@@ -103,6 +114,7 @@ class SFTConfig:
     # Accepted with no effect here (see the docstring).
     dataset_num_proc: int | None = None
     padding_free: bool | None = None
+    pad_to_multiple_of: int | str | None = "auto"
     gradient_checkpointing: bool | None = None
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
     remove_unused_columns: bool = True
@@ -170,6 +182,18 @@ class SFTConfig:
         if self.loss_type not in LOSS_TYPES:
             raise NotImplementedError(f"loss_type={self.loss_type!r}; accepted: None, 'nll' or 'chunked_nll' (the "
                                       "token-mean cross-entropy; pass SFTTrainer(loss_fn=...) for another loss)")
+        for name in ("shuffle_dataset", "activation_offloading"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: True or False")
+        if self.eval_packing not in (None, True, False):
+            raise ValueError(f"eval_packing={self.eval_packing!r}; accepted: True, False or None (as packing)")
+        if self.truncation_mode != "keep_start":
+            raise ValueError(f"truncation_mode={self.truncation_mode!r}; accepted: 'keep_start' (TRL deprecates "
+                             "'keep_end'; to keep the end of long examples, cut them before training)")
+        if not (self.pad_to_multiple_of in (None, "auto") or (isinstance(self.pad_to_multiple_of, int)
+                                                             and not isinstance(self.pad_to_multiple_of, bool)
+                                                             and self.pad_to_multiple_of >= 1)):
+            raise ValueError(f"pad_to_multiple_of={self.pad_to_multiple_of!r}; accepted: 'auto', None or an int >= 1")
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"packing_strategy={self.packing_strategy!r}; accepted: "
                              f"{', '.join(map(repr, PACKING_STRATEGIES))} (TRL's names)")

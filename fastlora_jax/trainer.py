@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from fastlora_jax import data as data_lib
+from fastlora_jax import packing
 from fastlora_jax.checkpointing import Checkpointer, is_step_directory
 from fastlora_jax.packed_batches import PackedBatches
 from fastlora_jax.precision import check_mixed_precision
@@ -135,8 +136,15 @@ class SFTTrainer:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        whole = self.args.packing and self.args.packing_strategy != "bfd"  # the packing cuts or wraps long examples
-        rows = self._rows(train_dataset, "train_dataset", collator_labels, truncate=not whole)
+        args = self.args
+        if args.activation_offloading:
+            mode = getattr(getattr(model, "model", None), "gradient_checkpointing", None)
+            if mode not in ("unsloth", "long_context"):
+                raise ValueError(f"activation_offloading=True, but the model's use_gradient_checkpointing={mode!r} "
+                                 "keeps its activations on the device; pass use_gradient_checkpointing='unsloth' to "
+                                 "get_peft_model (each layer's input goes to host memory)")
+        whole = args.packing_strategy != "bfd"  # packing that cuts or wraps long examples, not truncated first
+        rows = self._rows(train_dataset, "train_dataset", collator_labels, truncate=not (args.packing and whole))
         # train_rows; the ragged layout planned from the config, used where the model runs it; rows batched apart
         self.train_rows, self.layout_plan, self.layouts, self.misfits = rows, {}, None, None
         if self.args.packing:
@@ -145,7 +153,13 @@ class SFTTrainer:
                                    pad_token_id=self.pad_token_id, strategy=self.args.packing_strategy)
             self.train_rows, self.layout_plan, self.layouts, self.misfits = (
                 packed.rows, packed.plan, packed.layouts, packed.misfits)
-        self.eval_rows = None if eval_dataset is None else self._rows(eval_dataset, "eval_dataset", collator_labels)
+        self.eval_rows = None
+        if eval_dataset is not None:  # packed as TRL's eval_packing says, with no layout (the mask path)
+            eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+            self.eval_rows = self._rows(eval_dataset, "eval_dataset", collator_labels,
+                                        truncate=not (eval_packing and whole))
+            if eval_packing:
+                self.eval_rows = packing.pack(self.eval_rows, self.max_seq_length, strategy=args.packing_strategy)
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab_size is not None:
             data_lib.check_rows_vocab(self.train_rows, vocab_size, where="train_dataset")
@@ -171,6 +185,8 @@ class SFTTrainer:
                                          dataset_text_field=self.args.dataset_text_field)
         if collator_labels is not None:
             rows = [{**r, "labels": collator_labels(r["input_ids"])} for r in rows]
+        if self.args.shuffle_dataset:  # as datasets.Dataset.shuffle(seed), which TRL calls before packing
+            rows = [rows[i] for i in np.random.default_rng(self.args.seed).permutation(len(rows))]
         return rows
 
     @property

@@ -412,3 +412,48 @@ def test_dtype_none_is_bfloat16_on_ampere_float16_on_older_gpus_float32_on_cpu()
     assert default_dtype(gpu("9.0")) == jnp.bfloat16 and default_dtype(gpu("8.0")) == jnp.bfloat16
     assert default_dtype(gpu("7.5")) == jnp.float16 and default_dtype(gpu("7.0")) == jnp.float16  # T4, V100
     assert default_dtype(types.SimpleNamespace(platform="cpu")) == jnp.float32
+
+
+def test_trls_dataset_options_shuffle_eval_packing_and_offloading(tokenizer, tmp_path):
+    """shuffle_dataset orders the tokenized rows as datasets.Dataset.shuffle(seed) (what TRL calls before packing);
+    eval_packing packs the eval rows, which leaves the token-weighted eval loss as it is for "bfd";
+    activation_offloading needs a model that offloads; TRL's other options are checked or accepted."""
+    from datasets import Dataset
+
+    from fastlora_jax import packing
+
+    rng = np.random.default_rng(0)
+    records = [{"input_ids": rng.integers(1, 256, int(n)).tolist()} for n in rng.integers(5, 40, 30)]
+    base = dict(output_dir=str(tmp_path), max_seq_length=64, save_strategy="no", seed=11)
+    model = tiny_lora()
+    rows = SFTTrainer(model, None, records, args=SFTConfig(**base, shuffle_dataset=True)).train_rows
+    theirs = Dataset.from_dict({"input_ids": [r["input_ids"] for r in records]}).shuffle(seed=11)["input_ids"]
+    assert [r["input_ids"].tolist() for r in rows] == theirs
+    wrapped = SFTTrainer(model, None, records, args=SFTConfig(**base, shuffle_dataset=True, packing=True,
+                                                              packing_strategy="wrapped")).train_rows
+    assert [r["input_ids"].tolist() for r in wrapped] == [r["input_ids"].tolist()
+                                                          for r in packing.wrap_rows(rows, 64)]
+
+    losses = {}
+    for eval_packing in (None, False):
+        trainer = SFTTrainer(model, None, records[:4], eval_dataset=records,
+                             args=SFTConfig(**base, packing=True, eval_packing=eval_packing))
+        assert ("segment_ids" in trainer.eval_rows[0]) == (eval_packing is None)  # None: as packing
+        losses[eval_packing] = trainer.evaluate()
+    assert len(SFTTrainer(model, None, records[:4], eval_dataset=records,
+                          args=SFTConfig(**base, packing=True)).eval_rows) < len(records)
+    assert abs(losses[None] - losses[False]) < 1e-5 * abs(losses[False])
+
+    with pytest.raises(ValueError, match=r"activation_offloading=True, but the model's "
+                                         r"use_gradient_checkpointing=False .*'unsloth'"):
+        SFTTrainer(model, None, records, args=SFTConfig(**base, activation_offloading=True))
+    offloading = random_model(CONFIG, dtype=jnp.float32, seed=0)
+    offloading = get_peft_model(offloading, r=4, target_modules=["q_proj"], use_gradient_checkpointing="unsloth")
+    SFTTrainer(offloading, None, records, args=SFTConfig(**base, activation_offloading=True))
+    for bad, match in [(dict(truncation_mode="keep_end"), "truncation_mode='keep_end'; accepted: 'keep_start'"),
+                       (dict(eval_packing="yes"), "eval_packing='yes'; accepted: True, False or None"),
+                       (dict(shuffle_dataset=1), "shuffle_dataset=1; accepted: True or False"),
+                       (dict(pad_to_multiple_of=0), "pad_to_multiple_of=0; accepted: 'auto', None or an int")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            SFTConfig(**bad)
+    SFTConfig(pad_to_multiple_of=64, truncation_mode="keep_start")  # accepted: padding changes no result
