@@ -81,10 +81,11 @@ class SFTTrainer:
     Datasets: a list of dicts, a JSONL path or a `datasets.Dataset` (formats in `fastlora_jax.data`). The datasets
     are tokenized here (`trainer.train_dataset` / `trainer.eval_dataset`: the rows, dicts of "input_ids", "labels"
     and, packed, "segment_ids" / "positions"); `train()` runs the loop. `loss_fn` replaces
-    `fastlora_jax.loss.causal_lm_loss`. `callbacks`: functions `callback(trainer, log)` called after every step (and
-    its checkpoint) with log = {"step", "loss", "learning_rate", "grad_norm"}; an exception raised there stops
-    training. SFTConfig fields passed as keywords (`max_seq_length=`, `packing=`, `dataset_num_proc=`, ... as older
-    TRL / Unsloth notebooks) override those of `args`.
+    `fastlora_jax.loss.causal_lm_loss`. `formatting_func` (TRL's): record -> the text to train on, applied to each
+    record of both datasets before tokenization. `callbacks`: functions `callback(trainer, log)` called after every
+    step (and its checkpoint) with log = {"step", "loss", "learning_rate", "grad_norm"}; an exception raised there
+    stops training. SFTConfig fields passed as keywords (`max_seq_length=`, `packing=`, `dataset_num_proc=`, ... as
+    older TRL / Unsloth notebooks) override those of `args`.
     data_collator: None (the batching here: rows padded on the right, labels with -100), transformers'
       `DataCollatorForSeq2Seq` (label_pad_token_id=-100), which batches the same way, or transformers'
       `DataCollatorForLanguageModeling(mlm=False)`, which trains on every token but those equal to its tokenizer's
@@ -96,6 +97,7 @@ class SFTTrainer:
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  *, processing_class=None, data_collator=None, loss_fn: LossFn | None = None,
+                 formatting_func: Callable[[dict], str] | None = None,
                  callbacks: Sequence[Callable[["SFTTrainer", dict], None]] = (), **config_overrides):
         if tokenizer is not None and processing_class is not None:
             raise ValueError("pass the tokenizer once: tokenizer= or processing_class=, not both")
@@ -126,6 +128,11 @@ class SFTTrainer:
                              "train_on_responses_only=True (or completion_only_loss / assistant_only_loss); pass "
                              "DataCollatorForSeq2Seq or no data_collator")
         self.data_collator = data_collator
+        if formatting_func is not None and self.args.responses_only:
+            raise ValueError("formatting_func makes each record one text to train on whole, which cannot go with "
+                             "train_on_responses_only=True (or completion_only_loss / assistant_only_loss); format "
+                             "the dataset as prompt/completion or messages records instead")
+        self.formatting_func = formatting_func
         self.loss_fn = loss_fn
         self.callbacks = tuple(callbacks)
         self.max_seq_length = (self.args.max_seq_length or self.args.max_length
@@ -173,6 +180,8 @@ class SFTTrainer:
         """The dataset tokenized (truncated to max_seq_length where `truncate`), with the labels `collator_labels`
         makes of the input_ids (if not None)."""
         records = data_lib.load_records(dataset)
+        if self.formatting_func is not None and not self.args.skip_prepare_dataset:
+            records = self._formatted(records, where)
         if self.args.skip_prepare_dataset:
             for i, record in enumerate(records):
                 if data_lib.record_kind(record, self.args.dataset_text_field) != "input_ids":
@@ -188,6 +197,23 @@ class SFTTrainer:
         if self.args.shuffle_dataset:  # as datasets.Dataset.shuffle(seed), which TRL calls before packing
             rows = [rows[i] for i in np.random.default_rng(self.args.seed).permutation(len(rows))]
         return rows
+
+    def _formatted(self, records: list[dict], where: str) -> list[dict]:
+        """TRL's formatting_func: each record becomes the one text it returns (a plain-text record). A dataset
+        already tokenized ("input_ids" in its first record) is kept as it is, with a warning, as TRL does."""
+        if records and "input_ids" in records[0]:
+            warnings.warn(f"{where} is already tokenized ('input_ids'), so formatting_func is not applied to it",
+                          stacklevel=3)
+            return records
+        texts = []
+        for i, record in enumerate(records):
+            text = self.formatting_func(record)
+            if not isinstance(text, str):
+                raise TypeError(f"formatting_func returned a {type(text).__name__} for {where} record {i}; "
+                                "accepted: one string per record (TRL's formatting_func takes one example; for the "
+                                "older batched form, which returned a list, map the dataset with it first)")
+            texts.append({self.args.dataset_text_field: text})
+        return texts
 
     @property
     def train_dataset(self) -> list[dict[str, Any]]:

@@ -457,3 +457,24 @@ def test_trls_dataset_options_shuffle_eval_packing_and_offloading(tokenizer, tmp
         with pytest.raises(ValueError, match=re.escape(match)):
             SFTConfig(**bad)
     SFTConfig(pad_to_multiple_of=64, truncation_mode="keep_start")  # accepted: padding changes no result
+
+
+def test_formatting_func_trains_on_the_text_it_returns(tokenizer, tmp_path):
+    records = [{"instruction": f"say {w}", "output": w} for w in ("hi", "blue", "zorb")]
+    alpaca = lambda e: f"### Instruction: {e['instruction']}\n### Response: {e['output']}"  # noqa: E731
+    args = SFTConfig(output_dir=str(tmp_path), max_seq_length=64, save_strategy="no")
+    trainer = SFTTrainer(tiny_lora(), tokenizer, records, eval_dataset=records[:1], args=args,
+                         formatting_func=alpaca)
+    expected = data_lib.tokenize_dataset([{"text": alpaca(e)} for e in records], tokenizer, max_seq_length=64)
+    assert len(trainer.train_rows) == 3 and all(
+        np.array_equal(a[k], b[k]) for a, b in zip(trainer.train_rows, expected) for k in a)
+    np.testing.assert_array_equal(trainer.eval_rows[0]["input_ids"], expected[0]["input_ids"])
+    with pytest.raises(TypeError, match=r"formatting_func returned a list for train_dataset record 0; accepted: one "
+                                        r"string per record"):
+        SFTTrainer(tiny_lora(), tokenizer, records, args=args, formatting_func=lambda e: [alpaca(e)])
+    with pytest.raises(ValueError, match="formatting_func .* cannot go with train_on_responses_only=True"):
+        SFTTrainer(tiny_lora(), tokenizer, records, args=args, formatting_func=alpaca, train_on_responses_only=True)
+    tokenized = [{"input_ids": [1, 2, 3, 4]}]
+    with pytest.warns(UserWarning, match="already tokenized .* formatting_func is not applied"):
+        kept = SFTTrainer(tiny_lora(), tokenizer, tokenized, args=args, formatting_func=alpaca).train_rows
+    assert kept[0]["input_ids"].tolist() == [1, 2, 3, 4]
