@@ -41,6 +41,12 @@ def pack(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *, strategy
     return pack_rows(rows, max_seq_length, max_examples=max_examples)
 
 
+def keeps_long_examples(strategy: str) -> bool:
+    """Whether `strategy` takes examples longer than max_seq_length whole ("bfd_split" cuts them, "wrapped" wraps
+    them), so that the tokenization must not truncate them; "bfd" takes them truncated, as TRL's."""
+    return strategy != "bfd"
+
+
 def split_long(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int) -> list[dict[str, np.ndarray]]:
     """Each example longer than max_seq_length as consecutive pieces of max_seq_length tokens (the last shorter), as
     TRL's "bfd_split": packed, each piece is an example of its own (its positions restart at 0 and it sees nothing

@@ -150,7 +150,7 @@ class SFTTrainer:
                 raise ValueError(f"activation_offloading=True, but the model's use_gradient_checkpointing={mode!r} "
                                  "keeps its activations on the device; pass use_gradient_checkpointing='unsloth' to "
                                  "get_peft_model (each layer's input goes to host memory)")
-        whole = args.packing_strategy != "bfd"  # packing that cuts or wraps long examples, not truncated first
+        whole = packing.keeps_long_examples(args.packing_strategy)  # then packed rows are tokenized untruncated
         rows = self._rows(train_dataset, "train_dataset", collator_labels, truncate=not (args.packing and whole))
         # train_rows; the ragged layout planned from the config, used where the model runs it; rows batched apart
         self.train_rows, self.layout_plan, self.layouts, self.misfits = rows, {}, None, None
