@@ -32,7 +32,7 @@ import numpy as np
 
 from fastlora_jax.loss import IGNORE_INDEX
 from fastlora_jax.packed_attention import layout_fits, layout_plan, padded_blocks, rows_fitting, segment_layout
-from fastlora_jax.packing import STRATEGIES, keeps_long_examples, pack
+from fastlora_jax.packing import check_strategy, keeps_long_examples, pack
 
 MIN_BUCKET = 64
 
@@ -385,8 +385,7 @@ def prepare_rows(dataset, tokenizer, *, max_seq_length: int, packing: bool = Fal
     """Tokenized (and, with packing, packed: TRL's packing_strategy, `fastlora_jax.packing`) rows of a dataset, ready
     for `iterate_batches`. For the rows and batches SFTTrainer(packing=True) makes for a model (cuDNN's ragged
     layout), see `packed_batches`."""
-    if packing_strategy not in STRATEGIES:
-        raise ValueError(f"packing_strategy={packing_strategy!r}; accepted: {', '.join(map(repr, STRATEGIES))}")
+    check_strategy(packing_strategy, name="packing_strategy")  # before tokenizing
     whole = packing and keeps_long_examples(packing_strategy)
     rows = tokenize_dataset(dataset, tokenizer, max_seq_length=None if whole else max_seq_length,
                             train_on_responses_only=train_on_responses_only, dataset_text_field=dataset_text_field)

@@ -31,14 +31,19 @@ def pack(rows: Sequence[dict[str, np.ndarray]], max_seq_length: int, *, strategy
          max_examples: int | None = None) -> list[dict[str, np.ndarray]]:
     """Tokenized examples packed into rows of at most max_seq_length tokens by TRL's packing `strategy` (above).
     max_examples: `pack_rows`' (for the ragged layout); "wrapped" rows have no segments, so it does not apply."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}; accepted: {', '.join(map(repr, STRATEGIES))} (TRL's "
-                         "packing_strategy)")
+    check_strategy(strategy)
     if strategy == "wrapped":
         return wrap_rows(rows, max_seq_length)
     if strategy == "bfd_split":
         rows = split_long(rows, max_seq_length)
     return pack_rows(rows, max_seq_length, max_examples=max_examples)
+
+
+def check_strategy(strategy: str, *, name: str = "strategy") -> None:
+    """Raises ValueError naming `strategy` (the argument `name`) unless it is one of STRATEGIES."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{name}={strategy!r}; accepted: {', '.join(map(repr, STRATEGIES))} (TRL's "
+                         "packing_strategy)")
 
 
 def keeps_long_examples(strategy: str) -> bool:

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from typing import Any
 
-from fastlora_jax.packing import STRATEGIES as PACKING_STRATEGIES
+from fastlora_jax.packing import check_strategy
 from fastlora_jax.training import OPTIMIZERS, SCHEDULES, check_adam_settings
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -194,9 +194,7 @@ class SFTConfig:
                                                              and not isinstance(self.pad_to_multiple_of, bool)
                                                              and self.pad_to_multiple_of >= 1)):
             raise ValueError(f"pad_to_multiple_of={self.pad_to_multiple_of!r}; accepted: 'auto', None or an int >= 1")
-        if self.packing_strategy not in PACKING_STRATEGIES:
-            raise ValueError(f"packing_strategy={self.packing_strategy!r}; accepted: "
-                             f"{', '.join(map(repr, PACKING_STRATEGIES))} (TRL's names)")
+        check_strategy(self.packing_strategy, name="packing_strategy")
         if self.dataset_kwargs is not None and (not isinstance(self.dataset_kwargs, dict)
                                                 or set(self.dataset_kwargs) - {"skip_prepare_dataset"}):
             raise ValueError(f"dataset_kwargs={self.dataset_kwargs!r}; accepted: None or "
