@@ -313,17 +313,19 @@ def epoch_order(n_rows: int, *, seed: int, epoch: int, shuffle: bool = True, bat
                 misfits: np.ndarray | None = None) -> np.ndarray:
     """The row order of one epoch: a permutation seeded by (seed, epoch), or dataset order.
 
-    misfits [n_rows] bool (`layout_misfits`), shuffled only: the rows the ragged layout does not hold are batched
-    among themselves, at most one batch holding both kinds, and the batches come in a shuffled order (the short
-    last batch, if any, last). Every row still comes once an epoch; only which rows share a batch changes."""
+    misfits [n_rows] bool (`layout_misfits`): the rows the ragged layout does not hold are batched among themselves,
+    at most one batch holding both kinds. Shuffled, the batches then come in a shuffled order (the short last batch,
+    if any, last); unshuffled (evaluation), the fitting rows come first, each kind in dataset order. Every row still
+    comes once an epoch; only which rows share a batch changes."""
+    if misfits is not None and len(misfits) != n_rows:
+        raise ValueError(f"misfits has {len(misfits)} entries for {n_rows} rows; accepted: one per row")
     if not shuffle:
-        return np.arange(n_rows)
+        order = np.arange(n_rows)
+        return order if misfits is None else np.concatenate([order[~misfits], order[misfits]])
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n_rows)
     if misfits is None:
         return order
-    if len(misfits) != n_rows:
-        raise ValueError(f"misfits has {len(misfits)} entries for {n_rows} rows; accepted: one per row")
     grouped = np.concatenate([order[~misfits[order]], order[misfits[order]]])  # fitting rows first
     full = n_rows // batch_size
     batches = grouped[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]  # [full, batch_size]

@@ -40,8 +40,9 @@ class SFTConfig:
     decreasing, examples truncated to max_seq_length), "bfd_split" (longer examples cut into pieces of
     max_seq_length, each packed as an example of its own: no token dropped) or "wrapped" (every example concatenated
     and cut into rows of max_seq_length, attending across examples as TRL's; no ragged layout). eval_packing:
-    whether the eval_dataset is packed the same way (None: as packing); for "bfd" the eval loss is the same either
-    way (a token-weighted mean, each example attending to itself), packed rows only take fewer batches.
+    whether the eval_dataset is packed the same way, for batches of the eval batch size on the same ragged layout
+    (None: as packing); for "bfd" the eval loss is the same either way (a token-weighted mean, each example attending
+    to itself), packed rows only take fewer batches.
     activation_offloading=True (TRL's) asks for activations in host memory: the model must offload its layer inputs
     (get_peft_model's use_gradient_checkpointing="unsloth" or "long_context"), else ValueError.
     optim: one of `fastlora_jax.training.OPTIMIZERS` ("adamw_torch" and "adamw_torch_fused" are torch's AdamW,

@@ -160,13 +160,18 @@ class SFTTrainer:
                                    pad_token_id=self.pad_token_id, strategy=self.args.packing_strategy)
             self.train_rows, self.layout_plan, self.layouts, self.misfits = (
                 packed.rows, packed.plan, packed.layouts, packed.misfits)
-        self.eval_rows = None
-        if eval_dataset is not None:  # packed as TRL's eval_packing says, with no layout (the mask path)
+        # eval_rows; packed (TRL's eval_packing), also their layout plan, runnable layouts and rows batched apart
+        self.eval_rows, self.eval_layout_plan, self.eval_layouts, self.eval_misfits = None, {}, None, None
+        if eval_dataset is not None:
             eval_packing = args.packing if args.eval_packing is None else args.eval_packing
             self.eval_rows = self._rows(eval_dataset, "eval_dataset", collator_labels,
                                         truncate=not (eval_packing and whole))
-            if eval_packing:
-                self.eval_rows = packing.pack(self.eval_rows, self.max_seq_length, strategy=args.packing_strategy)
+            if eval_packing:  # as the training rows, for batches of the eval batch size
+                packed = PackedBatches(self.eval_rows, model, batch_size=self.eval_batch_size,
+                                       max_seq_length=self.max_seq_length, buckets=self.buckets,
+                                       pad_token_id=self.pad_token_id, strategy=self.args.packing_strategy)
+                self.eval_rows, self.eval_layout_plan, self.eval_layouts, self.eval_misfits = (
+                    packed.rows, packed.plan, packed.layouts, packed.misfits)
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab_size is not None:
             data_lib.check_rows_vocab(self.train_rows, vocab_size, where="train_dataset")
@@ -231,6 +236,10 @@ class SFTTrainer:
         return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
 
     @property
+    def eval_batch_size(self) -> int:
+        return self.args.per_device_eval_batch_size or self.args.per_device_train_batch_size
+
+    @property
     def steps_per_epoch(self) -> int:
         return data_lib.num_batches(len(self.train_rows), self.rows_per_step)
 
@@ -248,9 +257,9 @@ class SFTTrainer:
             raise ValueError("evaluate() needs an eval_dataset")
         if getattr(self, "_eval_step", None) is None:
             self._eval_step = EvalStep(self.model, loss_fn=self.loss_fn)
-        batch_size = self.args.per_device_eval_batch_size or self.args.per_device_train_batch_size
-        batches = data_lib.iterate_batches(self.eval_rows, batch_size=batch_size, buckets=self.buckets,
-                                           pad_token_id=self.pad_token_id, shuffle=False)
+        batches = data_lib.iterate_batches(self.eval_rows, batch_size=self.eval_batch_size, buckets=self.buckets,
+                                           pad_token_id=self.pad_token_id, shuffle=False, layouts=self.eval_layouts,
+                                           misfits=self.eval_misfits)
         return self._eval_step.mean_loss(batches)
 
     # ------------------------------------------------------------------ training

@@ -333,7 +333,9 @@ def test_an_epoch_with_misfits_batched_apart_is_a_shuffled_grouping():
     assert min(first_misfit_batch) == 0 and len(set(first_misfit_batch)) > 1  # the batches come shuffled too
     plain = data.epoch_order(n, seed=5, epoch=0)
     np.testing.assert_array_equal(plain, data.epoch_order(n, seed=5, epoch=0, batch_size=B, misfits=None))
-    np.testing.assert_array_equal(data.epoch_order(n, seed=5, epoch=0, shuffle=False, misfits=misfits), np.arange(n))
+    unshuffled = data.epoch_order(n, seed=5, epoch=0, shuffle=False, batch_size=B, misfits=misfits)  # evaluation
+    np.testing.assert_array_equal(unshuffled, [*np.flatnonzero(~misfits), *np.flatnonzero(misfits)])
+    np.testing.assert_array_equal(data.epoch_order(n, seed=5, epoch=0, shuffle=False), np.arange(n))
     with pytest.raises(ValueError, match="misfits has 3 entries for 23 rows"):
         data.epoch_order(n, seed=5, epoch=0, batch_size=B, misfits=misfits[:3])
 

@@ -327,23 +327,26 @@ def test_sft_trainer_batches_the_rows_the_layout_does_not_hold_apart_on_every_ma
 
 @pytest.mark.gpu
 def test_sft_trainer_packs_with_the_layout_on_a_gpu(tmp_path):
-    """SFTTrainer(packing=True) on a GPU plans the layout and trains with it, to the losses of the mask path."""
+    """SFTTrainer(packing=True) on a GPU plans the layout and trains and evaluates with it, to the losses of the mask
+    path."""
     from fastlora_jax.loading import random_model
     from fastlora_jax.lora import get_peft_model
     from fastlora_jax.trainer import SFTConfig, SFTTrainer
 
     rng = np.random.default_rng(10)
     records = [{"input_ids": rng.integers(1, CONFIG.vocab_size, n).tolist()} for n in rng.integers(20, 120, 64)]
-    losses = {}
+    losses, eval_losses = {}, {}
     for name in ("ragged", "mask"):
         model = random_model(CONFIG, dtype=jnp.bfloat16)
         model = get_peft_model(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], random_state=0)
         args = SFTConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=2,
                          learning_rate=1e-3, max_seq_length=256, packing=True, bf16=True, logging_steps=1,
                          save_strategy="no", disable_tqdm=True)
-        trainer = SFTTrainer(model, None, train_dataset=records, args=args)
-        assert trainer.layouts and 256 in trainer.layouts
+        trainer = SFTTrainer(model, None, train_dataset=records, eval_dataset=records[:24], args=args)
+        assert trainer.layouts and 256 in trainer.layouts and trainer.eval_layouts
         if name == "mask":
-            trainer.layouts = None
+            trainer.layouts = trainer.eval_layouts = None
         losses[name] = [log["loss"] for log in trainer.train().log_history if "loss" in log]
+        eval_losses[name] = trainer.evaluate()
     assert len(losses["ragged"]) == 3 and np.allclose(losses["ragged"], losses["mask"], rtol=2e-2)
+    assert np.isclose(eval_losses["ragged"], eval_losses["mask"], rtol=2e-2)

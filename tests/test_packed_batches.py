@@ -104,3 +104,32 @@ def test_packed_batches_refuse_batch_sizes_that_do_not_divide(kwargs):
 def test_packed_batches_refuse_buckets_short_of_max_seq_length():
     with pytest.raises(ValueError, match=r"buckets=\(128,\) must reach max_seq_length=256"):
         PackedBatches(_examples(1, 20, 50), None, batch_size=2, max_seq_length=256, buckets=(128,))
+
+
+def test_sft_trainer_evaluates_packed_rows_on_their_layout(monkeypatch, tmp_path):
+    """eval_packing: the eval rows are packed, planned and batched apart as PackedBatches does for the eval batch
+    size, and evaluate() hands their layout to the eval step where the model runs it, the fitting rows first."""
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+
+    monkeypatch.setattr(packed_attention, "ragged_supported", lambda: True)  # as on a Hopper GPU
+    train, model = _examples(2, 40, 100), _model(64)
+    held_out = _examples(9, 600, 60) + _examples(4, 5, 1400)  # examples longer than the chunk: rows that misfit
+    trainer = SFTTrainer(model, None, train_dataset=[{"input_ids": r["input_ids"].tolist()} for r in train],
+                         eval_dataset=[{"input_ids": r["input_ids"].tolist()} for r in held_out],
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=1, max_seq_length=2048, packing=True,
+                                        per_device_train_batch_size=2, per_device_eval_batch_size=4,
+                                        save_strategy="no"))
+    packed = PackedBatches(held_out, model, batch_size=4, max_seq_length=2048, buckets=trainer.buckets)
+    assert _same_batches(trainer.eval_rows, packed.rows) and trainer.eval_layout_plan == packed.plan
+    assert trainer.eval_layouts == packed.plan and packed.misfits is not None
+    np.testing.assert_array_equal(trainer.eval_misfits, packed.misfits)
+
+    seen = []
+    trainer._eval_step = SimpleNamespace(mean_loss=lambda batches: seen.extend(batches) or 0.0)
+    trainer.evaluate()
+    assert _same_batches(seen, list(packed.epoch(0, seed=0, shuffle=False)))
+    with_layout = [set(packed_attention.SEGMENT_KEYS) <= set(b) for b in seen]
+    fitting, apart = int(np.count_nonzero(~packed.misfits)), int(np.count_nonzero(packed.misfits))
+    assert fitting % 4 == 0 and apart == 4  # this data: whole batches of each kind
+    assert with_layout == [True] * (fitting // 4) + [False]  # the fitting rows first
+    assert sum(int(np.count_nonzero(b["segment_ids"])) for b in seen) == sum(len(r["input_ids"]) for r in held_out)
