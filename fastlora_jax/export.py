@@ -198,7 +198,9 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, *, save_m
       `dtype`; a 4-bit base is dequantized first), "merged_4bit" (the same, then every decoder projection quantized
       to bitsandbytes NF4 with double quantization: transformers + bitsandbytes load it), or "lora" (the PEFT
       adapter directory, as save_pretrained).
-    dtype: None keeps the model's dtype (a float32 model stays float32); "bfloat16", "float16" or "float32".
+    dtype: None keeps the model's dtype where it is 16-bit; "merged_16bit" writes a float32 model (the CPU default)
+      in bfloat16, as its name says ("merged_4bit" keeps float32 beside its NF4 weights); or "bfloat16", "float16",
+      "float32" (a name, a jnp or a torch dtype).
     Shards hold at most max_shard_size bytes ("5GB"), with model.safetensors.index.json when there are several.
     """
     if not safe_serialization:
@@ -212,6 +214,8 @@ def save_pretrained_merged(model, save_directory: str, tokenizer=None, *, save_m
             raise ValueError("save_method='lora' needs a model with LoRA adapters (this one has none)")
         save_pretrained(model, save_directory, tokenizer=tokenizer)
         return
+    if save_method == "merged_16bit" and dtype is None and jnp.dtype(model.dtype) == jnp.float32:
+        dtype = jnp.bfloat16  # 16 bits, as Unsloth's merged_16bit: its models compute in 16 bits
     dtype = merge.resolve_dtype(dtype, model)
     if save_method == "merged_16bit":
         merge.write_checkpoint(save_directory, model, tokenizer, dtype=dtype, max_shard_size=max_shard_size,
