@@ -404,6 +404,18 @@ class Llama(nnx.Module):
         return export.save_pretrained_gguf(self, save_directory, tokenizer, quantization_method=quantization_method,
                                     **kwargs)
 
+    def push_to_hub(self, repo_id: str | None = None, *args, **kwargs):
+        """Not implemented: fastlora-jax never reaches the network. Save locally, then upload the directory."""
+        _no_hub("push_to_hub", "model.save_pretrained(directory)")
+
+    def push_to_hub_merged(self, repo_id: str | None = None, *args, **kwargs):
+        """Not implemented: fastlora-jax never reaches the network. Save locally, then upload the directory."""
+        _no_hub("push_to_hub_merged", "model.save_pretrained_merged(directory, tokenizer, save_method=...)")
+
+    def push_to_hub_gguf(self, repo_id: str | None = None, *args, **kwargs):
+        """Not implemented: fastlora-jax never reaches the network. Save locally, then upload the directory."""
+        _no_hub("push_to_hub_gguf", "model.save_pretrained_gguf(directory, tokenizer, quantization_method=...)")
+
     def merge_and_unload(self) -> "Llama":
         """A plain model with the adapters folded into the base weights."""
         from fastlora_jax import export
@@ -421,3 +433,9 @@ class Llama(nnx.Module):
         from fastlora_jax import generate
 
         return generate.generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _no_hub(method: str, save_call: str):
+    raise NotImplementedError(f"{method}: fastlora-jax does not upload to the Hugging Face Hub (nothing here reaches "
+                              f"the network); write the files with {save_call}, then upload that directory with "
+                              "huggingface_hub (`hf upload <repo_id> <directory>`)")

@@ -64,7 +64,7 @@ class SFTConfig:
     pad_to_multiple_of (batches are padded to a few length buckets; packing=True packs rows), gradient_checkpointing
     and gradient_checkpointing_kwargs (the model's mode from get_peft_model / for_training decides, as Unsloth's
     trainer keeps it), remove_unused_columns, dataloader_num_workers, dataloader_pin_memory, run_name,
-    logging_strategy="steps".
+    logging_strategy="steps". push_to_hub: False only (True raises NotImplementedError; save, then upload).
     """
 
     output_dir: str = "outputs"
@@ -123,6 +123,7 @@ class SFTConfig:
     dataloader_pin_memory: bool = True
     run_name: str | None = None
     logging_strategy: str = "steps"
+    push_to_hub: bool = False  # True raises: nothing here reaches the network
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps")
@@ -175,6 +176,11 @@ class SFTConfig:
         if self.logging_strategy != "steps":
             raise NotImplementedError(f"logging_strategy={self.logging_strategy!r}; accepted: 'steps' (every "
                                       "logging_steps; logging_first_step=True adds step 1)")
+        if self.push_to_hub is not False:
+            raise NotImplementedError(f"push_to_hub={self.push_to_hub!r}: fastlora-jax does not upload to the Hugging "
+                                      "Face Hub (nothing here reaches the network); accepted: False. Save with "
+                                      "model.save_pretrained(directory), then upload it (`hf upload <repo_id> "
+                                      "<directory>`)")
         if not _reports_nowhere(self.report_to):
             raise NotImplementedError(
                 f"report_to={self.report_to!r}: fastlora-jax reports to no tracking integration (nothing is sent "

@@ -91,7 +91,7 @@ def test_merged_16bit_loads_in_transformers_with_our_logits(base, tokenizer, tmp
     model = lora_model(base)
     ours = logits(model)
     out = str(tmp_path / "merged")
-    model.save_pretrained_merged(out, tokenizer, save_method="merged_16bit", max_shard_size="60KB")
+    model.save_pretrained_merged(out, tokenizer, save_method="merged_16bit", max_shard_size="60KB", dtype="float32")
     files = os.listdir(out)
     shards = sorted(f for f in files if f.endswith(".safetensors"))
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -108,9 +108,12 @@ def test_merged_16bit_loads_in_transformers_with_our_logits(base, tokenizer, tmp
     loaded_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert loaded_tok("the lazy fox")["input_ids"] == tokenizer("the lazy fox")["input_ids"]
 
-    # bfloat16 into the same directory: one file now, the old shards and index are gone
-    model.save_pretrained_merged(out, tokenizer, save_method="merged_16bit", dtype="bfloat16")
+    # the default into the same directory: bfloat16 (16 bits, though the model is float32), in one file now; the
+    # old shards and index are gone
+    assert model.dtype == jnp.float32
+    model.save_pretrained_merged(out, tokenizer, save_method="merged_16bit")
     assert not [f for f in os.listdir(out) if f.startswith("model-") or f == merge.INDEX_NAME]
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert hf16.dtype == torch.bfloat16
     assert rel_err(torch_logits(hf16), ours) < 2e-2
@@ -153,7 +156,7 @@ def test_qlora_merges_dequantize_first(base, tmp_path):
     model = lora_model(base, load_in_4bit=True, modules_to_save=None, bias="none")
     ours = logits(model)
 
-    model.save_pretrained_merged(str(tmp_path / "m16"), None, save_method="merged_16bit")
+    model.save_pretrained_merged(str(tmp_path / "m16"), None, save_method="merged_16bit", dtype="float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m16"), dtype=torch.float32)
     assert rel_err(torch_logits(hf), ours) < 1e-4
 
@@ -322,3 +325,18 @@ def test_gguf_default_method_is_unsloths_fast_quantized(base_without_bias, token
     model = lora_model(base_without_bias, bias="none")
     assert os.path.basename(export.save_pretrained_gguf(model, str(tmp_path / "g"), tokenizer)) == "model.Q8_0.gguf"
     assert os.path.basename(model.save_pretrained_gguf(str(tmp_path / "m"), tokenizer)) == "model.Q8_0.gguf"
+
+
+def test_hub_pushes_raise_naming_the_local_save(base, tmp_path):
+    """Unsloth's push_to_hub* methods and TRL's push_to_hub=True: nothing here reaches the network, so each raises
+    NotImplementedError naming the local save to run instead; nothing is written."""
+    from fastlora_jax import SFTConfig
+
+    model = lora_model(base)
+    for method, save in (("push_to_hub", "save_pretrained"), ("push_to_hub_merged", "save_pretrained_merged"),
+                         ("push_to_hub_gguf", "save_pretrained_gguf")):
+        with pytest.raises(NotImplementedError, match=rf"^{method}: fastlora-jax does not upload .* model\.{save}\("):
+            getattr(model, method)("me/my-lora", token="hf_x")
+    with pytest.raises(NotImplementedError, match=r"push_to_hub=True: .*accepted: False"):
+        SFTConfig(output_dir=str(tmp_path), push_to_hub=True)
+    assert not SFTConfig(output_dir=str(tmp_path)).push_to_hub
