@@ -7,7 +7,28 @@ dequant-matmul + XLA), `nf4_ptx` (the PTX NF4 decodes), `nf4_dequant` (NF4 to 16
 `reference` (the pure-jnp statements of the maths), `_compat` (the Pallas-version corner).
 """
 
-from fastlora_jax.kernels.api import (IMPLEMENTATIONS, PALLAS_FASTER_ON_GPU, linear, lora_linear, nf4_linear,
-                                      nf4_weight_for_calls)
+import sys
 
-__all__ = ["IMPLEMENTATIONS", "PALLAS_FASTER_ON_GPU", "linear", "lora_linear", "nf4_linear", "nf4_weight_for_calls"]
+if __name__ == "kernels":
+    # Imported as a top-level `kernels`: Python was started in the repository root, whose `kernels/` folder (this
+    # package, installed as fastlora_jax.kernels) then shadows Hugging Face's `kernels` package, which transformers
+    # and peft import. Load that package in this module's place, as if the root were not on the path.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (Hugging Face's; the repository's kernels/ folder is "
+                                  "fastlora_jax.kernels)", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module
+    _spec.loader.exec_module(_module)
+else:
+    from fastlora_jax.kernels.api import (IMPLEMENTATIONS, PALLAS_FASTER_ON_GPU, linear, lora_linear, nf4_linear,
+                                          nf4_weight_for_calls)
+
+    __all__ = ["IMPLEMENTATIONS", "PALLAS_FASTER_ON_GPU", "linear", "lora_linear", "nf4_linear",
+               "nf4_weight_for_calls"]
