@@ -266,9 +266,9 @@ def train_on_responses_only(trainer, instruction_part: str | None = None, respon
     _check_collator(getattr(trainer, "data_collator", None))
     max_len = getattr(trainer, "max_seq_length", None)
     n_train = len(trainer.train_rows)
-    trainer.train_rows = _mask_rows(trainer.train_rows, mask, "train_dataset", response_part, max_len)
+    trainer.train_rows = _mask_rows(trainer.train_rows, mask, "train_dataset", response_part, max_len, tokenizer)
     if trainer.eval_rows is not None:
-        trainer.eval_rows = _mask_rows(trainer.eval_rows, mask, "eval_dataset", response_part, max_len)
+        trainer.eval_rows = _mask_rows(trainer.eval_rows, mask, "eval_dataset", response_part, max_len, tokenizer)
     if len(trainer.train_rows) != n_train and hasattr(trainer, "state"):
         trainer.state.max_steps = trainer.total_steps
     return trainer
@@ -287,7 +287,8 @@ def _batch_function(mask: Callable[[dict], np.ndarray]) -> Callable[[dict], dict
     return train_on_responses_only_batch
 
 
-def _mask_rows(rows: list[dict], mask, where: str, response_part: str, max_len: int | None) -> list[dict]:
+def _mask_rows(rows: list[dict], mask, where: str, response_part: str, max_len: int | None,
+               tokenizer) -> list[dict]:
     """The rows with masked labels, those left without a label dropped (with a warning; ValueError if all are)."""
     masked = [{**row, "labels": mask(row)} for row in rows]
     kept = [row for row in masked if np.any(row["labels"] != IGNORE_INDEX)]
@@ -298,9 +299,16 @@ def _mask_rows(rows: list[dict], mask, where: str, response_part: str, max_len: 
     why = (f"; {at_cap} of them fill max_seq_length={max_len}: truncation may have cut off the response part, "
            "raise max_seq_length" if at_cap else "")
     if not kept:
+        in_text = sum(response_part in tokenizer.decode(row["input_ids"]) for row in dropped[:100])
+        hint = (f"the text of {in_text} of the first {min(len(dropped), 100)} rows holds response_part, but not its "
+                f"tokens {_ids(tokenizer, response_part)}: in the text this tokenizer joins its first or last "
+                "characters with their neighbours' (a chat template written for another vocabulary, such as "
+                "llama-3.1's header markers where they are not single tokens); use the model's own chat template, or "
+                "parts that start and end where the text's tokens do" if in_text else
+                "check that instruction_part and response_part are the chat template's")
         raise ValueError(f"train_on_responses_only: no row of {where} has a token to train on: response_part="
                          f"{response_part!r} was never found (followed by a token) in its {len(rows)} rows{why}; "
-                         "check that instruction_part and response_part are the chat template's")
+                         + hint)
     warnings.warn(f"train_on_responses_only: {len(dropped)} of the {len(rows)} rows of {where} have no answer to "
                   f"train on (response_part {response_part!r} not found) and were dropped{why}", stacklevel=3)
     return kept

@@ -236,8 +236,13 @@ def test_rows_without_a_response_part_are_dropped(template):
     assert trainer.total_steps == trainer.state.max_steps == 3 * 2
     with pytest.raises(ValueError, match="no row of train_dataset has a token to train on"):
         train_on_responses_only(make_trainer(tokenizer, [no_answer]), user, assistant)
-    with pytest.raises(ValueError, match="no row of train_dataset"):  # wrong parts: never found
+    with pytest.raises(ValueError, match="no row of train_dataset.*check that instruction_part and response_part "
+                                         "are the chat template's"):  # wrong parts: never found
         train_on_responses_only(make_trainer(tokenizer, texts), user, "<|im_start|>model\n")
+    if assistant.endswith("\n\n"):  # Llama 3's header: a part ending in one "\n", which the text's "\n\n" token holds
+        with pytest.raises(ValueError, match=r"the text of 3 of the first 3 rows holds response_part, but not its "
+                                             r"tokens \[.*\]: in the text this tokenizer joins"):
+            train_on_responses_only(make_trainer(tokenizer, texts), user, assistant[:-1])
 
 
 def test_truncated_rows(template):
