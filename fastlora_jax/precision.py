@@ -58,5 +58,9 @@ def check_mixed_precision(*, fp16: bool, bf16: bool, model_dtype) -> None:
     instead = (f"set {other}" if other else
                f"load the model with from_pretrained(dtype={asked!r}) to train in {asked} (the LoRA weights stay "
                f"float32, as under autocast)")
+    cpu = (" (on a CPU, dtype=None loads float32 and is_bfloat16_supported() is False, so the notebooks' "
+           "`fp16=not is_bfloat16_supported()` asks for float16 there: pass fp16=False, bf16=False)"
+           if name == "float32" else "")
     raise TypeError(f"{flag}=True asks for {asked} mixed precision, but the model computes in {name} (its "
-                    f"from_pretrained dtype): {instead}, or set fp16=False, bf16=False to train in the model's dtype")
+                    f"from_pretrained dtype): {instead}, or set fp16=False, bf16=False to train in the model's "
+                    f"dtype{cpu}")

@@ -147,7 +147,8 @@ def test_is_bfloat16_supported_asks_the_device_as_torch_does():
                                     r"bfloat16 .*set bf16=True, fp16=False, or set fp16=False, bf16=False"),
     (jnp.float16, dict(bf16=True), r"bf16=True asks for bfloat16 .* computes in float16 .*set fp16=True, bf16=False"),
     (jnp.float32, dict(bf16=True), r"computes in float32 .*from_pretrained\(dtype='bfloat16'\)"),
-    (jnp.float32, dict(fp16=True), r"computes in float32 .*from_pretrained\(dtype='float16'\)"),
+    (jnp.float32, dict(fp16=True), r"computes in float32 .*from_pretrained\(dtype='float16'\).* \(on a CPU, "
+                                   r"dtype=None loads float32 .*pass fp16=False, bf16=False\)"),
 ])
 def test_precision_flags_that_disagree_with_the_models_dtype_raise_typeerror(dtype, flags, needle):
     model = random_model(CONFIG, dtype=dtype)
