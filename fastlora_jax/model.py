@@ -428,7 +428,7 @@ class Llama(nnx.Module):
 
         return export.unmerge(self)
 
-    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
+    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
         """Autoregressive generation with a KV cache (see fastlora_jax.generate.generate)."""
         from fastlora_jax import generate
 

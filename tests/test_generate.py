@@ -38,8 +38,9 @@ def _prompts(seed: int = 0):
     return np.where(mask == 1, ids, 0), mask
 
 
-def _reference_greedy(model, ids, mask, new: int) -> np.ndarray:
-    """Argmax decoding by full forward passes without cache or mask: each row unpadded, starting at slot 0."""
+def _reference_greedy(model, ids, mask, new: int, repetition_penalty: float | None = None) -> np.ndarray:
+    """Argmax decoding by full forward passes without cache or mask: each row unpadded, starting at slot 0; with a
+    penalty, transformers' RepetitionPenaltyLogitsProcessor sees each row's tokens so far (padding aside)."""
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     lengths = mask.sum(axis=1)
@@ -49,7 +50,15 @@ def _reference_greedy(model, ids, mask, new: int) -> np.ndarray:
     for step in range(new):
         logits = np.asarray(forward(state, jnp.asarray(buffer)))  # [B, S, V]
         for b in range(len(ids)):
-            buffer[b, lengths[b] + step] = np.argmax(logits[b, lengths[b] + step - 1])
+            scores = logits[b, lengths[b] + step - 1]  # [V]
+            if repetition_penalty is not None:
+                import torch
+                from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+                so_far = torch.tensor(buffer[None, b, :lengths[b] + step], dtype=torch.long)  # [1, n]
+                scores = RepetitionPenaltyLogitsProcessor(repetition_penalty)(so_far, torch.tensor(scores[None]))
+                scores = scores.numpy()[0]
+            buffer[b, lengths[b] + step] = np.argmax(scores)
     return np.stack([buffer[b, lengths[b]:lengths[b] + new] for b in range(len(ids))])
 
 
@@ -76,7 +85,7 @@ def _to_nf4(model):
         parent = getattr(model.model.layers, group)
         for name in names:
             w = np.asarray(getattr(parent, name).weight[...])  # [L, in, out]
-            stacked = nf4.stack_nf4([nf4.quantize_nf4(w[l].T) for l in range(w.shape[0])])
+            stacked = nf4.stack_nf4([nf4.quantize_nf4(w[i].T) for i in range(w.shape[0])])
             setattr(parent, name, nf4.NF4Linear.from_nf4(stacked))
     return model
 
@@ -233,10 +242,21 @@ def test_min_p_keeps_the_same_tokens_as_transformers_warpers(temperature, top_p,
     ref = torch.tensor(logits)
     for warper in (TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p), MinPLogitsWarper(min_p)):
         ref = warper(None, ref)  # transformers' default order
-    ours = gen._warp(jnp.asarray(logits), temperature, top_p, min_p, use_top_p=top_p < 1.0, use_min_p=True)
+    ours = gen._warp(jnp.asarray(logits), temperature, 0, top_p, min_p, use_top_k=False, use_top_p=top_p < 1.0,
+                     use_min_p=True)
     kept = np.isfinite(np.asarray(ours))
     np.testing.assert_array_equal(kept, np.isfinite(ref.numpy()))
     np.testing.assert_allclose(np.asarray(ours)[kept], ref.numpy()[kept], rtol=1e-6)
+
+
+def _new_token_logits(model, out, mask) -> np.ndarray:
+    """The logits [B, N, V] each new token of out [B, T + N] was drawn from (prompt mask [B, T]), by a full forward."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x, m: nnx.merge(graphdef, state)(x, attention_mask=m))
+    T, N = mask.shape[1], out.shape[1] - mask.shape[1]
+    full_mask = np.concatenate([mask, np.ones((len(out), N), mask.dtype)], axis=1)
+    logits = np.asarray(forward(state, jnp.asarray(np.where(full_mask == 1, out, 0)), jnp.asarray(full_mask)))
+    return logits[:, T - 1:-1]
 
 
 def test_sampling_with_min_p_never_picks_a_filtered_token_and_min_p_1_is_greedy():
@@ -248,11 +268,7 @@ def test_sampling_with_min_p_never_picks_a_filtered_token_and_min_p_1_is_greedy(
     np.testing.assert_array_equal(np.asarray(top), np.asarray(greedy))
     out = np.asarray(gen.generate(model, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[],
                                   temperature=1.5, min_p=0.3, seed=5))
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x, m: nnx.merge(graphdef, state)(x, attention_mask=m))
-    full_mask = np.concatenate([mask, np.ones((3, 6), mask.dtype)], axis=1)
-    logits = np.asarray(forward(state, jnp.asarray(np.where(full_mask == 1, out, 0)), jnp.asarray(full_mask)))
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits[:, 6:-1]) / 1.5, axis=-1))  # [B, 6, V] for each new token
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(_new_token_logits(model, out, mask)) / 1.5, axis=-1))
     chosen = np.take_along_axis(probs, out[:, 7:, None], axis=-1)[..., 0]
     assert (chosen >= 0.3 * probs.max(axis=-1) * (1 - 1e-4)).all()
 
@@ -279,7 +295,8 @@ class _Recorder:
         self.calls.append(("end", None))
 
 
-@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.5, min_p=0.1, seed=2)])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.5, min_p=0.1, seed=2), dict(repetition_penalty=1.5),
+                                      dict(temperature=1.5, top_k=8, top_p=0.9, repetition_penalty=1.3, seed=2)])
 def test_streamer_gets_the_prompt_then_each_returned_token_then_end(sampling):
     model = _model()
     ids, _ = _prompts()
@@ -325,3 +342,144 @@ def test_bad_inference_cell_arguments_name_the_value(kwargs, match):
     ids, _ = _prompts()
     with pytest.raises(ValueError, match=match):
         gen.generate(model, ids, max_new_tokens=2, **kwargs)
+
+
+# ------------------------------------------------ transformers' generate arguments: top_k, repetition_penalty, ...
+
+@pytest.mark.parametrize("penalty, temperature, top_k, top_p, min_p, ties", [
+    (1.3, 1.0, 10, 1.0, None, False),
+    (1.0, 0.7, 5, 1.0, None, False),
+    (1.0, 1.0, 1, 1.0, None, False),
+    (1.0, 1.0, 300, 1.0, None, False),  # more than the vocabulary: keeps everything
+    (1.0, 1.0, 7, 1.0, None, True),  # tokens tied with the 7th stay
+    (2.0, 1.5, 8, 0.8, None, False),  # top_p then sees the top_k survivors only
+    (1.0, 0.8, 12, 0.9, 0.2, False),
+    (0.7, 1.0, 0, 1.0, None, False),  # a penalty < 1 favours the seen tokens
+    (1.5, 1.2, 0, 0.7, 0.05, False),
+])
+def test_processors_equal_transformers_in_its_order(penalty, temperature, top_k, top_p, min_p, ties):
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(4, 256)).astype(np.float32) * 3.0
+    if ties:
+        logits = np.round(logits)
+    seen_ids = rng.integers(0, 256, (4, 40))
+    processors = [RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []
+    processors.append(TemperatureLogitsWarper(temperature))
+    processors += [TopKLogitsWarper(top_k)] if top_k else []
+    processors += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    processors += [MinPLogitsWarper(min_p)] if min_p else []
+    ref = LogitsProcessorList(processors)(torch.tensor(seen_ids), torch.tensor(logits)).numpy()
+
+    seen = np.zeros((4, 256), bool)
+    np.put_along_axis(seen, seen_ids, True, axis=1)
+    ours = gen._penalize(jnp.asarray(logits), jnp.asarray(seen), jnp.float32(penalty))
+    ours = np.asarray(gen._warp(ours, temperature, top_k, top_p, min_p or 0.0, use_top_k=bool(top_k),
+                                use_top_p=top_p < 1.0, use_min_p=bool(min_p)))
+    kept = np.isfinite(ours)
+    np.testing.assert_array_equal(kept, np.isfinite(ref))
+    assert kept.sum() < kept.size or top_k in (0, 300)  # the filters do remove tokens
+    np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+
+
+@pytest.mark.parametrize("penalty", [2.0, 0.5])
+def test_greedy_with_repetition_penalty_equals_transformers_processor_on_full_forwards(penalty):
+    model = _model(seed=2)  # its greedy tokens come back: a penalty > 1 changes them
+    ids, mask = _prompts()
+    out = gen.generate(model, ids, max_new_tokens=10, attention_mask=mask, eos_token_id=[],
+                       repetition_penalty=penalty)
+    ref = _reference_greedy(model, ids, mask, 10, repetition_penalty=penalty)
+    np.testing.assert_array_equal(out[:, 7:], ref)
+    assert (ref != _reference_greedy(model, ids, mask, 10)).any()  # the penalty changes the tokens
+
+
+def test_greedy_with_repetition_penalty_equals_transformers_generate(hf_llama):
+    import torch
+
+    from fastlora_jax import FastLanguageModel
+
+    directory, torch_model = hf_llama(seed=3)
+    with torch.no_grad():
+        for p in torch_model.parameters():  # clear argmax margins, as in _model
+            if p.ndim == 2:
+                p.mul_(25.0)
+    torch_model.save_pretrained(directory)
+    model, _ = FastLanguageModel.from_pretrained(directory, dtype="float32")
+    ids = np.random.default_rng(5).integers(0, 256, (2, 6))  # no padding: transformers would count pad tokens
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=[], repetition_penalty=1.6)
+    torch_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = torch_model.generate(torch.tensor(ids), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                   repetition_penalty=1.6).numpy()
+        plain = torch_model.generate(torch.tensor(ids), max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(out, ref)
+    assert (ref != plain).any()
+
+
+def test_repetition_penalty_does_not_count_padding():
+    model = _model()
+    ids, mask = _prompts()
+    alone = gen.generate(model, ids[1:2, 3:], max_new_tokens=6, eos_token_id=[], repetition_penalty=3.0)
+    pad = int(alone[0, 4])  # the padding holds the token this row picks first: counting it would change that pick
+    out = gen.generate(model, np.where(mask == 1, ids, pad), max_new_tokens=6, attention_mask=mask, eos_token_id=[],
+                       repetition_penalty=3.0, pad_token_id=pad)
+    np.testing.assert_array_equal(out[1, 7:], alone[0, 4:])
+
+
+def test_sampling_with_top_k_picks_only_the_k_best_tokens_and_top_k_1_is_greedy():
+    model = _model()
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=8, attention_mask=mask, eos_token_id=[])
+    greedy = gen.generate(model, ids, **kw)
+    np.testing.assert_array_equal(gen.generate(model, ids, temperature=3.0, top_k=1, seed=3, **kw), greedy)
+    out = gen.generate(model, ids, temperature=3.0, top_k=3, seed=5, **kw)
+    logits = _new_token_logits(model, out, mask)  # [B, 8, V]
+    third = np.sort(logits, axis=-1)[..., -3]
+    assert (np.take_along_axis(logits, out[:, 7:, None], axis=-1)[..., 0] >= third).all()
+    assert (out != greedy).any() and (out != gen.generate(model, ids, temperature=3.0, seed=5, **kw)).any()
+
+
+def test_unseeded_sampling_differs_per_call_and_a_seed_repeats():
+    model = _model()
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=8, attention_mask=mask, eos_token_id=[], temperature=5.0)
+    unseeded = [gen.generate(model, ids, **kw) for _ in range(3)]  # 3 x [4, 7 + 8] tokens of a flat distribution
+    assert all((unseeded[i] != unseeded[j]).any() for i, j in ((0, 1), (0, 2), (1, 2)))
+    np.testing.assert_array_equal(gen.generate(model, ids, seed=7, **kw), gen.generate(model, ids, seed=7, **kw))
+
+
+def test_max_length_counts_the_prompt_width_and_max_new_tokens_wins():
+    model = _model()
+    ids, mask = _prompts()
+    ref = gen.generate(model, ids, max_new_tokens=5, attention_mask=mask, eos_token_id=[])
+    np.testing.assert_array_equal(gen.generate(model, ids, max_length=12, attention_mask=mask, eos_token_id=[]), ref)
+    np.testing.assert_array_equal(model.generate(ids, max_length=40, max_new_tokens=5, attention_mask=mask,
+                                                 eos_token_id=[]), ref)
+    assert model.generate(ids[:1], eos_token_id=[]).shape == (1, 7 + 32)
+    with pytest.raises(ValueError, match=r"max_length=7 leaves no room after the 7 prompt tokens"):
+        model.generate(ids, max_length=7)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_k=-1), r"top_k=-1; accepted: None or an int >= 0"),
+    (dict(top_k=2.5), "top_k=2.5"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty=0.0; accepted: a float > 0"),
+    (dict(repetition_penalty=-1.2), "repetition_penalty=-1.2"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty=nan"),
+    (dict(repetition_penalty="1.2"), "repetition_penalty='1.2'"),
+    (dict(max_new_tokens=None, max_length=5), r"max_length=5 .* 7 prompt tokens"),
+    (dict(max_new_tokens=None, max_length=0), r"max_length=0; accepted: None or an int >= 1"),
+    (dict(max_new_tokens=None, max_length=9.0), "max_length=9.0"),
+    (dict(max_new_tokens=2.0), r"max_new_tokens=2.0; accepted: None or an int >= 1"),
+    (dict(seed=1.5), r"seed=1.5; accepted: None .* or an int"),
+    (dict(seed="0"), "seed='0'"),
+])
+def test_bad_generate_arguments_name_the_value(kwargs, match):
+    model = _model()
+    ids, _ = _prompts()
+    with pytest.raises(ValueError, match=match):
+        gen.generate(model, ids, **{"max_new_tokens": 2, **kwargs})
