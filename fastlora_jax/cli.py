@@ -53,6 +53,10 @@ def _positive_int(text: str) -> int:
     return _integer(text, "an integer >= 1", lambda value: value >= 1)
 
 
+def _non_negative_int(text: str) -> int:
+    return _integer(text, "an integer >= 0", lambda value: value >= 0)
+
+
 def _seed(text: str) -> int:
     return _integer(text, "an integer in [0, 2**63)", lambda value: 0 <= value < 2**63)
 
@@ -191,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default: %(default)s")
     g.add_argument("--temperature", type=_non_negative, default=0.0, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    g.add_argument("--top-k", type=_non_negative_int, default=0, help="sample from the k best tokens (0 = off)")
+    g.add_argument("--min-p", type=_non_negative, default=0.0,
+                   help="drop tokens below min-p x the top token's probability (0 = off)")
+    g.add_argument("--repetition-penalty", type=_positive_float, default=1.0,
+                   help="transformers' repetition penalty, greedy decoding too (1 = off)")
     g.add_argument("--seed", type=_seed, default=0, help="sampling seed (default: %(default)s)")
     g.add_argument("--no-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of a chat user message")
@@ -287,13 +296,16 @@ def generate(args) -> int:
 
     if not args.top_p <= 1.0:
         raise ValueError(f"--top-p {args.top_p}; accepted: a number in (0, 1]")
+    if not args.min_p <= 1.0:
+        raise ValueError(f"--min-p {args.min_p}; accepted: a number in [0, 1]")
     model, tokenizer = _load(args, args.adapter)
     if tokenizer is None:
         raise ValueError(f"--model {args.model!r} has no tokenizer files; generate needs one")
     use_chat = not args.no_chat_template and getattr(tokenizer, "chat_template", None)
     ids, mask = _left_padded(_prompt_ids(tokenizer, args.prompt, chat=use_chat))
     out = generate_ids(for_inference(model), ids, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, attention_mask=mask,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repetition_penalty=args.repetition_penalty, attention_mask=mask,
                        eos_token_id=tokenizer.eos_token_id, seed=args.seed)
     prompt_len = ids.shape[1]
     for i, row in enumerate(np.asarray(out)):

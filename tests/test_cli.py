@@ -93,6 +93,8 @@ def test_help_documents_every_option():
     (["generate", "--adapter", "no/such/dir", "--prompt", "hi"], "'no/such/dir' is not an existing directory"),
     (["generate"], "--prompt"),
     (["generate", "--prompt", "hi", "--seed", str(2**64)], "argument --seed: '18446744073709551616'; accepted"),
+    (["generate", "--prompt", "hi", "--top-k", "-1"], "argument --top-k: '-1'; accepted: an integer >= 0"),
+    (["generate", "--prompt", "hi", "--repetition-penalty", "0"], "argument --repetition-penalty: '0'; accepted"),
     (["deploy"], "'deploy'"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):
@@ -125,6 +127,7 @@ def test_runtime_errors_exit_1_with_one_line(tiny, tmp_path, capsys):
         (["finetune", "--model", directory, "--data", data, "--output", str(tmp_path / "o2"), "--resume"],
          "no checkpoint"),
         (["generate", "--model", directory, "--prompt", "hi", "--top-p", "1.5"], "--top-p 1.5"),
+        (["generate", "--model", directory, "--prompt", "hi", "--min-p", "1.5"], "--min-p 1.5"),
     ]:
         capsys.readouterr()
         assert cli.main(argv) == 1
@@ -180,6 +183,12 @@ def test_finetune_three_steps_then_export_and_generate(tiny, tmp_path, capsys):
     # Without --model, the base the adapter names (as export and from_pretrained(adapter_dir) take it).
     assert cli.main(["generate", "--adapter", str(out), *prompts]) == 0
     assert capsys.readouterr().out == answers
+    sampled = [*prompts, "--temperature", "0.8", "--top-k", "5", "--min-p", "0.05", "--repetition-penalty", "1.3",
+               "--seed", "1"]
+    assert cli.main(["generate", "--adapter", str(out), *sampled]) == 0
+    first = capsys.readouterr().out
+    assert cli.main(["generate", "--adapter", str(out), *sampled]) == 0
+    assert capsys.readouterr().out == first  # seeded
 
 
 def test_generate_with_a_chat_tokenizer_without_pad_token_pads_prompts_on_the_left(tmp_path, capsys):
