@@ -99,11 +99,12 @@ def record_kind(record: dict, dataset_text_field: str = "text") -> str:
 
 
 def tokenize_record(record: dict, tokenizer, *, train_on_responses_only: bool | None = None,
-                    dataset_text_field: str = "text") -> tuple[np.ndarray, np.ndarray]:
+                    dataset_text_field: str = "text", eos_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids [n], labels [n]) int32 for one record; labels are -100 where the loss ignores a token.
 
     train_on_responses_only: True keeps labels only on assistant answers / completions; False on every token;
     None (default) is True for prompt/completion records and False otherwise (TRL's defaults).
+    eos_token_id: the id appended to a text or a completion (None: the tokenizer's eos_token_id; TRL's eos_token).
     """
     kind = record_kind(record, dataset_text_field)
     if kind == "input_ids":
@@ -119,7 +120,7 @@ def tokenize_record(record: dict, tokenizer, *, train_on_responses_only: bool | 
         if responses_only:
             raise ValueError(f"train_on_responses_only=True needs 'messages' or 'prompt'/'completion' records; "
                              f"this record has only the text field {dataset_text_field!r}")
-        ids = _with_eos(tokenizer, _encode(tokenizer, record[dataset_text_field], special=True))
+        ids = _with_eos(tokenizer, _encode(tokenizer, record[dataset_text_field], special=True), eos_token_id)
         return _arrays([(ids, True)])
     if kind == "messages":
         return _arrays(_chat_chunks(tokenizer, record["messages"], n_prompt=0, responses_only=responses_only))
@@ -131,7 +132,7 @@ def tokenize_record(record: dict, tokenizer, *, train_on_responses_only: bool | 
         raise ValueError("'prompt' and 'completion' must both be strings or both be lists of messages; got "
                          f"{type(prompt).__name__} and {type(completion).__name__}")
     prompt_ids = _encode(tokenizer, prompt, special=True)
-    completion_ids = _with_eos(tokenizer, _encode(tokenizer, completion, special=False))
+    completion_ids = _with_eos(tokenizer, _encode(tokenizer, completion, special=False), eos_token_id)
     return _arrays([(prompt_ids, not responses_only), (completion_ids, True)])
 
 
@@ -141,10 +142,11 @@ def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _with_eos(tokenizer, ids: list[int]) -> list[int]:
-    """ids + [EOS], unless they already end with it (a text written with its EOS, as Unsloth's notebooks'
-    `text + EOS_TOKEN`): TRL appends the EOS only to a text or completion that does not end with it."""
-    eos = getattr(tokenizer, "eos_token_id", None)
+def _with_eos(tokenizer, ids: list[int], eos: int | None = None) -> list[int]:
+    """ids + [EOS] (`eos`, else the tokenizer's), unless they already end with it (a text written with its EOS, as
+    Unsloth's notebooks' `text + EOS_TOKEN`): TRL appends the EOS only to a text or completion that does not end
+    with it."""
+    eos = getattr(tokenizer, "eos_token_id", None) if eos is None else eos
     return ids if eos is None or ids[-1:] == [int(eos)] else ids + [int(eos)]
 
 
@@ -195,14 +197,15 @@ def _chat_chunks(tokenizer, messages: list[dict], *, n_prompt: int, responses_on
 
 
 def tokenize_dataset(dataset, tokenizer, *, max_seq_length: int | None, train_on_responses_only: bool | None = None,
-                     dataset_text_field: str = "text") -> list[dict[str, np.ndarray]]:
+                     dataset_text_field: str = "text", eos_token_id: int | None = None
+                     ) -> list[dict[str, np.ndarray]]:
     """Rows {"input_ids", "labels"} for every record, truncated to max_seq_length (None: not truncated, for packing
     that cuts or wraps long examples, `fastlora_jax.packing`); rows without any label dropped."""
     rows, truncated, dropped = [], 0, 0
     for i, record in enumerate(load_records(dataset)):
         try:
             ids, labels = tokenize_record(record, tokenizer, train_on_responses_only=train_on_responses_only,
-                                          dataset_text_field=dataset_text_field)
+                                          dataset_text_field=dataset_text_field, eos_token_id=eos_token_id)
         except ValueError as e:
             raise ValueError(f"dataset record {i}: {e}") from None
         if max_seq_length is not None and len(ids) > max_seq_length:

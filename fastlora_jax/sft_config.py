@@ -58,6 +58,10 @@ class SFTConfig:
     report_to: only "none", None or [] (no tracking service: the logs are in `trainer.state.log_history`, the
     TrainOutput and output_dir/loss_curve.png). loss_type: None, "nll" or "chunked_nll" (the same cross-entropy).
     dataset_kwargs: None or {"skip_prepare_dataset": bool}; True needs every record pre-tokenized ("input_ids").
+    eos_token / pad_token (TRL's): a token of the tokenizer's vocabulary (ValueError otherwise, as TRL) that ends
+    each text or completion record / pads the batches, in place of the tokenizer's own (None). Unlike TRL, neither
+    the tokenizer nor the model's config is changed: generation stops at the config's end ids unless given
+    `eos_token_id=`.
     embedding_learning_rate (UnslothTrainingArguments): the modules_to_save copies (embed_tokens, lm_head) train at
     this rate under the same schedule, the rest at learning_rate (Unsloth's two parameter groups; `AdamW`).
     Accepted with no effect: dataset_num_proc (tokenization runs in this process), padding_free and
@@ -107,6 +111,8 @@ class SFTConfig:
     loss_type: str | None = None
     seed: int = 42
     dataset_text_field: str = "text"
+    eos_token: str | None = None
+    pad_token: str | None = None
     dataset_kwargs: dict[str, Any] | None = None
     resume_from_checkpoint: bool | str = False
     length_buckets: tuple[int, ...] | None = None
@@ -176,6 +182,10 @@ class SFTConfig:
         if self.logging_strategy != "steps":
             raise NotImplementedError(f"logging_strategy={self.logging_strategy!r}; accepted: 'steps' (every "
                                       "logging_steps; logging_first_step=True adds step 1)")
+        for name in ("eos_token", "pad_token"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r}; accepted: None (the tokenizer's) or a token of "
+                                 "the tokenizer's vocabulary, as a string")
         if self.push_to_hub is not False:
             raise NotImplementedError(f"push_to_hub={self.push_to_hub!r}: fastlora-jax does not upload to the Hugging "
                                       "Face Hub (nothing here reaches the network); accepted: False. Save with "

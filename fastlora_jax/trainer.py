@@ -140,7 +140,9 @@ class SFTTrainer:
         self.buckets = tuple(self.args.length_buckets or data_lib.length_buckets(self.max_seq_length))
         if self.buckets[-1] < self.max_seq_length:
             raise ValueError(f"length_buckets={self.buckets} must reach max_seq_length={self.max_seq_length}")
-        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.eos_token_id = self._token_id(self.args.eos_token, "eos_token")  # None: the tokenizer's
+        pad = self._token_id(self.args.pad_token, "pad_token")
+        pad = pad if pad is not None else getattr(self.tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else getattr(self.tokenizer, "eos_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         args = self.args
@@ -196,12 +198,25 @@ class SFTTrainer:
         rows = data_lib.tokenize_dataset(records, self.tokenizer,
                                          max_seq_length=self.max_seq_length if truncate else None,
                                          train_on_responses_only=self.args.responses_only,
-                                         dataset_text_field=self.args.dataset_text_field)
+                                         dataset_text_field=self.args.dataset_text_field,
+                                         eos_token_id=self.eos_token_id)
         if collator_labels is not None:
             rows = [{**r, "labels": collator_labels(r["input_ids"])} for r in rows]
         if self.args.shuffle_dataset:  # as datasets.Dataset.shuffle(seed), which TRL calls before packing
             rows = [rows[i] for i in np.random.default_rng(self.args.seed).permutation(len(rows))]
         return rows
+
+    def _token_id(self, token: str | None, name: str) -> int | None:
+        """The id of TRL's eos_token / pad_token in the tokenizer's vocabulary; None for None."""
+        if token is None:
+            return None
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else None
+        if vocab is None:
+            raise ValueError(f"{name}={token!r} needs a tokenizer with a vocabulary (get_vocab()); pass tokenizer=")
+        if token not in vocab:
+            raise ValueError(f"{name}={token!r} is not in the vocabulary of the tokenizer "
+                             f"({type(self.tokenizer).__name__}); accepted: one of its tokens, or None for its own")
+        return int(vocab[token])
 
     def _formatted(self, records: list[dict], where: str) -> list[dict]:
         """TRL's formatting_func: each record becomes the one text it returns (a plain-text record). A dataset

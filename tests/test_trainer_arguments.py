@@ -479,3 +479,35 @@ def test_formatting_func_trains_on_the_text_it_returns(tokenizer, tmp_path):
     with pytest.warns(UserWarning, match="already tokenized .* formatting_func is not applied"):
         kept = SFTTrainer(tiny_lora(), tokenizer, tokenized, args=args, formatting_func=alpaca).train_rows
     assert kept[0]["input_ids"].tolist() == [1, 2, 3, 4]
+
+
+def test_trls_eos_token_and_pad_token_tokenize_as_trl(tmp_path):
+    """eos_token ends each text / completion record (unless it ends with it) and pad_token pads, as TRL's SFTTrainer
+    prepares them (TRL 1.16 on a tiny transformers Llama, CPU); tokens outside the vocabulary raise ValueError."""
+    import transformers
+    from datasets import Dataset
+    from trl import SFTConfig as TrlConfig
+    from trl import SFTTrainer as TrlTrainer
+
+    from helpers import TINY
+
+    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "vocab_size": 260}))
+    tokens = dict(eos_token="<|im_start|>", pad_token="<|im_end|>")
+    for records in ([{"text": "hello there"}, {"text": "bye<|im_start|>"}],
+                    [{"prompt": "Q?", "completion": " A."}, {"prompt": "Why?", "completion": " So."}]):
+        theirs = TrlTrainer(model=torch_model, processing_class=tiny_chat_tokenizer(),
+                            train_dataset=Dataset.from_list(records),
+                            args=TrlConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False,
+                                           use_cpu=True, **tokens))
+        ours = SFTTrainer(tiny_lora(), tiny_chat_tokenizer(), records,
+                          args=SFTConfig(output_dir=str(tmp_path), max_seq_length=64, save_strategy="no", **tokens))
+        assert [r["input_ids"].tolist() for r in ours.train_rows] == theirs.train_dataset["input_ids"]
+        assert ours.pad_token_id == theirs.processing_class.pad_token_id == 258
+    plain = SFTTrainer(tiny_lora(), tiny_chat_tokenizer(), [{"text": "hello there"}],
+                       args=SFTConfig(output_dir=str(tmp_path), max_seq_length=64, save_strategy="no"))
+    assert plain.train_rows[0]["input_ids"][-1] == tiny_chat_tokenizer().eos_token_id != 257
+    with pytest.raises(ValueError, match=r"eos_token='<\|eot\|>' is not in the vocabulary of the tokenizer"):
+        SFTTrainer(tiny_lora(), tiny_chat_tokenizer(), [{"text": "hi"}],
+                   args=SFTConfig(output_dir=str(tmp_path), eos_token="<|eot|>"))
+    with pytest.raises(ValueError, match=r"pad_token=0; accepted: None \(the tokenizer's\) or a token"):
+        SFTConfig(pad_token=0)
