@@ -155,15 +155,16 @@ class SFTTrainer:
         whole = packing.keeps_long_examples(args.packing_strategy)  # then packed rows are tokenized untruncated
         rows = self._rows(train_dataset, "train_dataset", collator_labels, truncate=not (args.packing and whole))
         # train_rows; the ragged layout planned from the config, used where the model runs it; rows batched apart
-        self.train_rows, self.layout_plan, self.layouts, self.misfits = rows, {}, None, None
+        self.train_rows, self.layout_plan, self.layouts = rows, {}, None
+        self._misfits: dict[str, tuple[list, np.ndarray | None]] = {}  # split -> (its rows, their misfits)
         if self.args.packing:
             packed = PackedBatches(rows, model, batch_size=self.rows_per_step, max_seq_length=self.max_seq_length,
                                    micro_batch_size=self.args.per_device_train_batch_size, buckets=self.buckets,
                                    pad_token_id=self.pad_token_id, strategy=self.args.packing_strategy)
-            self.train_rows, self.layout_plan, self.layouts, self.misfits = (
-                packed.rows, packed.plan, packed.layouts, packed.misfits)
+            self.train_rows, self.layout_plan, self.layouts = packed.rows, packed.plan, packed.layouts
+            self._misfits["train"] = (packed.rows, packed.misfits)
         # eval_rows; packed (TRL's eval_packing), also their layout plan, runnable layouts and rows batched apart
-        self.eval_rows, self.eval_layout_plan, self.eval_layouts, self.eval_misfits = None, {}, None, None
+        self.eval_rows, self.eval_layout_plan, self.eval_layouts = None, {}, None
         if eval_dataset is not None:
             eval_packing = args.packing if args.eval_packing is None else args.eval_packing
             self.eval_rows = self._rows(eval_dataset, "eval_dataset", collator_labels,
@@ -172,8 +173,8 @@ class SFTTrainer:
                 packed = PackedBatches(self.eval_rows, model, batch_size=self.eval_batch_size,
                                        max_seq_length=self.max_seq_length, buckets=self.buckets,
                                        pad_token_id=self.pad_token_id, strategy=self.args.packing_strategy)
-                self.eval_rows, self.eval_layout_plan, self.eval_layouts, self.eval_misfits = (
-                    packed.rows, packed.plan, packed.layouts, packed.misfits)
+                self.eval_rows, self.eval_layout_plan, self.eval_layouts = packed.rows, packed.plan, packed.layouts
+                self._misfits["eval"] = (packed.rows, packed.misfits)
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab_size is not None:
             data_lib.check_rows_vocab(self.train_rows, vocab_size, where="train_dataset")
@@ -249,6 +250,23 @@ class SFTTrainer:
     @property
     def rows_per_step(self) -> int:
         return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+
+    @property
+    def misfits(self) -> np.ndarray | None:
+        """[train rows] bool: the packed rows the layout plan does not hold (`data.layout_misfits`), batched apart;
+        for the rows as they are now (train_on_responses_only drops rows left with nothing to train on)."""
+        return self._current_misfits("train", self.train_rows, self.layout_plan)
+
+    @property
+    def eval_misfits(self) -> np.ndarray | None:
+        """The same for the eval rows."""
+        return self._current_misfits("eval", self.eval_rows, self.eval_layout_plan)
+
+    def _current_misfits(self, split: str, rows, plan) -> np.ndarray | None:
+        kept = self._misfits.get(split)
+        if kept is None or kept[0] is not rows:  # the rows were replaced since: mark them again
+            kept = self._misfits[split] = (rows, data_lib.layout_misfits(rows, self.buckets, plan) if rows else None)
+        return kept[1]
 
     @property
     def eval_batch_size(self) -> int:

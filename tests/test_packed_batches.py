@@ -133,3 +133,37 @@ def test_sft_trainer_evaluates_packed_rows_on_their_layout(monkeypatch, tmp_path
     assert fitting % 4 == 0 and apart == 4  # this data: whole batches of each kind
     assert with_layout == [True] * (fitting // 4) + [False]  # the fitting rows first
     assert sum(int(np.count_nonzero(b["segment_ids"])) for b in seen) == sum(len(r["input_ids"]) for r in held_out)
+
+
+def test_rows_dropped_by_train_on_responses_only_leave_the_misfits_aligned(tmp_path):
+    """train_on_responses_only drops packed rows left with nothing to train on; the rows batched apart then follow
+    the rows that remain (before: one entry per original row, and the first epoch raised ValueError)."""
+    from fastlora_jax.chat_templates import train_on_responses_only
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+    from helpers import tiny_chat_tokenizer
+
+    tokenizer, rng = tiny_chat_tokenizer(), np.random.default_rng(0)
+    user, answer = (tokenizer(part, add_special_tokens=False)["input_ids"]
+                    for part in ("<|im_start|>user\n", "<|im_start|>assistant\n"))
+
+    def record(n: int, answered: bool) -> dict:
+        body = rng.integers(0, 200, n).tolist()
+        return {"input_ids": user + body[: n // 2] + answer + body[n // 2:] if answered else user + body}
+
+    lengths = np.clip(rng.lognormal(np.log(60), 0.8, 600), 4, 900).astype(int)
+    records = [record(n, True) for n in lengths] + [record(2040, False) for _ in range(3)]  # rows of their own
+    trainer = SFTTrainer(_model(64), tokenizer, records, eval_dataset=records[-40:],
+                         args=SFTConfig(output_dir=str(tmp_path), max_seq_length=2048, packing=True,
+                                        per_device_train_batch_size=4, save_strategy="no"))
+    before = len(trainer.train_rows)
+    assert trainer.misfits is not None and len(trainer.misfits) == before
+    with pytest.warns(UserWarning, match="have no answer to train on"):
+        train_on_responses_only(trainer, "<|im_start|>user\n", "<|im_start|>assistant\n")
+    assert len(trainer.train_rows) == before - 3
+    np.testing.assert_array_equal(trainer.misfits, data.layout_misfits(trainer.train_rows, trainer.buckets,
+                                                                         trainer.layout_plan))
+    assert trainer.eval_misfits is None or len(trainer.eval_misfits) == len(trainer.eval_rows)
+    upcoming = trainer._batches_from(0, seed=1)
+    epoch = [next(upcoming) for _ in range(trainer.steps_per_epoch)]
+    assert sum(int(np.count_nonzero(b["segment_ids"])) for b in epoch) == sum(
+        len(r["input_ids"]) for r in trainer.train_rows)
