@@ -27,6 +27,7 @@ import numpy as np
 
 from fastlora_jax.chat_template_formats import get_chat_template  # noqa: F401  (Unsloth's import path)
 from fastlora_jax.data import IGNORE_INDEX
+from fastlora_jax.sharegpt import apply_chat_template, to_sharegpt  # noqa: F401  (Unsloth's import path)
 
 # ---------------------------------------------------------------------------------------------- markers
 
