@@ -3,7 +3,8 @@ few padded shapes.
 
 Records come as a list of dicts, a JSONL path or a Hugging Face `datasets.Dataset`, each with one of
 - a text field (`dataset_text_field`, "text" by default): the whole text is trained on, EOS appended (unless the
-  text ends with it);
+  text ends with it); a text that starts with the tokenizer's BOS (a chat rendered with `tokenize=False`) gets no
+  second one, as Unsloth's trainer (TRL's would add it);
 - "messages": a chat rendered with `tokenizer.apply_chat_template`;
 - "prompt" / "completion": strings (prompt + completion + EOS, unless the completion ends with it; each tokenized on
   its own, as generation sees a prompt and then its answer) or message lists (rendered as a chat);
@@ -120,7 +121,10 @@ def tokenize_record(record: dict, tokenizer, *, train_on_responses_only: bool | 
         if responses_only:
             raise ValueError(f"train_on_responses_only=True needs 'messages' or 'prompt'/'completion' records; "
                              f"this record has only the text field {dataset_text_field!r}")
-        ids = _with_eos(tokenizer, _encode(tokenizer, record[dataset_text_field], special=True), eos_token_id)
+        text = record[dataset_text_field]
+        bos = getattr(tokenizer, "bos_token", None)
+        already = isinstance(text, str) and bool(bos) and text.startswith(bos)  # a rendered chat: one BOS, as Unsloth
+        ids = _with_eos(tokenizer, _encode(tokenizer, text, special=not already), eos_token_id)
         return _arrays([(ids, True)])
     if kind == "messages":
         return _arrays(_chat_chunks(tokenizer, record["messages"], n_prompt=0, responses_only=responses_only))

@@ -353,3 +353,20 @@ def test_rows_digest_changes_with_any_token_the_order_or_the_rows_batched_apart(
     misfits = np.zeros(len(rows), bool)
     misfits[1] = True
     assert len({digest, data.rows_digest(rows, misfits), data.rows_digest(rows, ~misfits)}) == 3
+
+
+def test_a_text_that_starts_with_bos_gets_no_second_one():
+    """A chat rendered with tokenize=False starts with BOS; a tokenizer that adds BOS must not add another (Unsloth's
+    has_bos_token_already), while a plain text still gets the tokenizer's BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    inner = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    inner.add_special_tokens(["<s>", "</s>"])
+    inner.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>")
+    plain, rendered = (data.tokenize_record({"text": t}, tokenizer)[0].tolist() for t in ("hi", "<s>hi"))
+    assert plain == rendered == [256, vocab["h"], vocab["i"], 257]
