@@ -117,18 +117,27 @@ def test_right_padding_gives_the_same_tokens():
     np.testing.assert_array_equal(np.asarray(right[:, 7:]), np.asarray(left[:, 7:]))
 
 
-def test_equals_transformers_greedy_generate(hf_llama):
+def _sharp_pair(hf_llama):
+    """(our model, the transformers Llama) with the same weights, 2-D weights scaled by 25 for clear argmax margins
+    (as in _model)."""
     import torch
 
     from fastlora_jax import FastLanguageModel
 
     directory, torch_model = hf_llama(seed=3)
     with torch.no_grad():
-        for p in torch_model.parameters():  # clear argmax margins, as in _model
+        for p in torch_model.parameters():
             if p.ndim == 2:
                 p.mul_(25.0)
     torch_model.save_pretrained(directory)
     model, _ = FastLanguageModel.from_pretrained(directory, dtype="float32")
+    return model, torch_model
+
+
+def test_equals_transformers_greedy_generate(hf_llama):
+    import torch
+
+    model, torch_model = _sharp_pair(hf_llama)
     ids, mask = _prompts(seed=5)
     out = gen.generate(model, ids, max_new_tokens=8, attention_mask=mask, eos_token_id=[])
     torch_model.generation_config.eos_token_id = None
@@ -400,15 +409,7 @@ def test_greedy_with_repetition_penalty_equals_transformers_processor_on_full_fo
 def test_greedy_with_repetition_penalty_equals_transformers_generate(hf_llama):
     import torch
 
-    from fastlora_jax import FastLanguageModel
-
-    directory, torch_model = hf_llama(seed=3)
-    with torch.no_grad():
-        for p in torch_model.parameters():  # clear argmax margins, as in _model
-            if p.ndim == 2:
-                p.mul_(25.0)
-    torch_model.save_pretrained(directory)
-    model, _ = FastLanguageModel.from_pretrained(directory, dtype="float32")
+    model, torch_model = _sharp_pair(hf_llama)
     ids = np.random.default_rng(5).integers(0, 256, (2, 6))  # no padding: transformers would count pad tokens
     out = model.generate(ids, max_new_tokens=10, eos_token_id=[], repetition_penalty=1.6)
     torch_model.generation_config.eos_token_id = None
